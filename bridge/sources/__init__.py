@@ -1,0 +1,94 @@
+"""The Source protocol and the explicit registry of source kinds.
+
+A source only speaks its protocol: it turns what arrives into :class:`Event` objects and hands them to the
+:class:`Sink` the runtime gives it, together with a hook that acknowledges the event (commit, delete the row,
+checkpoint the file) once the event is done. Retries, fan-out, dead letters, back-pressure and shutdown live
+in the runtime and dispatcher, once for every kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from bridge.errors import EventError
+
+if TYPE_CHECKING:
+    from bridge.config import SourceConfig
+
+Outcome = Literal["delivered", "filtered", "dead_lettered"]
+"""How an event ended: every binding succeeded or was filtered; all were filtered; at least one dead-lettered."""
+
+OnDone = Callable[[Outcome], Awaitable[None]]
+"""The acknowledgement hook: called once, when the event is done. Not called for an event abandoned at
+shutdown (it stays unacknowledged and comes back). If it raises, the event counts as not acknowledged."""
+
+
+@dataclass(eq=False)
+class Event:
+    """One event from a source.
+
+    ``fields`` holds the kind's template fields of DESIGN.md §2 (for a file: path, relative_path, name, change,
+    size, mtime, content); ``id`` and ``source`` are added when templates see the event. ``error`` is set when
+    the raw event could not be decoded: the dispatcher dead-letters such an event with ``binding: null`` and
+    then acknowledges it (it counts as done).
+    """
+
+    id: str
+    source: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: EventError | None = None
+    order_key: Any = None  # events with the same non-None key are delivered one at a time, in submit order
+
+    def template_view(self) -> dict[str, Any]:
+        """The ``event`` variable templates see."""
+        return {"id": self.id, "source": self.source, **self.fields}
+
+
+class Sink(Protocol):
+    """What the runtime hands a source."""
+
+    async def submit(self, event: Event, on_done: OnDone) -> None:
+        """Accept an event for delivery. Waits while no binding exists or the in-flight window is full
+        (back-pressure), then returns as soon as the event is accepted (delivery runs concurrently)."""
+        ...
+
+    def has_bindings(self) -> bool:
+        """Whether any function is bound to this source right now."""
+        ...
+
+    async def wait_for_bindings(self) -> None:
+        """Return once at least one binding exists."""
+        ...
+
+    def in_flight(self) -> int:
+        """Events accepted and not yet done."""
+        ...
+
+    def window_full(self) -> bool:
+        """Whether the next submit would wait for a free slot."""
+        ...
+
+
+class Source(Protocol):
+    """One configured source. ``run`` produces events until cancelled; cancellation stops intake at once."""
+
+    async def run(self, sink: Sink) -> None: ...
+
+
+SourceFactory = Callable[["SourceConfig", Path], Source]
+"""Builds a source from its config and the bridge's state_dir."""
+
+
+def _file_source(config: SourceConfig, state_dir: Path) -> Source:
+    from bridge.sources.file import FileSource
+
+    return FileSource(config, state_dir)
+
+
+REGISTRY: dict[str, SourceFactory] = {
+    "file": _file_source,
+}
+"""Source kind → factory. Each kind's client library is imported only in its own module."""
