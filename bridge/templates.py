@@ -1,0 +1,561 @@
+"""The sandboxed Jinja environment, its filters, and compile/render of template trees (DESIGN.md §2).
+
+A template tree is any YAML value. A string leaf that is exactly one ``{{ expression }}`` keeps the
+expression's native value; any other string leaf containing Jinja syntax renders to a string; everything else
+passes through. Everything is compiled once, at load time; rendering never parses.
+
+Deviations from plain Jinja, chosen for JSON events:
+
+- ``a.b`` on a dict looks up the key ``b`` before the dict's methods, so ``event.value.items`` is the
+  order's ``items`` list rather than ``dict.items``.
+- The environment is the immutable sandbox: templates cannot call ``append``/``update``/``pop`` on the
+  event, which is shared by every binding of a fan-out and kept for dead letters.
+- ``map``/``select``/dict views returned by a lone expression become lists (Jinja returns generators).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+from collections.abc import Callable, ItemsView, Iterable, KeysView, Mapping, ValuesView
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import GeneratorType
+from typing import Any
+
+from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, Undefined, meta, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from bridge.errors import RenderError
+
+__all__ = [
+    "CompiledTree",
+    "CompiledWhen",
+    "TemplateCompileError",
+    "TemplateSyntaxProblem",
+    "compile_tree",
+    "compile_when",
+    "make_context",
+]
+
+Path = tuple[str | int, ...]
+_Render = Callable[[dict[str, Any]], Any]
+"""Renders a compiled subtree from a scope: the environment's globals overlaid with the context."""
+
+# ---------------------------------------------------------------------------------------------------------
+# problems
+
+
+@dataclass(frozen=True)
+class TemplateSyntaxProblem:
+    """One template that does not compile: where in the tree, the 1-based line inside the template, why."""
+
+    path: Path
+    line: int
+    message: str
+
+
+class TemplateCompileError(Exception):
+    """Templates failed to compile; ``problems`` lists every one of them, in tree order."""
+
+    def __init__(self, problems: list[TemplateSyntaxProblem]) -> None:
+        self.problems = problems
+        super().__init__(
+            "\n".join(f"{_format_path(p.path) or '<template>'}: line {p.line}: {p.message}" for p in problems)
+        )
+
+
+def _format_path(path: Path) -> str:
+    """``payload.items[0].sku``: the path as users read it in error messages."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the environment and its filters
+
+
+class _FilterError(Exception):
+    """A filter got a value it cannot handle; the message is shown to the user as is."""
+
+
+class _BridgeEnvironment(ImmutableSandboxedEnvironment):
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        # Event data wins over dict methods (see the module docstring); it is also the fast path, as the
+        # sandbox's getattr only reaches the key after a failed attribute lookup.
+        if isinstance(obj, dict):
+            try:
+                return obj[attribute]
+            except KeyError:
+                pass
+        return super().getattr(obj, attribute)
+
+
+# Lists in JSON; Jinja's map/select give generators, dict methods give views.
+_SEQUENCES = (list, tuple, GeneratorType, KeysView, ValuesView, ItemsView, range)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Undefined):
+        str(value)  # a StrictUndefined raises its own error here, which names the missing attribute
+    if isinstance(value, _SEQUENCES):
+        return list(value)
+    raise TypeError(f"a {type(value).__name__} value is not JSON-serialisable")
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    """Compact JSON, keys in insertion order, non-ASCII kept (not Jinja's HTML-escaping tojson)."""
+    separators = (",", ":") if indent is None else (",", ": ")
+    try:
+        return json.dumps(
+            value,
+            ensure_ascii=False,
+            separators=separators,
+            indent=indent,
+            allow_nan=False,
+            default=_json_default,
+        )
+    except (TypeError, ValueError) as exc:
+        raise _FilterError(f"tojson: {exc}") from exc
+
+
+def _fromjson(value: Any) -> Any:
+    if not isinstance(value, (str, bytes, bytearray)):
+        raise _FilterError(f"fromjson expects JSON text, got {type(value).__name__}")
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise _FilterError(f"fromjson: invalid JSON: {exc}") from exc
+
+
+def _as_bytes(value: Any, name: str) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise _FilterError(f"{name} expects text or bytes, got {type(value).__name__} (use |string first)")
+
+
+def _b64encode(value: Any) -> str:
+    """Standard base64 (with padding) of the UTF-8 bytes of a string, or of bytes."""
+    return base64.b64encode(_as_bytes(value, "b64encode")).decode("ascii")
+
+
+def _b64decode(value: Any, encoding: str | None = "utf-8") -> str | bytes:
+    """Base64 → text. Accepts the standard and URL-safe alphabets, missing padding and whitespace.
+
+    The decoded bytes must be valid in ``encoding`` (a render error otherwise); ``b64decode(none)`` returns
+    the raw bytes instead, e.g. for ``|sha256`` (bytes cannot go into a JSON payload as they are).
+    """
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise _FilterError("b64decode: invalid base64: not ASCII") from exc
+    if not isinstance(value, str):
+        raise _FilterError(f"b64decode expects base64 text, got {type(value).__name__}")
+    text = "".join(value.split()).translate(_URLSAFE_TO_STANDARD)
+    text += "=" * (-len(text) % 4)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise _FilterError(f"b64decode: invalid base64: {exc}") from exc
+    if encoding is None:
+        return data
+    try:
+        return data.decode(encoding)
+    except LookupError as exc:
+        raise _FilterError(f"b64decode: unknown encoding {encoding!r}") from exc
+    except UnicodeDecodeError as exc:
+        raise _FilterError(
+            f"b64decode: the decoded bytes are not valid {encoding}; b64decode(none) gives the raw bytes"
+        ) from exc
+
+
+_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
+def _sha256(value: Any) -> str:
+    """Hex SHA-256 of the UTF-8 bytes of a string, or of bytes."""
+    return hashlib.sha256(_as_bytes(value, "sha256")).hexdigest()
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _datetime(value: Any) -> str:
+    """Epoch milliseconds (int/float), an ISO-8601 string or a datetime → ``2026-11-24T14:23:01.123Z``.
+
+    Naive input is UTC; sub-millisecond digits are truncated. A string of digits is not taken as
+    milliseconds (``|int`` says so explicitly).
+    """
+    try:
+        if isinstance(value, bool):
+            raise _FilterError("datetime expects epoch milliseconds or an ISO-8601 string, got bool")
+        if isinstance(value, (int, float)):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise _FilterError(f"datetime: {value} is not a time")
+            moment = _EPOCH + timedelta(milliseconds=value)
+        elif isinstance(value, str):
+            try:
+                moment = datetime.fromisoformat(value.strip())
+            except ValueError:
+                raise _FilterError(f"datetime: {value!r} is not an ISO-8601 date-time") from None
+        elif isinstance(value, datetime):
+            moment = value
+        else:
+            raise _FilterError(
+                f"datetime expects epoch milliseconds or an ISO-8601 string, got {type(value).__name__}"
+            )
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:
+        raise _FilterError(f"datetime: {value!r} is out of range") from None
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:{moment.minute:02d}:"
+        f"{moment.second:02d}.{moment.microsecond // 1000:03d}Z"
+    )
+
+
+_ENV = _BridgeEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_ENV.filters.update(
+    tojson=_tojson,
+    fromjson=_fromjson,
+    b64encode=_b64encode,
+    b64decode=_b64decode,
+    sha256=_sha256,
+    datetime=_datetime,
+)
+_GLOBAL_VALUES = dict(_ENV.globals)
+_GLOBALS = frozenset(_GLOBAL_VALUES)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, (TemplateError, _FilterError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _render_error(path: str, message: str) -> RenderError:
+    return RenderError(f"{path}: {message}" if path else message)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# native values
+
+
+class _NotPlain(Exception):
+    """A native value is not plain JSON; ``where`` is filled, innermost last, while the error unwinds."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.where: list[str | int] = []
+
+
+def _plain(value: Any) -> Any:
+    """A plain-JSON copy of a lone expression's value (never aliasing the event), or _NotPlain."""
+    kind = type(value)  # exact-type checks first: this runs for every value of every rendered payload
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        return _finite(value)
+    if kind is dict:
+        return _plain_dict(value)
+    if kind is list or kind is tuple:
+        return _plain_list(value)
+    if isinstance(value, Mapping):
+        return _plain_dict(value)
+    if isinstance(value, _SEQUENCES):
+        return _plain_list(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return _finite(float(value))
+    if isinstance(value, str):  # Markup and other str subclasses
+        return str(value)
+    if isinstance(value, Undefined):
+        try:
+            str(value)
+        except Exception as exc:
+            raise _NotPlain(_describe(exc)) from exc
+        raise _NotPlain("the value is undefined")
+    hint = "; use |b64encode" if isinstance(value, (bytes, bytearray)) else ""
+    raise _NotPlain(f"the value is a {type(value).__name__}, which is not JSON-serialisable{hint}")
+
+
+def _finite(value: float) -> float:
+    if math.isfinite(value):
+        return value
+    raise _NotPlain(f"the value is {value}, which JSON cannot represent")
+
+
+def _plain_dict(value: Mapping[Any, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if type(key) is not str:
+            if not isinstance(key, str):
+                reason = f"the object has the {type(key).__name__} key {key!r}; JSON object keys are strings"
+                raise _NotPlain(reason)
+            key = str(key)
+        try:
+            out[key] = _plain(item)
+        except _NotPlain as exc:
+            exc.where.append(key)
+            raise
+    return out
+
+
+def _plain_list(value: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for index, item in enumerate(value):
+        try:
+            out.append(_plain(item))
+        except _NotPlain as exc:
+            exc.where.append(index)
+            raise
+    return out
+
+
+def _copy_static(value: Any) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return {k: _copy_static(v) for k, v in value.items()}
+    if kind is list:
+        return [_copy_static(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compiling
+
+
+def _has_syntax(text: str) -> bool:
+    return "{{" in text or "{%" in text or "{#" in text
+
+
+def _lone_expression(ast: nodes.Template) -> nodes.Expr | None:
+    """The expression of a template that is exactly one ``{{ }}`` block (whitespace around allowed).
+
+    Decided on the parsed template, so ``{{ a }}{{ b }}`` (two expressions) is not one, whatever its text.
+    """
+    if len(ast.body) != 1 or not isinstance(ast.body[0], nodes.Output):
+        return None
+    parts = [n for n in ast.body[0].nodes if not (isinstance(n, nodes.TemplateData) and not n.data.strip())]
+    if len(parts) != 1 or isinstance(parts[0], nodes.TemplateData):
+        return None
+    return parts[0]
+
+
+class _Refs:
+    """What the compiled templates reference, for uses() and event_fields()."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.event_fields: set[str] = set()
+
+    def add(self, ast: nodes.Template) -> None:
+        self.names |= meta.find_undeclared_variables(ast) - _GLOBALS
+        for attr in ast.find_all(nodes.Getattr):
+            if _is_event(attr.node):
+                self.event_fields.add(attr.attr)
+        for item in ast.find_all(nodes.Getitem):
+            if _is_event(item.node) and isinstance(item.arg, nodes.Const) and isinstance(item.arg.value, str):
+                self.event_fields.add(item.arg.value)
+
+
+def _is_event(node: nodes.Node) -> bool:
+    return isinstance(node, nodes.Name) and node.name == "event"
+
+
+def _compile_string(
+    source: str, path: Path, problems: list[TemplateSyntaxProblem], refs: _Refs
+) -> _Render | None:
+    """The renderer of one string leaf; None when it does not compile (the problem is recorded)."""
+    try:
+        ast = _ENV.parse(source)
+        expression = _lone_expression(ast)
+        refs.add(ast)  # before compiling: the optimizer may rewrite nodes in place
+        if expression is not None:
+            # What Environment.compile_expression builds, from the node already parsed: the expression's
+            # value lands in the context as `result` instead of being printed, so it keeps its type.
+            body = nodes.Template([nodes.Assign(nodes.Name("result", "store"), expression, lineno=1)], lineno=1)
+            body.set_environment(_ENV)
+            template = _ENV.from_string(body)
+        else:
+            template = _ENV.from_string(ast)
+    except TemplateSyntaxError as exc:  # also TemplateAssertionError: an unknown filter or test
+        problems.append(TemplateSyntaxProblem(path, exc.lineno, exc.message or str(exc)))
+        return None
+    # Contexts are made per render from a scope that already holds the globals (CompiledTree.render); the
+    # default ChainMap of template and environment globals is slow to copy for every context.
+    template.globals = _GLOBAL_VALUES
+    if expression is not None:
+        return _expression_renderer(template, path)
+    label = _format_path(path)
+
+    def render_string(scope: dict[str, Any]) -> Any:
+        try:
+            return "".join(template.root_render_func(template.new_context(scope, shared=True)))
+        except Exception as exc:
+            raise _render_error(label, _describe(exc)) from exc
+
+    return render_string
+
+
+def _expression_renderer(template: Template, path: Path) -> _Render:
+    label = _format_path(path)
+
+    def render_expression(scope: dict[str, Any]) -> Any:
+        try:
+            context = template.new_context(scope, shared=True)
+            for _ in template.root_render_func(context):
+                pass
+            value = context.vars["result"]
+        except Exception as exc:
+            raise _render_error(label, _describe(exc)) from exc
+        try:
+            return _plain(value)
+        except _NotPlain as exc:
+            raise _render_error(_format_path((*path, *reversed(exc.where))), exc.reason) from None
+
+    return render_expression
+
+
+def _compile_node(
+    value: Any, path: Path, problems: list[TemplateSyntaxProblem], refs: _Refs
+) -> _Render | None:
+    """The renderer of a subtree, or None when the subtree holds no template (it is then copied)."""
+    if isinstance(value, str):
+        return _compile_string(value, path, problems, refs) if _has_syntax(value) else None
+    if isinstance(value, dict):
+        entries: list[tuple[Any, _Render | None, Any]] = []
+        for key, item in value.items():
+            part = key if isinstance(key, (str, int)) and not isinstance(key, bool) else str(key)
+            entries.append((key, _compile_node(item, (*path, part), problems, refs), item))
+        if all(render is None for _, render, _ in entries):
+            return None
+        fields = [(k, r if r is not None else _static_renderer(v)) for k, r, v in entries]
+
+        def render_dict(scope: dict[str, Any]) -> Any:
+            return {key: render(scope) for key, render in fields}
+
+        return render_dict
+    if isinstance(value, list):
+        compiled = [_compile_node(item, (*path, i), problems, refs) for i, item in enumerate(value)]
+        if all(render is None for render in compiled):
+            return None
+        elements = [r if r is not None else _static_renderer(v) for r, v in zip(compiled, value, strict=True)]
+
+        def render_list(scope: dict[str, Any]) -> Any:
+            return [render(scope) for render in elements]
+
+        return render_list
+    return None
+
+
+def _static_renderer(value: Any) -> _Render:
+    if isinstance(value, (dict, list)):
+        return lambda _scope: _copy_static(value)
+    return lambda _scope: value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public API
+
+
+class CompiledTree:
+    """A compiled template tree. Render it with :func:`make_context`'s result."""
+
+    __slots__ = ("_event_fields", "_label", "_render", "_static", "_uses")
+
+    def __init__(self, render: _Render | None, static: Any, refs: _Refs, root: Path) -> None:
+        self._render = render
+        self._static = static
+        self._uses = frozenset(refs.names)
+        self._event_fields = frozenset(refs.event_fields)
+        self._label = _format_path(root)
+
+    def render(self, context: Mapping[str, Any], *, allow_null: bool = False) -> Any:
+        """The rendered tree, a fresh copy each time; RenderError names the failing path and the cause."""
+        render = self._render
+        value = _copy_static(self._static) if render is None else render({**_GLOBAL_VALUES, **context})
+        if value is None and not allow_null:
+            raise RenderError(f"{self._label or 'payload'} rendered null; the SDK cannot send a null payload")
+        return value
+
+    def uses(self) -> set[str]:
+        """The top-level context variables the templates reference, e.g. ``{"event", "config"}``."""
+        return set(self._uses)
+
+    def event_fields(self) -> set[str]:
+        """First-level attributes of ``event`` the templates reference (best effort, for docs)."""
+        return set(self._event_fields)
+
+
+def compile_tree(tree: Any, *, root: Path = ()) -> CompiledTree:
+    """Compile every template in ``tree``; TemplateCompileError lists every problem (paths under ``root``)."""
+    problems: list[TemplateSyntaxProblem] = []
+    refs = _Refs()
+    render = _compile_node(tree, root, problems, refs)
+    if problems:
+        raise TemplateCompileError(problems)
+    return CompiledTree(render, tree, refs, root)
+
+
+_FALSE_STRINGS = frozenset({"", "false", "0", "no", "off", "none", "null"})
+
+
+class CompiledWhen:
+    """A compiled ``when`` condition."""
+
+    __slots__ = ("_tree",)
+
+    def __init__(self, tree: CompiledTree) -> None:
+        self._tree = tree
+
+    def evaluate(self, context: Mapping[str, Any]) -> bool:
+        """Whether the binding gets the event. A string result is false when it reads "", false, 0, no,
+        off, none or null (any case, whitespace ignored); any other value counts by Python truthiness."""
+        try:
+            value = self._tree.render(context, allow_null=True)
+        except RenderError as exc:
+            raise RenderError(f"when: {exc}") from exc.__cause__
+        if isinstance(value, str):
+            return value.strip().lower() not in _FALSE_STRINGS
+        return bool(value)
+
+    def uses(self) -> set[str]:
+        """The top-level context variables the condition references."""
+        return self._tree.uses()
+
+    def event_fields(self) -> set[str]:
+        """First-level attributes of ``event`` the condition references (best effort, for docs)."""
+        return self._tree.event_fields()
+
+
+def compile_when(source: str) -> CompiledWhen:
+    """Compile a ``when`` condition. Text without any Jinja syntax is refused: it would be a constant."""
+    if not isinstance(source, str):
+        message = f"a condition is a template string, not {type(source).__name__}"
+        raise TemplateCompileError([TemplateSyntaxProblem((), 1, message)])
+    if not _has_syntax(source):
+        example = "{{ event.value.total > 10 }}"
+        message = f"{source!r} is not a template; write the condition like {example!r}"
+        raise TemplateCompileError([TemplateSyntaxProblem((), 1, message)])
+    return CompiledWhen(compile_tree(source))
+
+
+def make_context(
+    event: Mapping[str, Any], config: Mapping[str, Any], binding: Mapping[str, Any], source: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The variables templates see (DESIGN.md §2)."""
+    return {"event": event, "config": config, "binding": binding, "source": source}
