@@ -1,0 +1,606 @@
+"""The file source against real files in tmp_path, with a small in-memory Sink standing in for the runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.config import DeliveryConfig, FileSourceConfig, SourceConfig
+from bridge.errors import DecodeError
+from bridge.sources import REGISTRY, Event, OnDone, Outcome
+from bridge.sources.file import FileSource
+
+SETTLE_MS = 30
+QUIET_S = 0.4  # how long "nothing more arrives" is watched for
+
+
+class RecordingSink:
+    """The runtime's side of the Sink protocol, in memory: records submitted events, waits in ``submit`` while
+    unbound (like the runtime), and acknowledges each event right away (``auto_ack``) or when told to."""
+
+    def __init__(self, *, bound: bool = True, auto_ack: bool = True) -> None:
+        self.events: list[Event] = []
+        self.unacked: list[tuple[Event, OnDone]] = []
+        self.auto_ack = auto_ack
+        self._bound = asyncio.Event()
+        if bound:
+            self._bound.set()
+        self._acks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, event: Event, on_done: OnDone) -> None:
+        await self._bound.wait()
+        self.events.append(event)
+        if self.auto_ack:
+            self._ack_later(on_done, "delivered")
+        else:
+            self.unacked.append((event, on_done))
+
+    def has_bindings(self) -> bool:
+        return self._bound.is_set()
+
+    async def wait_for_bindings(self) -> None:
+        await self._bound.wait()
+
+    def in_flight(self) -> int:
+        return len(self.unacked) + len(self._acks)
+
+    def window_full(self) -> bool:
+        return False
+
+    # test controls --------------------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        self._bound.set()
+
+    def _ack_later(self, on_done: OnDone, outcome: Outcome) -> None:
+        # The runtime acknowledges from the event's own task, after submit returned.
+        task = asyncio.create_task(_acknowledge(on_done, outcome))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
+
+    async def ack_all(self, outcome: Outcome = "delivered") -> None:
+        for _, on_done in self.unacked:
+            await on_done(outcome)
+        self.unacked.clear()
+        await self.acked()
+
+    async def acked(self) -> None:
+        while self._acks:
+            await asyncio.gather(*list(self._acks))
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Event]:
+        deadline = time.monotonic() + timeout
+        while len(self.events) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} events, got {len(self.events)}: {self.summary()}")
+            await asyncio.sleep(0.01)
+        await self.acked()
+        return self.events
+
+    async def exactly(self, count: int, timeout: float = 5.0) -> list[Event]:
+        """Wait for ``count`` events, then make sure no more arrive for a while."""
+        await self.wait_for(count, timeout)
+        await asyncio.sleep(QUIET_S)
+        await self.acked()
+        assert len(self.events) == count, self.summary()
+        return self.events
+
+    def summary(self) -> list[tuple[str, str]]:
+        return [(e.fields["relative_path"], e.fields["change"]) for e in self.events]
+
+
+async def _acknowledge(on_done: OnDone, outcome: Outcome) -> None:
+    await on_done(outcome)
+
+
+def make_config(path: Path, source_id: str = "inbox", **kw: Any) -> SourceConfig:
+    kw.setdefault("settle_ms", SETTLE_MS)
+    return SourceConfig(
+        id=source_id,
+        kind="file",
+        description="test",
+        kind_config=FileSourceConfig(path=path, **kw),
+        delivery=DeliveryConfig(),
+        max_in_flight=64,
+        bind_schema=None,
+        payload_schema=None,
+        when=None,
+        payload=None,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(source: FileSource, sink: RecordingSink) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(source.run(sink))
+    try:
+        await asyncio.sleep(0.05)  # let the watcher start
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=5)
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    path = tmp_path / "inbox"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+def _source(inbox: Path, state: Path, **kw: Any) -> FileSource:
+    return FileSource(make_config(inbox, **kw), state)
+
+
+def _inotify_count() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += "inotify" in os.readlink(f"/proc/self/fd/{fd}")
+    return n
+
+
+# --- the event ------------------------------------------------------------------------------------------------
+
+
+async def test_a_new_file_is_one_created_event_with_every_field(inbox: Path, state: Path) -> None:
+    sink = RecordingSink()
+    before = _inotify_count()
+    async with running(_source(inbox, state), sink):
+        (inbox / "sub").mkdir()
+        (inbox / "sub" / "a.txt").write_text("hello")
+        [event] = await sink.exactly(1)
+    deadline = time.monotonic() + 1  # notify's thread closes the inotify instance a moment after the drop
+    while _inotify_count() != before and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert _inotify_count() == before  # the watcher was closed on cancel
+    st = (inbox / "sub" / "a.txt").stat()
+    assert event.id == f"file:sub/a.txt:{st.st_mtime_ns}:5"
+    assert event.source == "inbox"
+    assert event.order_key == "sub/a.txt"
+    assert event.error is None
+    mtime = event.fields.pop("mtime")
+    assert event.fields == {
+        "path": str(inbox / "sub" / "a.txt"),
+        "relative_path": "sub/a.txt",
+        "name": "a.txt",
+        "change": "created",
+        "size": 5,
+        "content": "hello",
+    }
+    ms = st.st_mtime_ns // 1_000_000
+    assert mtime == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+async def test_created_modified_deleted_follow_changes(inbox: Path, state: Path) -> None:
+    sink = RecordingSink()
+    async with running(_source(inbox, state, changes=("created", "modified", "deleted")), sink):
+        (inbox / "a.txt").write_text("one")
+        await sink.wait_for(1)
+        (inbox / "a.txt").write_text("three")
+        await sink.wait_for(2)
+        st = (inbox / "a.txt").stat()
+        (inbox / "a.txt").unlink()
+        events = await sink.exactly(3)
+    assert [(e.fields["change"], e.fields["size"]) for e in events] == [
+        ("created", 3), ("modified", 5), ("deleted", 5)
+    ]
+    assert events[2].fields["content"] is None
+    assert events[2].id == f"file:a.txt:{st.st_mtime_ns}:5:deleted"
+
+
+async def test_changes_not_listed_are_not_delivered(inbox: Path, state: Path) -> None:
+    sink = RecordingSink()
+    async with running(_source(inbox, state, changes=("modified",)), sink):
+        (inbox / "a.txt").write_text("one")
+        await asyncio.sleep(QUIET_S)
+        assert sink.events == []
+        (inbox / "a.txt").write_text("second")  # seen before, though not delivered: a modification
+        [event] = await sink.exactly(1)
+        (inbox / "a.txt").unlink()
+        await asyncio.sleep(QUIET_S)
+    assert event.fields["change"] == "modified"
+    assert len(sink.events) == 1
+
+
+async def test_include_and_exclude_globs_on_names_and_relative_paths(inbox: Path, state: Path) -> None:
+    for rel in ["a.json", "b.txt", ".hidden.json", "c.json.tmp", "x.json.tmp", ".git/d.json", "sub/e.json",
+                "skip/f.json", "sub/.cache/g.json", "orders/h.json"]:
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_text("{}")
+    sink = RecordingSink()
+    source = _source(inbox, state, include=("*.json",), exclude=(".*", "*.tmp", "skip/*"))
+    async with running(source, sink):
+        await sink.exactly(3)
+    assert sorted(e.fields["relative_path"] for e in sink.events) == ["a.json", "orders/h.json", "sub/e.json"]
+
+
+async def test_include_matches_relative_paths_too(inbox: Path, state: Path) -> None:
+    sink = RecordingSink()
+    async with running(_source(inbox, state, include=("orders/*.json",)), sink):
+        for rel in ["x.json", "orders/a.json", "orders/2024/b.json", "other/orders.json"]:
+            (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+            (inbox / rel).write_text("{}")
+        await sink.exactly(2)
+    assert sorted(e.fields["relative_path"] for e in sink.events) == ["orders/2024/b.json", "orders/a.json"]
+
+
+async def test_a_file_written_in_chunks_is_one_event_once_it_settles(inbox: Path, state: Path) -> None:
+    settle_ms = 200
+    sink = RecordingSink()
+    async with running(_source(inbox, state, settle_ms=settle_ms), sink):
+        with open(inbox / "big.txt", "wb") as fh:
+            for _ in range(15):  # 15 x 40 ms = 3 x settle_ms, never pausing for settle_ms
+                fh.write(b"x" * 1000)
+                fh.flush()
+                await asyncio.sleep(0.04)
+        [event] = await sink.exactly(1)
+    assert event.fields["size"] == 15_000
+    assert event.fields["content"] == "x" * 15_000
+
+
+async def test_a_file_gone_before_it_settled_is_dropped(inbox: Path, state: Path) -> None:
+    sink = RecordingSink()
+    async with running(_source(inbox, state, settle_ms=300, changes=("created", "deleted")), sink):
+        (inbox / "brief.txt").write_text("x")
+        await asyncio.sleep(0.05)
+        (inbox / "brief.txt").unlink()
+        (inbox / "stays.txt").write_text("y")
+        await sink.exactly(1)
+    assert sink.summary() == [("stays.txt", "created")]
+
+
+async def test_the_source_fails_when_its_directory_is_removed(inbox: Path, state: Path) -> None:
+    task = asyncio.create_task(_source(inbox, state).run(RecordingSink()))
+    await asyncio.sleep(0.1)
+    shutil.rmtree(inbox)
+    with pytest.raises(RuntimeError, match="was removed"):
+        await asyncio.wait_for(task, timeout=5)
+
+
+# --- content --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "data", "expected"),
+    [
+        ("none", b"anything", None),
+        ("text", "h\u00e9llo\n".encode(), "h\u00e9llo\n"),
+        ("json", b'{"amount": 5, "tags": ["a"]}', {"amount": 5, "tags": ["a"]}),
+        ("bytes", b"\x00\xff\x10", base64.b64encode(b"\x00\xff\x10").decode()),
+    ],
+)
+async def test_content_modes(inbox: Path, state: Path, content: str, data: bytes, expected: Any) -> None:
+    (inbox / "f.bin").write_bytes(data)
+    sink = RecordingSink()
+    async with running(_source(inbox, state, content=content), sink):
+        [event] = await sink.wait_for(1)
+    assert event.error is None
+    assert event.fields["content"] == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "data", "reason"),
+    [
+        ("json", b'{"amount": ', "invalid JSON"),
+        ("json", b"NaN", "invalid JSON"),
+        ("text", b"\xff\xfe\x00bad", "not UTF-8 text"),
+        ("text", b"x" * 101, "101 bytes is more than max_content_bytes (100)"),
+        ("bytes", b"x" * 101, "101 bytes is more than max_content_bytes (100)"),
+    ],
+)
+async def test_undecodable_content_is_an_event_with_a_decode_error(
+    inbox: Path, state: Path, content: str, data: bytes, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (inbox / "bad.dat").write_bytes(data)
+    sink = RecordingSink()
+    async with running(_source(inbox, state, content=content, max_content_bytes=100), sink):
+        [event] = await sink.wait_for(1)
+    assert isinstance(event.error, DecodeError)
+    assert str(inbox / "bad.dat") in str(event.error)
+    assert reason in str(event.error)
+    assert event.fields["content"] is None
+    assert event.fields["size"] == len(data)
+    assert any(r.levelno == logging.WARNING and reason in r.getMessage() for r in caplog.records)
+    # acknowledged like any event: checkpointed, not submitted again after a restart
+    sink2 = RecordingSink()
+    async with running(_source(inbox, state, content=content, max_content_bytes=100), sink2):
+        await asyncio.sleep(QUIET_S)
+    assert sink2.events == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+async def test_an_unreadable_file_is_an_event_with_a_decode_error(inbox: Path, state: Path) -> None:
+    (inbox / "secret.txt").write_text("x")
+    (inbox / "secret.txt").chmod(0)
+    sink = RecordingSink()
+    async with running(_source(inbox, state), sink):
+        [event] = await sink.wait_for(1)
+    assert isinstance(event.error, DecodeError)
+    assert "cannot read" in str(event.error)
+
+
+# --- start, restart, checkpoint -------------------------------------------------------------------------------
+
+
+async def test_initial_scan_submits_existing_files_and_creates_a_missing_directory(
+    tmp_path: Path, state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.sources.file")
+    missing = tmp_path / "not" / "yet"
+    sink = RecordingSink()
+    async with running(_source(missing, state), sink):
+        await asyncio.sleep(0.1)
+    assert missing.is_dir()
+    assert any("created the watched directory" in r.getMessage() for r in caplog.records)
+
+    for rel in ["a.txt", "d/b.txt", "d/e/c.txt"]:
+        (missing / rel).parent.mkdir(parents=True, exist_ok=True)
+        (missing / rel).write_text(rel)
+    caplog.clear()
+    async with running(_source(missing, state), sink):
+        await sink.exactly(3)
+    assert sorted(sink.summary()) == [("a.txt", "created"), ("d/b.txt", "created"), ("d/e/c.txt", "created")]
+    assert any("3 file(s) pending from the initial scan" in r.getMessage() for r in caplog.records)
+
+
+async def test_restart_delivers_only_what_changed_while_down(inbox: Path, state: Path) -> None:
+    changes = ("created", "modified", "deleted")
+    for name in ["keep.txt", "edit.txt", "gone.txt"]:
+        (inbox / name).write_text("v1")
+    sink = RecordingSink()
+    async with running(_source(inbox, state, changes=changes), sink):
+        await sink.exactly(3)
+    # while the bridge is down
+    (inbox / "edit.txt").write_text("version 2")
+    (inbox / "gone.txt").unlink()
+    (inbox / "new.txt").write_text("v1")
+    sink2 = RecordingSink()
+    async with running(_source(inbox, state, changes=changes), sink2):
+        await sink2.exactly(3)
+    assert sorted(sink2.summary()) == [("edit.txt", "modified"), ("gone.txt", "deleted"), ("new.txt", "created")]
+    sink3 = RecordingSink()
+    async with running(_source(inbox, state, changes=changes), sink3):
+        await asyncio.sleep(QUIET_S)
+    assert sink3.events == []
+
+
+async def test_unacknowledged_events_come_back_after_a_restart(inbox: Path, state: Path) -> None:
+    (inbox / "a.txt").write_text("a")
+    sink = RecordingSink(auto_ack=False)
+    async with running(_source(inbox, state), sink):
+        await sink.exactly(1)  # in flight: not submitted twice
+    sink2 = RecordingSink()
+    async with running(_source(inbox, state), sink2):
+        await sink2.exactly(1)
+    assert sink2.summary() == [("a.txt", "created")]
+
+
+async def test_a_torn_checkpoint_line_is_ignored_and_compacted(inbox: Path, state: Path) -> None:
+    (inbox / "a.txt").write_text("a")
+    (inbox / "b.txt").write_text("b")
+    st = (inbox / "a.txt").stat()
+    log_path = state / "file" / "inbox.jsonl"
+    log_path.parent.mkdir(parents=True)
+    log_path.write_text(json.dumps({"p": "a.txt", "v": f"{st.st_mtime_ns}:{st.st_size}"}) + '\n{"p": "b.t')
+    sink = RecordingSink()
+    async with running(_source(inbox, state), sink):
+        await sink.exactly(1)
+    assert sink.summary() == [("b.txt", "created")]
+    lines = log_path.read_text().splitlines()
+    assert [json.loads(line)["p"] for line in lines] == ["a.txt", "b.txt"]
+    sink2 = RecordingSink()
+    async with running(_source(inbox, state), sink2):
+        await asyncio.sleep(QUIET_S)
+    assert sink2.events == []
+
+
+async def test_checkpoint_is_compacted_on_start_when_it_has_grown(inbox: Path, state: Path) -> None:
+    log_path = state / "file" / "inbox.jsonl"
+    log_path.parent.mkdir(parents=True)
+    with open(log_path, "w") as fh:
+        for i in range(3000):
+            fh.write(json.dumps({"p": "old.txt", "v": f"{i}:1"}) + "\n")
+        fh.write(json.dumps({"p": "old.txt", "d": True}) + "\n")
+    async with running(_source(inbox, state), RecordingSink()):
+        pass
+    assert log_path.read_text() == ""
+
+
+# --- after delivery -------------------------------------------------------------------------------------------
+
+
+async def test_after_delivery_delete_removes_the_file_without_a_deleted_event(inbox: Path, state: Path) -> None:
+    changes = ("created", "modified", "deleted")
+    sink = RecordingSink()
+    async with running(_source(inbox, state, changes=changes, after_delivery="delete"), sink):
+        (inbox / "sub").mkdir()
+        (inbox / "a.txt").write_text("a")
+        (inbox / "sub" / "b.txt").write_text("b")
+        await sink.exactly(2)
+        assert sorted(p.name for p in inbox.rglob("*") if p.is_file() and p.name != ".iii-bridge.lock") == []
+        (inbox / "a.txt").write_text("a again")  # the same name later is a new file
+        await sink.exactly(3)
+    assert [change for _, change in sink.summary()] == ["created", "created", "created"]
+    sink2 = RecordingSink()
+    async with running(_source(inbox, state, changes=changes), sink2):
+        await asyncio.sleep(QUIET_S)
+    assert sink2.events == []
+
+
+async def test_after_delivery_move_keeps_the_relative_path_and_never_overwrites(
+    tmp_path: Path, inbox: Path, state: Path
+) -> None:
+    done = tmp_path / "done"
+    (done / "sub").mkdir(parents=True)
+    (done / "sub" / "b.json").write_text("earlier")
+    changes = ("created", "modified", "deleted")
+    sink = RecordingSink(auto_ack=False)
+    source = _source(inbox, state, changes=changes, after_delivery="move", move_to=done)
+    async with running(source, sink):
+        (inbox / "sub").mkdir()
+        (inbox / "a.json").write_text("a")
+        (inbox / "sub" / "b.json").write_text("b")
+        await sink.exactly(2)
+        await sink.ack_all("dead_lettered")  # after_delivery applies whatever the outcome
+        await asyncio.sleep(QUIET_S)
+        assert len(sink.events) == 2  # no deleted events for our own moves
+    assert (done / "a.json").read_text() == "a"
+    assert (done / "sub" / "b.json").read_text() == "earlier"
+    assert (done / "sub" / "b.1.json").read_text() == "b"
+    assert not (inbox / "a.json").exists()
+    assert not (inbox / "sub" / "b.json").exists()
+
+
+async def test_move_to_inside_the_watched_directory_is_not_watched(inbox: Path, state: Path) -> None:
+    sink = RecordingSink()
+    source = _source(inbox, state, after_delivery="move", move_to=inbox / "done")
+    async with running(source, sink):
+        (inbox / "a.txt").write_text("a")
+        await sink.exactly(1)
+    assert (inbox / "done" / "a.txt").exists()
+
+
+# --- directories and symlinks ---------------------------------------------------------------------------------
+
+
+async def test_files_written_at_once_into_new_subdirectories_are_all_seen(inbox: Path, state: Path) -> None:
+    sink = RecordingSink()
+    async with running(_source(inbox, state), sink):
+        for i in range(20):
+            deep = inbox / f"d{i}" / "deeper"
+            deep.mkdir(parents=True)
+            for j in range(5):
+                (deep / f"f{j}.txt").write_text(f"{i}/{j}")
+        await sink.exactly(100)
+    assert len({e.fields["relative_path"] for e in sink.events}) == 100
+
+
+async def test_non_recursive_watches_the_top_level_only(inbox: Path, state: Path) -> None:
+    (inbox / "sub").mkdir()
+    (inbox / "sub" / "early.txt").write_text("x")
+    sink = RecordingSink()
+    async with running(_source(inbox, state, recursive=False), sink):
+        (inbox / "top.txt").write_text("x")
+        (inbox / "sub" / "late.txt").write_text("x")
+        await sink.exactly(1)
+    assert sink.summary() == [("top.txt", "created")]
+
+
+async def test_a_directory_moved_out_deletes_its_files(tmp_path: Path, inbox: Path, state: Path) -> None:
+    sink = RecordingSink()
+    async with running(_source(inbox, state, changes=("created", "deleted")), sink):
+        (inbox / "d" / "e").mkdir(parents=True)
+        (inbox / "d" / "x.txt").write_text("x")
+        (inbox / "d" / "e" / "y.txt").write_text("y")
+        await sink.exactly(2)
+        (inbox / "d").rename(tmp_path / "elsewhere")
+        await sink.exactly(4)
+    assert sorted(sink.summary()[2:]) == [("d/e/y.txt", "deleted"), ("d/x.txt", "deleted")]
+
+
+async def test_symlinks_outside_are_ignored_inside_are_files(tmp_path: Path, inbox: Path, state: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "o.txt").write_text("outside")
+    (inbox / "real").mkdir()
+    (inbox / "real" / "r.txt").write_text("real")
+    (inbox / "out.txt").symlink_to(outside / "o.txt")
+    (inbox / "outdir").symlink_to(outside)
+    (inbox / "in.txt").symlink_to(inbox / "real" / "r.txt")
+    (inbox / "alias").symlink_to(inbox / "real")
+    (inbox / "real" / "loop").symlink_to(inbox)
+    sink = RecordingSink()
+    async with running(_source(inbox, state), sink):
+        await sink.exactly(2)
+        (outside / "later.txt").write_text("x")
+        (inbox / "real" / "s.txt").write_text("s")  # reported through the alias: still real/s.txt
+        await sink.exactly(3)
+    assert sorted(sink.summary()) == [("in.txt", "created"), ("real/r.txt", "created"), ("real/s.txt", "created")]
+    assert next(e for e in sink.events if e.fields["name"] == "in.txt").fields["content"] == "real"
+
+
+# --- waiting, bursts, replicas --------------------------------------------------------------------------------
+
+
+async def test_files_wait_while_nothing_is_bound(inbox: Path, state: Path) -> None:
+    sink = RecordingSink(bound=False)
+    async with running(_source(inbox, state), sink):
+        for i in range(50):
+            (inbox / f"f{i}.txt").write_text(str(i))
+        await asyncio.sleep(QUIET_S)
+        assert sink.events == []
+        sink.bind()
+        await sink.exactly(50)
+    assert sorted(int(e.fields["content"]) for e in sink.events) == list(range(50))
+
+
+async def test_a_version_in_flight_is_not_submitted_twice(inbox: Path, state: Path) -> None:
+    sink = RecordingSink(auto_ack=False)
+    async with running(_source(inbox, state), sink):
+        (inbox / "a.txt").write_text("a")
+        await sink.wait_for(1)
+        os.utime(inbox / "a.txt", ns=(1, (inbox / "a.txt").stat().st_mtime_ns))  # an event, same version
+        await asyncio.sleep(QUIET_S)
+        assert len(sink.events) == 1
+        (inbox / "a.txt").write_text("ab")
+        await sink.exactly(2)
+    assert sink.summary() == [("a.txt", "created"), ("a.txt", "modified")]
+
+
+async def test_a_burst_of_a_thousand_files_is_submitted_exactly_once(inbox: Path, state: Path) -> None:
+    sink = RecordingSink()
+
+    def burst() -> None:
+        for i in range(1000):
+            (inbox / f"f{i:04d}.json").write_text(json.dumps({"i": i}))
+
+    async with running(_source(inbox, state, content="json"), sink):
+        await asyncio.to_thread(burst)
+        await sink.exactly(1000, timeout=20)
+    assert sorted(e.fields["content"]["i"] for e in sink.events) == list(range(1000))
+    assert len({e.id for e in sink.events}) == 1000
+
+
+async def test_a_second_bridge_on_the_same_directory_stands_by(
+    tmp_path: Path, inbox: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.sources.file")
+    first, second = RecordingSink(), RecordingSink()
+    # different state_dirs: the lock lives in the watched directory
+    async with (
+        running(_source(inbox, tmp_path / "state1"), first) as first_task,
+        running(_source(inbox, tmp_path / "state2"), second),
+    ):
+        (inbox / "a.txt").write_text("a")
+        await first.exactly(1)
+        assert second.events == []
+        assert any("standing by" in r.getMessage() for r in caplog.records)
+        first_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first_task
+        (inbox / "b.txt").write_text("b")
+        await second.wait_for(2, timeout=5)  # its own state_dir: a.txt is new to it
+    assert sorted(second.summary()) == [("a.txt", "created"), ("b.txt", "created")]
+    assert any("this replica is now active" in r.getMessage() for r in caplog.records)
+
+
+def test_the_registry_builds_a_file_source(inbox: Path, state: Path) -> None:
+    factory: Callable[..., Any] = REGISTRY["file"]
+    assert isinstance(factory(make_config(inbox), state), FileSource)
