@@ -5,9 +5,17 @@ The dataclasses below are the contract every other module reads. Loading (``load
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from bridge._configload import Analysis, analyze, merge_delivery
+from bridge.diagnostics import Problem, has_errors
+from bridge.errors import ConfigError
 
 DeliveryMode = Literal["sync", "void", "enqueue"]
 SourceKind = Literal["kafka", "postgres", "file"]
@@ -138,3 +146,168 @@ class BridgeConfig:
             if s.id == source_id:
                 return s
         raise KeyError(source_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+DEFAULT_STATE_DIR = ".bridge"
+DEFAULT_MAX_IN_FLIGHT = 64
+DEFAULT_DEAD_LETTER_FILE = "dead-letters.jsonl"
+
+
+def check_config(
+    path: Path | str, env: Mapping[str, str] | None = None
+) -> tuple[BridgeConfig | None, list[Problem]]:
+    """Every problem of the config at ``path`` (errors and warnings, in file order), and the config when there
+    is no error. ``env`` replaces ``os.environ`` for ``${VAR}`` substitution."""
+    result = analyze(Path(path), str(path), os.environ if env is None else env)
+    if result.data is None or has_errors(result.problems):
+        return None, result.problems
+    return _build(result), result.problems
+
+
+def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> BridgeConfig:
+    """The config at ``path``; ConfigError carries every problem when there is an error (warnings pass)."""
+    config, problems = check_config(path, env)
+    if config is None:
+        raise ConfigError([p for p in problems if p.is_error])
+    return config
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _path(base: Path, value: str) -> Path:
+    """``value`` (``~`` expanded) against ``base``, normalised but with symlinks kept as the user named them."""
+    return Path(os.path.abspath(base / os.path.expanduser(value)))
+
+
+def _delivery(raw: dict[str, Any], state_dir: Path) -> DeliveryConfig:
+    retry = _dict(raw.get("retry"))
+    for name in ("multiplier", "jitter"):  # YAML reads `2` as an int; the dataclass holds floats
+        if name in retry:
+            retry[name] = float(retry[name])
+    dead = _dict(raw.get("dead_letter")) or {"file": DEFAULT_DEAD_LETTER_FILE}
+    dead_letter = DeadLetterConfig(
+        file=_path(state_dir, dead["file"]) if dead.get("file") else None,
+        kafka_topic=dead.get("kafka_topic"),
+        postgres_table=dead.get("postgres_table"),
+    )
+    rest = {k: v for k, v in raw.items() if k not in ("retry", "dead_letter")}
+    return DeliveryConfig(**rest, retry=RetryConfig(**retry), dead_letter=dead_letter)
+
+
+def _kafka(sid: str, raw: dict[str, Any], base: Path) -> KafkaSourceConfig:
+    security = _dict(raw.get("security"))
+    for name in ("ca_file", "cert_file", "key_file"):
+        if security.get(name):
+            security[name] = _path(base, security[name])
+    return KafkaSourceConfig(**{
+        **raw,
+        "topics": tuple(raw.get("topics") or ()),
+        "group_id": raw.get("group_id") or f"iii-bridge.{sid}",
+        "security": KafkaSecurity(**security),
+        "client_options": _dict(raw.get("client_options")),
+    })
+
+
+def _postgres(raw: dict[str, Any]) -> PostgresSourceConfig:
+    return PostgresSourceConfig(**{**raw, "channels": tuple(raw.get("channels") or ())})
+
+
+def _file(raw: dict[str, Any], base: Path) -> FileSourceConfig:
+    values = {**raw, "path": _path(base, raw["path"])}
+    for name in ("include", "exclude", "changes"):
+        if name in raw:
+            values[name] = tuple(raw[name])
+    if raw.get("move_to"):
+        values["move_to"] = _path(base, raw["move_to"])
+    return FileSourceConfig(**values)
+
+
+def _build(result: Analysis) -> BridgeConfig:
+    """The dataclasses of a document that passed every check (so every value has the right type)."""
+    data = result.data
+    assert data is not None
+    base = result.base_dir
+    state_dir = _path(base, data.get("state_dir", DEFAULT_STATE_DIR))
+    defaults = _dict(data.get("defaults"))
+    default_delivery = _dict(defaults.get("delivery"))
+    default_max = defaults.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT)
+    sources = []
+    for sid, raw in data["sources"].items():
+        kind: SourceKind = next(k for k in ("kafka", "postgres", "file") if k in raw)
+        block = _dict(raw[kind])
+        kind_config = (
+            _kafka(sid, block, base) if kind == "kafka" else _postgres(block) if kind == "postgres"
+            else _file(block, base)
+        )
+        key = result.positions.key(("sources", sid))
+        sources.append(SourceConfig(
+            id=sid,
+            kind=kind,
+            description=raw.get("description", ""),
+            kind_config=kind_config,
+            delivery=_delivery(merge_delivery(default_delivery, _dict(raw.get("delivery"))), state_dir),
+            max_in_flight=raw.get("max_in_flight", default_max),
+            bind_schema=result.schemas.get((sid, "bind_schema")),
+            payload_schema=result.schemas.get((sid, "payload_schema")),
+            when=raw.get("when"),
+            payload=raw.get("payload"),
+            line=key.line if key else 0,
+        ))
+    return BridgeConfig(
+        path=result.path,
+        version=data["version"],
+        engine=EngineConfig(**_dict(data.get("engine"))),
+        state_dir=state_dir,
+        observability=ObservabilityConfig(**_dict(data.get("observability"))),
+        defaults=_delivery(default_delivery, state_dir),
+        default_max_in_flight=default_max,
+        sources=tuple(sources),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# redaction
+
+REDACTED = "***"
+_SECRET_NAMES = frozenset({"password", "passwd", "secret", "token", "api_key", "apikey", "access_key",
+                           "secret_key", "private_key", "sasl_plain_password", "sasl_oauth_token_provider"})
+_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*):([^/?#\s]*)@")
+_PASSWORD_PAIR = re.compile(r"((?:^|(?<=[\s?&;]))\w*password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s;]*)", re.IGNORECASE)
+
+
+def _is_secret(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in _SECRET_NAMES or lowered.endswith(("_password", "_secret", "_token"))
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with passwords masked: ``postgresql://app:***@db/x``, ``host=db password=***``, ``?password=***``.
+    User names stay (they help to debug a failed login)."""
+    masked = _URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}:{REDACTED}@" if m.group(2) else m.group(0), dsn)
+    return _PASSWORD_PAIR.sub(lambda m: m.group(1) + REDACTED, masked)
+
+
+def redact(obj: Any) -> Any:
+    """A copy of ``obj`` (mappings, lists, config dataclasses, strings) fit to print or log: values of secret
+    keys (password, token, secret, SASL password) become ``***`` and credentials in URLs and DSNs are masked."""
+    if isinstance(obj, str):
+        return redact_dsn(obj)
+    if isinstance(obj, Mapping):
+        return {k: REDACTED if isinstance(k, str) and _is_secret(k) and obj[k] is not None else redact(obj[k])
+                for k in obj}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            new = REDACTED if _is_secret(f.name) and value is not None else redact(value)
+            if new is not value and new != value:
+                changes[f.name] = new
+        return dataclasses.replace(obj, **changes) if changes else obj
+    return obj

@@ -1,0 +1,112 @@
+"""Problems found in bridge.yaml, and their text and JSON forms.
+
+One line per problem, like a compiler::
+
+    bridge.yaml:14:7: error[unknown-key] sources.orders.kafka.topik: unknown key; did you mean 'topics'?
+
+Codes are stable (tools and tests match on them):
+
+==================== ======================================================================================
+yaml-syntax          the file is not YAML (or not UTF-8 text, or uses tabs for indentation, or an alias loop)
+duplicate-key        a key appears twice in one mapping
+unknown-key          a key the schema does not know at that level
+missing-key          a required key is absent
+type                 a value has the wrong type
+value                a value has the right type but is not allowed (enum, range, pattern, combination)
+env-undefined        ``${VAR}`` names an unset variable and gives no default
+env-syntax           a malformed ``${...}`` reference
+source-kind          a source does not declare exactly one of kafka, postgres, file
+source-id            a source id is not a valid trigger type id
+schema-ref           a ``{$ref: file}`` schema cannot be read or parsed
+bind-schema-invalid  bind_schema or payload_schema is not a valid JSON Schema 2020-12 (or not an object)
+schema-keyword       (warning) an unknown keyword in a bind_schema or payload_schema, likely a typo
+template-syntax      a ``payload`` or ``when`` template does not compile
+path-missing         (warning) a watched directory does not exist yet
+path-not-dir         a path that must be a directory is something else
+file-missing         a file the config names (TLS certificate, key) does not exist or is a directory
+file-unreadable      bridge.yaml itself cannot be read
+==================== ======================================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["Problem", "Severity", "format_path", "has_errors", "summary"]
+
+Severity = Literal["error", "warning"]
+
+
+def format_path(path: Iterable[str | int]) -> str:
+    """``sources.orders.kafka.topics[0]``: a key path as users read it (empty for the document itself)."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config file. ``line``/``col`` are 1-based; 0 means unknown."""
+
+    code: str
+    path: str
+    message: str
+    hint: str | None = None
+    line: int = 0
+    col: int = 0
+    file: str | None = None
+    severity: Severity = "error"
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+    def format_text(self) -> str:
+        """``file:line:col: severity[code] path: message; hint``; parts that are unknown are left out."""
+        where = self.file or ""
+        if self.line:
+            where += f":{self.line}:{self.col}" if where else f"{self.line}:{self.col}"
+        text = f"{where}: " if where else ""
+        text += f"{self.severity}[{self.code}] "
+        if self.path:
+            text += f"{self.path}: "
+        text += self.message
+        if self.hint:
+            text += f"; {self.hint}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "line": self.line,
+            "col": self.col,
+            "severity": self.severity,
+            "code": self.code,
+            "path": self.path,
+            "message": self.message,
+            "hint": self.hint,
+        }
+
+
+def has_errors(problems: Iterable[Problem]) -> bool:
+    return any(p.is_error for p in problems)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def summary(problems: Sequence[Problem]) -> str:
+    """``2 errors, 1 warning`` (or ``no problems``)."""
+    errors = sum(1 for p in problems if p.is_error)
+    warnings = len(problems) - errors
+    parts = [_count(errors, "error")] if errors else []
+    if warnings:
+        parts.append(_count(warnings, "warning"))
+    return ", ".join(parts) or "no problems"

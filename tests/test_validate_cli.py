@@ -1,0 +1,196 @@
+"""`bridge validate` and `bridge schema`: exit codes, text and JSON output, the config path default, the
+broken-file corpus (never a traceback), and every shipped config validates."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema  # type: ignore[import-untyped]
+import pytest
+
+from bridge import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKEN = sorted((Path(__file__).resolve().parent / "data" / "broken").glob("*.yaml"))
+SHIPPED = [ROOT / "bridge.yaml", *sorted((ROOT / "examples").glob("*/bridge.yaml"))]
+LINE = re.compile(r"^\S[^:]*(:\d+:\d+)?: (error|warning)\[[a-z-]+\] ")
+
+VALID = "version: 1\nsources:\n  inbox:\n    file: {path: .}\n"
+INVALID = "version: 1\nsources:\n  inbox:\n    file: {path: ., recursiv: true}\n    when: 5\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_config_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BRIDGE_CONFIG", raising=False)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_valid_config_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bridge.yaml").write_text(VALID)
+    code, out, err = run(capsys, "validate", "-c", str(tmp_path / "bridge.yaml"))
+    assert (code, out, err) == (0, f"{tmp_path / 'bridge.yaml'}: valid, 1 source\n", "")
+
+
+def test_warnings_are_printed_and_still_exit_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text(VALID.replace("path: .", "path: inbox"))
+    code, out, _ = run(capsys, "validate")
+    assert code == 0
+    assert out.splitlines() == [
+        f"bridge.yaml:4:18: warning[path-missing] sources.inbox.file.path: {tmp_path / 'inbox'} does not exist; "
+        "it will be created when the bridge starts",
+        "bridge.yaml: valid, 1 source, 1 warning",
+    ]
+
+
+def test_invalid_config_lists_every_problem_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text(INVALID)
+    code, out, err = run(capsys, "validate", "--format", "text")
+    assert (code, err) == (1, "")
+    assert out.splitlines() == [
+        "bridge.yaml:4:21: error[unknown-key] sources.inbox.file.recursiv: unknown key; did you mean 'recursive'?",
+        "bridge.yaml:5:11: error[type] sources.inbox.when: expected a string or null, got 5",
+        "bridge.yaml: 2 errors",
+    ]
+
+
+def test_json_format(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text(INVALID)
+    code, out, _ = run(capsys, "validate", "--format", "json")
+    assert code == 1
+    assert json.loads(out) == [
+        {"file": "bridge.yaml", "line": 4, "col": 21, "severity": "error", "code": "unknown-key",
+         "path": "sources.inbox.file.recursiv", "message": "unknown key", "hint": "did you mean 'recursive'?"},
+        {"file": "bridge.yaml", "line": 5, "col": 11, "severity": "error", "code": "type",
+         "path": "sources.inbox.when", "message": "expected a string or null, got 5", "hint": None},
+    ]
+    Path("bridge.yaml").write_text(VALID)
+    code, out, _ = run(capsys, "validate", "--format", "json")
+    assert (code, json.loads(out)) == (0, [])
+
+
+def test_config_path_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other.yaml").write_text(VALID)
+    monkeypatch.setenv("BRIDGE_CONFIG", "other.yaml")
+    assert run(capsys, "validate")[:2] == (0, "other.yaml: valid, 1 source\n")
+    (tmp_path / "bridge.yaml").write_text(INVALID)
+    assert run(capsys, "validate", "-c", "bridge.yaml")[0] == 1  # -c wins over $BRIDGE_CONFIG
+    monkeypatch.delenv("BRIDGE_CONFIG")
+    assert run(capsys, "validate")[0] == 1  # ./bridge.yaml
+
+
+def test_missing_or_unreadable_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "validate")
+    assert code == 2
+    assert out.splitlines() == ["bridge.yaml: error[file-unreadable] no such file", "bridge.yaml: 1 error"]
+    assert err == "bridge: no config given and no ./bridge.yaml here: pass -c FILE or set BRIDGE_CONFIG\n"
+    code, out, err = run(capsys, "validate", "-c", ".", "--format", "json")
+    assert (code, err) == (2, "")
+    assert [p["code"] for p in json.loads(out)] == ["file-unreadable"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["nope"], ["validate", "--format", "xml"], ["validate", "-c"], ["validate", "extra"], ["schema", "x"]],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert "usage: bridge" in err and "Traceback" not in err
+
+
+def test_help_and_version_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "validate" in out and "schema" in out
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("iii-bridge ")
+
+
+def test_an_unexpected_error_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("bridge.config.check_config", broken)
+    code, out, err = run(capsys, "validate", "-c", str(tmp_path / "x.yaml"))
+    assert (code, out) == (2, "")
+    assert err == "bridge: internal error: RuntimeError: boom (please report this)\n"
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=[p.name for p in BROKEN])
+def test_broken_corpus_never_tracebacks(
+    path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(path.parent)
+    code, out, err = run(capsys, "validate", "-c", path.name)
+    assert code == 1, out
+    assert err == ""
+    lines = out.splitlines()
+    assert lines[-1].startswith(f"{path.name}: ") and "error" in lines[-1]
+    assert lines[:-1] and all(LINE.match(line) for line in lines[:-1]), out
+    code, out, _ = run(capsys, "validate", "-c", path.name, "--format", "json")
+    assert code == 1
+    assert all(p["severity"] in ("error", "warning") for p in json.loads(out))
+
+
+def test_broken_corpus_is_there() -> None:
+    names = {p.name for p in BROKEN}
+    assert {"binary-garbage.yaml", "latin1-bytes.yaml", "tabs.yaml", "empty.yaml", "duplicate-keys.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
+def test_shipped_configs_validate(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "validate", "-c", str(path))
+    assert code == 0, out
+    problems = out.splitlines()[:-1]
+    assert all("warning[path-missing]" in line for line in problems), out  # watched dirs may not exist yet
+
+
+def test_examples_each_have_a_readme() -> None:
+    assert len(SHIPPED) >= 5
+    for config in SHIPPED[1:]:
+        assert (config.parent / "README.md").read_text().strip()
+
+
+def test_schema_command_prints_the_bundled_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "schema")
+    assert (code, err) == (0, "")
+    schema = json.loads(out)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert set(schema["$defs"]) >= {"source-kafka", "source-postgres", "source-file"}
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid({"version": 1, "sources": {"a": {"file": {"path": "."}}}})
+    assert not validator.is_valid({"version": 1, "sources": {"a": {"kafka": {"topik": ["x"]}}}})
+
+
+def test_the_installed_entry_point(tmp_path: Path) -> None:
+    (tmp_path / "bridge.yaml").write_text(INVALID)
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "validate", "-c", str(tmp_path / "bridge.yaml")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 1 and done.stderr == ""
+    assert done.stdout.splitlines()[-1].endswith(": 2 errors")
