@@ -1,0 +1,239 @@
+"""The ``bridge`` command: argument parsing and output only; the work is done by the modules it calls.
+
+Each command is one entry of ``_COMMANDS``: a function that adds its arguments to its subparser and a
+function that runs it and returns the exit code (0 ok, 1 the input is invalid, 2 usage or I/O error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from bridge import __version__
+
+if TYPE_CHECKING:
+    from bridge.config import BridgeConfig
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+
+class _Command(NamedTuple):
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", type=Path, default=None,
+        help="the bridge config (default: $BRIDGE_CONFIG, then ./bridge.yaml)",
+    )
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    """``-c FILE``, else ``$BRIDGE_CONFIG``, else ``./bridge.yaml``."""
+    if args.config is not None:
+        return Path(args.config)
+    return Path(os.environ.get("BRIDGE_CONFIG") or "bridge.yaml")
+
+
+def _print_error(message: str) -> None:
+    print(f"bridge: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validate
+
+
+def _configure_validate(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument("--format", choices=("text", "json"), default="text",
+                        help="one line per problem (text) or a JSON list of problem objects (json)")
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from bridge.config import check_config
+    from bridge.diagnostics import summary
+
+    path = _config_path(args)
+    config, problems = check_config(path)
+    if args.format == "json":
+        print(json.dumps([p.to_json() for p in problems], indent=2))
+    else:
+        for problem in problems:
+            print(problem.format_text())
+        if config is not None:
+            count = len(config.sources)
+            extra = f", {summary(problems)}" if problems else ""
+            print(f"{path}: valid, {count} source{'' if count == 1 else 's'}{extra}")
+        else:
+            print(f"{path}: {summary(problems)}")
+    if any(p.code == "file-unreadable" for p in problems):
+        if args.config is None and not os.environ.get("BRIDGE_CONFIG"):
+            _print_error("no config given and no ./bridge.yaml here: pass -c FILE or set BRIDGE_CONFIG")
+        return EXIT_USAGE
+    return EXIT_OK if config is not None else EXIT_INVALID
+
+
+# ---------------------------------------------------------------------------------------------------------
+# schema
+
+
+def _configure_schema(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def _run_schema(args: argparse.Namespace) -> int:
+    from bridge.schemas import bridge_schema
+
+    del args
+    print(json.dumps(bridge_schema(), indent=2))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------
+# up
+
+
+def _load_or_report(args: argparse.Namespace) -> BridgeConfig | int:
+    """Load the config, printing every problem; an int is the exit code to return instead."""
+    from bridge.config import check_config
+
+    path = _config_path(args)
+    config, problems = check_config(path)
+    for problem in problems:
+        print(problem.format_text(), file=sys.stderr)
+    if any(p.code == "file-unreadable" for p in problems):
+        return EXIT_USAGE
+    if config is None:
+        _print_error(f"{path} is invalid; nothing was started (run `bridge validate` for details)")
+        return EXIT_INVALID
+    return config
+
+
+def _configure_up(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the sources and print each rendered payload as a JSON line; no engine")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    import logging
+
+    from bridge import logs
+    from bridge.runtime import run_up
+
+    loaded = _load_or_report(args)
+    if isinstance(loaded, int):
+        return loaded
+    logs.configure(loaded.observability.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    return run_up(loaded, dry_run=args.dry_run)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# deadletters
+
+
+def _configure_deadletters(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    listing = verbs.add_parser("list", help="one line per dead letter")
+    listing.add_argument("--source", help="only this trigger type")
+    show = verbs.add_parser("show", help="print dead letters as JSON")
+    show.add_argument("refs", nargs="+", metavar="REF", help="as printed by `list` (LINE or FILE:LINE)")
+    replay = verbs.add_parser("replay", help="deliver dead letters again to their binding's function")
+    replay.add_argument("refs", nargs="*", metavar="REF", help="as printed by `list`")
+    replay.add_argument("--all", action="store_true", help="every dead letter not replayed yet")
+    replay.add_argument("--source", help="with --all: only this trigger type")
+
+
+def _run_deadletters(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bridge import replay
+    from bridge.errors import BridgeError
+
+    loaded = _load_or_report(args)
+    if isinstance(loaded, int):
+        return loaded
+    letters = replay.load(loaded, getattr(args, "source", None))
+    try:
+        if args.verb == "list":
+            replay.format_list(letters, sys.stdout)
+            return EXIT_OK
+        if args.verb == "show":
+            for letter in replay.select(letters, args.refs):
+                print(json.dumps({"ref": letter.ref, **letter.record}, indent=2, ensure_ascii=False))
+            return EXIT_OK
+        if args.all == bool(args.refs):
+            _print_error("replay takes either REF... or --all")
+            return EXIT_USAGE
+        chosen = [d for d in letters if d.replayed_at is None] if args.all else replay.select(letters, args.refs)
+        failures = asyncio.run(replay.replay(loaded, chosen, sys.stdout))
+    except BridgeError as exc:
+        _print_error(str(exc))
+        return EXIT_INVALID
+    return EXIT_OK if failures == 0 else EXIT_INVALID
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entry points
+
+
+_COMMANDS: dict[str, _Command] = {
+    "validate": _Command("check bridge.yaml and report every problem", _configure_validate, _run_validate),
+    "schema": _Command("print the JSON Schema of bridge.yaml (for editors)", _configure_schema, _run_schema),
+    "up": _Command("run the bridge until SIGINT/SIGTERM", _configure_up, _run_up),
+    "deadletters": _Command("list, show and replay dead letters", _configure_deadletters, _run_deadletters),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridge",
+        description="Turn Kafka topics, Postgres notifications and dropped files into iii function calls.",
+    )
+    parser.add_argument("--version", action="version", version=f"iii-bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in _COMMANDS.items():
+        command.configure(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code. Never raises (a bug is reported in one line, exit 2)."""
+    try:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as exc:  # argparse has printed usage or help already
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return _COMMANDS[args.command].run(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `bridge schema | head`: the reader is gone, nothing left to say
+        _silence_stdout()
+        return EXIT_OK
+    except Exception as exc:
+        _print_error(f"internal error: {type(exc).__name__}: {exc} (please report this)")
+        return EXIT_USAGE
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Delivery of one event to every binding of its source: when, render, condition, invoke, retry, dead letter.
+
+Each binding runs on its own: a binding that fails and retries never re-invokes a binding that already
+succeeded, and one bad binding never stops the others. An event is done when every binding it started with has
+succeeded, been filtered out, or been dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bridge.bindings import Binding, BindingTable
+from bridge.config import DeliveryConfig, RetryConfig, SourceConfig
+from bridge.deadletter import DeadLetterSink, iso_from_epoch
+from bridge.errors import DeadLetterError, DeliveryError, EventError, RenderError
+from bridge.schemas import PayloadValidator
+from bridge.sources import Event, Outcome
+from bridge.templates import CompiledTree, CompiledWhen, compile_tree, compile_when, make_context
+
+log = logging.getLogger("bridge.dispatch")
+
+
+class Invoker(Protocol):
+    """How the dispatcher calls functions (the engine link, or a dry-run printer)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def wait_connected(self) -> None: ...
+
+    async def invoke(
+        self,
+        function_id: str,
+        payload: Any,
+        *,
+        namespace: str | None,
+        timeout_ms: int,
+        mode: str = "sync",
+        queue: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Any: ...
+
+
+@dataclass
+class Stats:
+    """Counters of one source, read by logs, the status line and metrics."""
+
+    received: int = 0
+    delivered: int = 0
+    filtered: int = 0
+    dead_lettered: int = 0
+    deliveries_ok: int = 0
+    deliveries_failed: int = 0
+    retries: int = 0
+    latencies: list[float] = field(default_factory=list)  # recent delivery durations, seconds (bounded)
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+        if len(self.latencies) > 4096:
+            del self.latencies[:2048]
+
+
+def backoff_s(retry: RetryConfig, attempt: int, rand: Callable[[], float] = random.random) -> float:
+    """Delay before attempt ``attempt + 1`` (attempt counts from 1): exponential, capped, with ± jitter."""
+    base = retry.initial_backoff_ms * retry.multiplier ** (attempt - 1)
+    capped = min(base, retry.max_backoff_ms)
+    jittered = capped * (1 + retry.jitter * (2 * rand() - 1))
+    return max(0.0, jittered) / 1000
+
+
+@dataclass
+class _Attempts:
+    count: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+
+    def start(self) -> None:
+        now = time.time()
+        self.count += 1
+        self.first_at = self.first_at or now
+        self.last_at = now
+
+
+class Dispatcher:
+    """Delivers events of one source; shared by every source kind."""
+
+    def __init__(
+        self,
+        source: SourceConfig,
+        table: BindingTable,
+        invoker: Invoker,
+        dead_letters: DeadLetterSink,
+        *,
+        stats: Stats | None = None,
+        on_delivery: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.table = table
+        self.invoker = invoker
+        self.dead_letters = dead_letters
+        self.stats = stats or Stats()
+        self._on_delivery = on_delivery
+        self._delivery: DeliveryConfig = source.delivery
+        self._when: CompiledWhen | None = compile_when(source.when) if source.when else None
+        self._payload: CompiledTree | None = (
+            compile_tree(source.payload, root=("payload",)) if source.payload is not None else None
+        )
+        self._payload_check = PayloadValidator(source.payload_schema) if source.payload_schema else None
+        self._source_view = {"id": source.id, "kind": source.kind}
+
+    async def deliver(self, event: Event) -> Outcome:
+        """Deliver one event to every current binding; return how it ended. Raises only on cancellation."""
+        self.stats.received += 1
+        if event.error is not None:
+            await self._dead_letter(event, None, None, event.error.code, str(event.error), 0, _Attempts())
+            outcome: Outcome = "dead_lettered"
+        else:
+            bindings = self.table.snapshot()
+            while not bindings:  # every binding went away while the event waited: wait, do not acknowledge
+                await self.table.wait_non_empty()
+                bindings = self.table.snapshot()
+            view = event.template_view()
+            if len(bindings) == 1:
+                results: list[Outcome] = [await self._deliver_one(event, view, bindings[0])]
+            else:
+                results = list(await asyncio.gather(*(self._deliver_one(event, view, b) for b in bindings)))
+            if "dead_lettered" in results:
+                outcome = "dead_lettered"
+            elif results and all(r == "filtered" for r in results):
+                outcome = "filtered"
+            else:
+                outcome = "delivered"
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        return outcome
+
+    # one binding ---------------------------------------------------------------------------------------------
+
+    async def _deliver_one(self, event: Event, view: dict[str, Any], binding: Binding) -> Outcome:
+        ctx = make_context(view, binding.config, binding.template_view(), self._source_view)
+        attempts = _Attempts()
+        try:
+            if self._when is not None and not self._when.evaluate(ctx):
+                return "filtered"
+            payload = self._payload.render(ctx) if self._payload is not None else view
+            if payload is None:
+                raise RenderError("payload rendered null; the SDK cannot send a null payload")
+            if self._payload_check is not None:
+                self._payload_check.check(payload)
+        except EventError as exc:
+            log.warning("event %s → %s: %s (dead-lettered)", event.id, binding.function_id, exc)
+            await self._dead_letter(event, binding, None, exc.code, str(exc), 0, attempts)
+            return "dead_lettered"
+        if binding.condition_function_id and not await self._condition(event, binding, payload):
+            return "filtered"
+        return await self._invoke_with_retries(event, binding, payload, attempts)
+
+    async def _condition(self, event: Event, binding: Binding, payload: Any) -> bool:
+        """iii rules: false skips; an invocation error skips (and is logged); anything else delivers."""
+        assert binding.condition_function_id is not None
+        try:
+            await self._wait_for_engine()
+            result = await self.invoker.invoke(
+                binding.condition_function_id,
+                payload,
+                namespace=binding.namespace,
+                timeout_ms=self._delivery.timeout_ms,
+            )
+        except DeliveryError as exc:
+            log.warning(
+                "event %s: condition %s for %s failed (%s); skipping this binding",
+                event.id,
+                binding.condition_function_id,
+                binding.function_id,
+                exc,
+            )
+            return False
+        return result is not False
+
+    async def _invoke_with_retries(
+        self, event: Event, binding: Binding, payload: Any, attempts: _Attempts
+    ) -> Outcome:
+        delivery = self._delivery
+        retry = delivery.retry
+        while True:
+            await self._wait_for_engine()
+            if binding.id not in self.table:
+                log.info("event %s: binding %s was removed; not delivering to it", event.id, binding.id)
+                return "filtered"
+            attempts.start()
+            started = time.perf_counter()
+            try:
+                await self.invoker.invoke(
+                    binding.function_id,
+                    payload,
+                    namespace=binding.namespace,
+                    timeout_ms=delivery.timeout_ms,
+                    mode=delivery.mode,
+                    queue=delivery.queue,
+                    metadata=binding.metadata,
+                )
+            except DeliveryError as exc:
+                self.stats.deliveries_failed += 1
+                if attempts.count >= retry.max_attempts:
+                    log.warning(
+                        "event %s → %s failed after %d attempt(s): %s (dead-lettered)",
+                        event.id,
+                        binding.function_id,
+                        attempts.count,
+                        exc,
+                    )
+                    await self._dead_letter(event, binding, payload, exc.code, exc.message, attempts.count, attempts)
+                    return "dead_lettered"
+                delay = backoff_s(retry, attempts.count)
+                log.info(
+                    "event %s → %s attempt %d failed: %s; retrying in %.0f ms",
+                    event.id,
+                    binding.function_id,
+                    attempts.count,
+                    exc,
+                    delay * 1000,
+                )
+                self.stats.retries += 1
+                await asyncio.sleep(delay)
+                continue
+            elapsed = time.perf_counter() - started
+            self.stats.deliveries_ok += 1
+            self.stats.observe_latency(elapsed)
+            if self._on_delivery is not None:
+                self._on_delivery(binding.function_id, elapsed)
+            return "delivered"
+
+    async def _wait_for_engine(self) -> None:
+        if not self.invoker.connected:
+            await self.invoker.wait_connected()
+
+    # dead letters --------------------------------------------------------------------------------------------
+
+    async def _dead_letter(
+        self,
+        event: Event,
+        binding: Binding | None,
+        payload: Any,
+        code: str,
+        message: str,
+        attempt_count: int,
+        attempts: _Attempts,
+    ) -> None:
+        record = {
+            "source": self.source.id,
+            "event": event.template_view(),
+            "binding": binding.record_view() if binding is not None else None,
+            "payload": payload,
+            "error": {"code": code, "message": message},
+            "attempts": attempt_count,
+            "first_attempt_at": iso_from_epoch(attempts.first_at) if attempts.first_at else None,
+            "last_attempt_at": iso_from_epoch(attempts.last_at) if attempts.last_at else None,
+        }
+        delay = 0.5
+        while True:
+            try:
+                await self.dead_letters.write(record)
+                return
+            except DeadLetterError as exc:
+                # Never acknowledge an event whose dead letter is not durable: hold it (and, through the
+                # in-flight window, the source) until the destination works again.
+                log.error(
+                    "event %s: %s; the event stays unacknowledged, retrying in %.1f s", event.id, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)

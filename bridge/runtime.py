@@ -1,0 +1,328 @@
+"""The supervisor: starts the sources and the engine link, wires them together, shuts down cleanly.
+
+Data flows one way: source → event → dispatcher → done → the source's acknowledgement hook. Back-pressure is
+the in-flight window of each source (``max_in_flight``): ``submit`` waits while it is full, so a source never
+runs ahead of delivery and memory stays bounded whatever the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from bridge.bindings import Binding, BindingTable
+from bridge.config import BridgeConfig, DeadLetterConfig, FileSourceConfig, SourceConfig
+from bridge.deadletter import DeadLetterSink, open_destination
+from bridge.dispatch import Dispatcher, Invoker, Stats
+from bridge.errors import BindConfigError
+from bridge.schemas import BindValidator
+from bridge.sources import REGISTRY, Event, OnDone, Source
+
+log = logging.getLogger("bridge.runtime")
+
+DRAIN_TIMEOUT_S = 15.0
+"""How long shutdown waits for in-flight events before leaving them unacknowledged."""
+
+
+class SourceRunner:
+    """The Sink a source submits to: the in-flight window, per-key ordering, and the acknowledgement hook."""
+
+    def __init__(self, config: SourceConfig, dispatcher: Dispatcher, table: BindingTable) -> None:
+        self.config = config
+        self.dispatcher = dispatcher
+        self.table = table
+        self.stats = dispatcher.stats
+        self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._in_flight = 0
+        self.peak_in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._order_tails: dict[Any, asyncio.Future[None]] = {}
+
+    # Sink ----------------------------------------------------------------------------------------------------
+
+    async def submit(self, event: Event, on_done: OnDone) -> None:
+        await self.table.wait_non_empty()
+        await self._slots.acquire()
+        self._in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        previous: asyncio.Future[None] | None = None
+        mine: asyncio.Future[None] | None = None
+        if event.order_key is not None:
+            previous = self._order_tails.get(event.order_key)
+            mine = asyncio.get_running_loop().create_future()
+            self._order_tails[event.order_key] = mine
+        task = asyncio.create_task(self._run(event, on_done, previous, mine), name=f"event {event.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def has_bindings(self) -> bool:
+        return len(self.table) > 0
+
+    async def wait_for_bindings(self) -> None:
+        await self.table.wait_non_empty()
+
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def window_full(self) -> bool:
+        return self._slots.locked()
+
+    # delivery ------------------------------------------------------------------------------------------------
+
+    async def _run(
+        self,
+        event: Event,
+        on_done: OnDone,
+        previous: asyncio.Future[None] | None,
+        mine: asyncio.Future[None] | None,
+    ) -> None:
+        try:
+            if previous is not None:
+                await asyncio.shield(previous)
+            await self.table.wait_non_empty()
+            outcome = await self.dispatcher.deliver(event)
+            try:
+                await on_done(outcome)
+            except Exception:
+                log.exception("event %s of %s: acknowledgement failed; it stays unacknowledged", event.id,
+                              self.config.id)
+        except Exception:
+            # The dispatcher handles every failure of a delivery; reaching here is a bug, and one event must
+            # still never take the bridge down.
+            log.exception("event %s of %s: unexpected error; it stays unacknowledged", event.id, self.config.id)
+        finally:
+            self._in_flight -= 1
+            self._slots.release()
+            if mine is not None:
+                if not mine.done():
+                    mine.set_result(None)
+                if self._order_tails.get(event.order_key) is mine:
+                    del self._order_tails[event.order_key]
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for in-flight events; cancel what is left after ``timeout_s``. Returns how many were abandoned."""
+        pending = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
+
+
+class DryRunInvoker:
+    """`bridge up --dry-run`: prints each rendered payload as one JSON line instead of invoking anything."""
+
+    connected = True
+
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        self._out = out
+
+    async def wait_connected(self) -> None:
+        return None
+
+    async def invoke(
+        self,
+        function_id: str,
+        payload: Any,
+        *,
+        namespace: str | None,
+        timeout_ms: int,
+        mode: str = "sync",
+        queue: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        line = json.dumps({"function_id": function_id, "payload": payload}, ensure_ascii=False, default=str)
+        self._out.write(line + "\n")
+        self._out.flush()
+        return None
+
+
+class Runtime:
+    """Runs every configured source until ``stop`` is set."""
+
+    def __init__(
+        self,
+        config: BridgeConfig,
+        *,
+        dry_run: bool = False,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        out: TextIO = sys.stdout,
+    ) -> None:
+        self._dry_run_dir: tempfile.TemporaryDirectory[str] | None = None
+        if dry_run:
+            self._dry_run_dir = tempfile.TemporaryDirectory(prefix="bridge-dry-run-")
+            config = _dry_run_config(config, Path(self._dry_run_dir.name))
+        self.config = config
+        self.dry_run = dry_run
+        self.drain_timeout_s = drain_timeout_s
+        self._out = out
+        self.runners: dict[str, SourceRunner] = {}
+        self.tables: dict[str, BindingTable] = {}
+        self.validators: dict[str, BindValidator] = {}
+        self._sinks: dict[str, DeadLetterSink] = {}
+        self._link: Any = None
+        self._source_tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def run(self, stop: asyncio.Event) -> int:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        invoker = self._make_invoker()
+        for source in cfg.sources:
+            table = BindingTable(source.id)
+            self.tables[source.id] = table
+            self.validators[source.id] = BindValidator(source.id, source.bind_schema)
+            dispatcher = Dispatcher(source, table, invoker, self._dead_letters(source.id, source.delivery.dead_letter),
+                                    stats=Stats())
+            self.runners[source.id] = SourceRunner(source, dispatcher, table)
+        if self.dry_run:
+            self._bind_dry_run()
+        else:
+            self._start_engine()
+        for source in cfg.sources:
+            self._source_tasks[source.id] = asyncio.create_task(
+                self._supervise(source, self.runners[source.id]), name=f"source {source.id}"
+            )
+        log.info(
+            "bridge up: %d source(s) running (%s)%s",
+            len(cfg.sources),
+            ", ".join(f"{s.id} [{s.kind}]" for s in cfg.sources),
+            " in dry-run mode (payloads are printed, nothing is invoked)" if self.dry_run else "",
+        )
+        await stop.wait()
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        log.info("shutting down: no new events; waiting up to %.0f s for in-flight ones", self.drain_timeout_s)
+        for task in self._source_tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._source_tasks.values(), return_exceptions=True)
+        abandoned = 0
+        drains = [r.drain(self.drain_timeout_s) for r in self.runners.values()]
+        for count in await asyncio.gather(*drains):
+            abandoned += count
+        if abandoned:
+            log.warning("%d event(s) were still in flight; they stay unacknowledged and come back", abandoned)
+        for sink in self._sinks.values():
+            await sink.close()
+        if self._link is not None:
+            await self._link.close()
+        if self._dry_run_dir is not None:
+            self._dry_run_dir.cleanup()
+        log.info("bridge stopped")
+
+    # wiring --------------------------------------------------------------------------------------------------
+
+    def _make_invoker(self) -> Invoker:
+        if self.dry_run:
+            return DryRunInvoker(self._out)
+        from bridge.engine import EngineLink  # the SDK is imported only when the engine is really used
+
+        self._link = EngineLink(self.config.engine)
+        link: Invoker = self._link
+        return link
+
+    def _start_engine(self) -> None:
+        from bridge.engine import TriggerTypeSpec
+
+        specs = [
+            TriggerTypeSpec(
+                id=s.id,
+                description=s.description,
+                bind=self.validators[s.id],
+                payload_schema=s.payload_schema,
+                table=self.tables[s.id],
+            )
+            for s in self.config.sources
+        ]
+        self._link.start(specs)
+
+    def _bind_dry_run(self) -> None:
+        for source in self.config.sources:
+            try:
+                config = self.validators[source.id].check({})
+            except BindConfigError as exc:
+                log.info("dry run: %s needs a bind config (%s); rendering with an empty one", source.id, exc)
+                config = {}
+            self.tables[source.id].upsert(
+                Binding(id="dry-run", trigger_type=source.id, function_id=f"dry-run::{source.id}",
+                        namespace=None, config=config)
+            )
+
+    def _dead_letters(self, source_id: str, config: DeadLetterConfig) -> DeadLetterSink:
+        key = repr(config)
+        if key not in self._sinks:
+            self._sinks[key] = open_destination(config, source_id)
+        return self._sinks[key]
+
+    async def _supervise(self, config: SourceConfig, runner: SourceRunner) -> None:
+        """Run one source; if it fails, log why and start it again (one source never stops the bridge)."""
+        delay = 1.0
+        while True:
+            factory = REGISTRY[config.kind]
+            source: Source = factory(config, self.config.state_dir)
+            try:
+                await source.run(runner)
+                log.info("source %s finished", config.id)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("source %s failed: %s; restarting it in %.0f s", config.id, exc, delay,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+
+def _dry_run_config(config: BridgeConfig, scratch: Path) -> BridgeConfig:
+    """A dry run changes nothing on disk: scratch state, dead letters in scratch, files kept in place."""
+    sources = []
+    for s in config.sources:
+        kind_config = s.kind_config
+        if isinstance(kind_config, FileSourceConfig):
+            kind_config = dataclasses.replace(kind_config, after_delivery="keep", move_to=None)
+        dead_letter = DeadLetterConfig(file=scratch / "dead-letters.jsonl")
+        delivery = dataclasses.replace(s.delivery, dead_letter=dead_letter, mode="sync")
+        sources.append(dataclasses.replace(s, kind_config=kind_config, delivery=delivery))
+    return dataclasses.replace(config, state_dir=scratch, sources=tuple(sources))
+
+
+def install_signal_handlers(stop: asyncio.Event, on_second: Callable[[], None]) -> None:
+    """First SIGINT/SIGTERM: graceful stop. Second: ``on_second`` (exit at once)."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+
+    def handler(signame: str) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now; in-flight events stay unacknowledged", signame)
+            on_second()
+            return
+        log.info("%s received", signame)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, handler, sig.name)
+
+
+def run_up(config: BridgeConfig, *, dry_run: bool = False) -> int:
+    """`bridge up`: run until SIGINT/SIGTERM; exit 0 after a graceful stop."""
+    import os
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        install_signal_handlers(stop, lambda: os._exit(1))
+        return await Runtime(config, dry_run=dry_run).run(stop)
+
+    return asyncio.run(main())
