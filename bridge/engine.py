@@ -120,6 +120,9 @@ class EngineLink:
         if client is not None:
             # shutdown() joins the SDK thread; keep the bridge loop responsive meanwhile.
             await asyncio.to_thread(client.shutdown)
+            # iii-sdk 0.25 leaves its stopped loop open (a ResourceWarning when collected): close it.
+            if not client._thread.is_alive() and not client._loop.is_closed():
+                client._loop.close()
         log.info("disconnected from the iii engine")
 
     @property

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bridge.testing.consumer import Consumer
 
+from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
+from bridge.testing.files import drop as _drop
 from bridge.testing.process import BridgeProcess
 
 CONFIG = """\
@@ -66,15 +67,6 @@ def bridge(workdir: Path, iii_engine: TestEngine) -> Iterator[BridgeProcess]:
     proc.wait_for_log(r"connected to the iii engine")
     yield proc
     proc.kill()
-
-
-def _drop(inbox: Path, name: str, content: Any) -> Path:
-    """Write a file the way producers should: to a temp name, then rename (the .tmp is excluded)."""
-    path = inbox / name
-    tmp = inbox / f".{name}.tmp"
-    tmp.write_text(content if isinstance(content, str) else json.dumps(content))
-    tmp.rename(path)
-    return path
 
 
 def _bind(consumer: Consumer, function_id: str, config: dict[str, Any] | None = None) -> Any:

@@ -1,0 +1,180 @@
+"""The runtime's Sink: in-flight window, per-key ordering, acknowledgement, bounded memory under a flood.
+
+A synthetic in-memory source and an in-process invoker stand in for a real source and the engine here (the real
+ones are covered end to end in test_e2e_file.py and test_delivery.py); what is under test is the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.bindings import Binding, BindingTable
+from bridge.config import DeadLetterConfig, DeliveryConfig, FileSourceConfig, RetryConfig, SourceConfig
+from bridge.deadletter import FileDeadLetter
+from bridge.dispatch import Dispatcher, backoff_s
+from bridge.runtime import SourceRunner
+from bridge.sources import Event, Outcome
+
+
+class _Invoker:
+    """Answers every call on the same loop after an optional delay, counting concurrency."""
+
+    connected = True
+
+    def __init__(self, delay_s: float = 0.0, record: bool = True) -> None:
+        self.delay_s = delay_s
+        self.record = record
+        self.now = 0
+        self.peak = 0
+        self.calls: list[tuple[str, Any]] = []
+
+    async def wait_connected(self) -> None:
+        return None
+
+    async def invoke(self, function_id: str, payload: Any, **_: Any) -> Any:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s * random.random())
+            if self.record:
+                self.calls.append((function_id, payload))
+            return {"ok": True}
+        finally:
+            self.now -= 1
+
+
+def _source(tmp_path: Path, max_in_flight: int, payload: Any = None) -> SourceConfig:
+    return SourceConfig(
+        id="synthetic",
+        kind="file",
+        description="synthetic",
+        kind_config=FileSourceConfig(path=tmp_path),
+        delivery=DeliveryConfig(retry=RetryConfig(max_attempts=1), dead_letter=DeadLetterConfig(file=tmp_path / "dl")),
+        max_in_flight=max_in_flight,
+        bind_schema=None,
+        payload_schema=None,
+        when=None,
+        payload=payload,
+    )
+
+
+def _runner(tmp_path: Path, max_in_flight: int, invoker: _Invoker, payload: Any = None) -> SourceRunner:
+    source = _source(tmp_path, max_in_flight, payload)
+    table = BindingTable(source.id)
+    table.upsert(Binding("b1", source.id, "f::one", None, {}))
+    dispatcher = Dispatcher(source, table, invoker, FileDeadLetter(tmp_path / "dl.jsonl"))
+    return SourceRunner(source, dispatcher, table)
+
+
+async def _flood(runner: SourceRunner, count: int, key_of: Any = None) -> tuple[int, set[int]]:
+    """Submit ``count`` events as fast as the runner accepts them; return the worst submitted-minus-done gap and
+    the set of acknowledged event numbers (kept only for small floods: it would weigh on the memory test)."""
+    acked: set[int] = set()
+    acked_count = 0
+    worst = 0
+    done = asyncio.Event()
+    keep = count <= 1000
+
+    for i in range(count):
+        event = Event(id=f"e{i}", source="synthetic", fields={"n": i}, order_key=key_of(i) if key_of else None)
+
+        async def on_done(outcome: Outcome, n: int = i) -> None:
+            nonlocal acked_count
+            acked_count += 1
+            if keep:
+                acked.add(n)
+            if acked_count == count:
+                done.set()
+
+        await runner.submit(event, on_done)
+        worst = max(worst, i + 1 - acked_count)
+    await asyncio.wait_for(done.wait(), 60)
+    return worst, acked
+
+
+async def test_the_window_bounds_what_a_source_can_run_ahead(tmp_path: Path) -> None:
+    invoker = _Invoker(delay_s=0.002)
+    runner = _runner(tmp_path, 8, invoker)
+    worst, acked = await _flood(runner, 500)
+    assert acked == set(range(500))
+    assert runner.peak_in_flight == 8
+    assert worst <= 8
+    assert invoker.peak <= 8
+
+
+async def test_events_with_one_order_key_are_delivered_one_at_a_time_in_order(tmp_path: Path) -> None:
+    invoker = _Invoker(delay_s=0.003)
+    runner = _runner(tmp_path, 32, invoker, payload={"n": "{{ event.n }}", "key": "{{ event.n % 4 }}"})
+    await _flood(runner, 400, key_of=lambda i: i % 4)
+    for key in range(4):
+        seen = [p["n"] for _, p in invoker.calls if p["key"] == key]
+        assert seen == sorted(seen) and len(seen) == 100
+    assert invoker.peak > 1  # different keys still run in parallel
+
+
+async def test_memory_stays_flat_under_a_flood_of_100000_events(tmp_path: Path) -> None:
+    async def peak_for(count: int) -> int:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            runner = _runner(tmp_path, 64, _Invoker(record=False))
+            await _flood(runner, count)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small = await peak_for(10_000)
+    large = await peak_for(100_000)
+    # Ten times the events must not cost anything like ten times the memory: only the window is held.
+    assert large < small * 1.5 + 1_000_000, (small, large)
+
+
+async def test_an_acknowledgement_that_fails_does_not_stop_the_runner(tmp_path: Path) -> None:
+    runner = _runner(tmp_path, 4, _Invoker())
+    seen: list[str] = []
+
+    async def bad_ack(outcome: Outcome) -> None:
+        raise OSError("disk full")
+
+    async def good_ack(outcome: Outcome) -> None:
+        seen.append(outcome)
+
+    await runner.submit(Event(id="x", source="synthetic", fields={}), bad_ack)
+    await runner.submit(Event(id="y", source="synthetic", fields={}), good_ack)
+    assert await runner.drain(5) == 0
+    assert seen == ["delivered"]
+    assert runner.in_flight() == 0
+
+
+async def test_events_wait_while_nothing_is_bound(tmp_path: Path) -> None:
+    invoker = _Invoker()
+    runner = _runner(tmp_path, 4, invoker)
+    runner.table.remove("b1")
+    submitted = asyncio.create_task(runner.submit(Event(id="w", source="synthetic", fields={}), _noop))
+    await asyncio.sleep(0.1)
+    assert not submitted.done()
+    runner.table.upsert(Binding("b2", "synthetic", "f::two", None, {}))
+    await asyncio.wait_for(submitted, 2)
+    assert await runner.drain(5) == 0
+    assert [f for f, _ in invoker.calls] == ["f::two"]
+
+
+async def _noop(outcome: Outcome) -> None:
+    return None
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    retry = RetryConfig(initial_backoff_ms=200, max_backoff_ms=1000, multiplier=2.0, jitter=0.2)
+    assert backoff_s(retry, 1, rand=lambda: 0.5) == pytest.approx(0.2)
+    assert backoff_s(retry, 2, rand=lambda: 0.5) == pytest.approx(0.4)
+    assert backoff_s(retry, 5, rand=lambda: 0.5) == pytest.approx(1.0)  # capped
+    assert backoff_s(retry, 1, rand=lambda: 0.0) == pytest.approx(0.16)
+    assert backoff_s(retry, 1, rand=lambda: 1.0) == pytest.approx(0.24)
