@@ -82,7 +82,8 @@ class EngineLink:
         self._connected = False
         self._connected_event: asyncio.Event | None = None
         self._ever_connected = False
-        self._calls: set[asyncio.Task[Any]] = set()
+        # Resolved when the current connection drops: in-flight calls stop waiting for answers that cannot come.
+        self._dropped: asyncio.Future[None] | None = None
         self._reconcile_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._unsubscribe: Callable[[], None] | None = None
@@ -162,20 +163,25 @@ class EngineLink:
             request["action"] = {"type": "void"}
         elif mode == "enqueue":
             request["action"] = {"type": "enqueue", "queue": queue}
+        dropped = self._dropped
+        assert dropped is not None
         task = asyncio.ensure_future(client.trigger_async(request))
-        self._calls.add(task)
         try:
-            return await task
+            # Race the call against the link dropping; never cancel a call whose answer already arrived.
+            await asyncio.wait((task, dropped), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise EngineUnavailable("the engine link dropped during the call")
+        try:
+            return task.result()
         except InvocationError as exc:
             if exc.code in _LINK_ERRORS:
                 raise EngineUnavailable(exc.message) from exc
             raise DeliveryError(exc.code, exc.message) from exc
-        except asyncio.CancelledError:
-            if task.cancelled() and not self._connected and _current_task_not_cancelling():
-                raise EngineUnavailable("the engine link dropped during the call") from None
-            raise
-        finally:
-            self._calls.discard(task)
 
     async def list_bindings(self, trigger_type: str) -> set[str]:
         result = await self.invoke(
@@ -200,6 +206,7 @@ class EngineLink:
         self._connected = connected
         assert self._connected_event is not None
         if connected:
+            self._dropped = asyncio.get_running_loop().create_future()
             self._connected_event.set()
             if self._ever_connected:
                 log.info("reconnected to the iii engine; bindings are being replayed")
@@ -216,8 +223,8 @@ class EngineLink:
             for spec in self._specs.values():
                 spec.table.mark_stale()
             # In-flight calls would only time out: the engine cannot answer them any more.
-            for task in list(self._calls):
-                task.cancel()
+            if self._dropped is not None and not self._dropped.done():
+                self._dropped.set_result(None)
         if self._on_state is not None:
             self._on_state(connected)
 
@@ -298,8 +305,3 @@ class EngineLink:
                 # after us): register again to become the provider and receive the full replay.
                 log.info("re-registering trigger type %s to receive its bindings", spec.id)
                 self._advertise(spec)
-
-
-def _current_task_not_cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is None or task.cancelling() == 0

@@ -219,11 +219,15 @@ def test_delivery_resumes_after_an_engine_restart(
     bridge.wait_for_log(r"binding \S+ added")
     _drop(workdir / "inbox", "before.json", {"amount": 1, "tags": []})
     consumer.wait_calls("shop::survivor", 1)
+    _settled(0.5)  # let the answer reach the bridge: a restart mid-call may (rightly) deliver it again
     iii_engine.restart(downtime_s=1.0)
     bridge.wait_for_log(r"reconnected to the iii engine", timeout=20)
+    iii_engine.wait_until(lambda: iii_engine.has_function("shop::survivor"), timeout=20)
+    iii_engine.wait_until(lambda: any(not b.parked for b in iii_engine.bindings("inbox")), timeout=20)
     _drop(workdir / "inbox", "after.json", {"amount": 2, "tags": []})
     calls = consumer.wait_calls("shop::survivor", 2, timeout=30)
-    assert [c["name"] for c in calls] == ["before.json", "after.json"]
+    _settled(0.5)
+    assert [c["name"] for c in consumer.calls("shop::survivor")] == ["before.json", "after.json"], calls
 
 
 def test_sigterm_exits_zero(workdir: Path, bridge: BridgeProcess) -> None:
