@@ -1,0 +1,123 @@
+"""The ``postgres_table`` dead-letter destination: one row per record, committed before ``write`` returns."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from typing import Any
+
+import asyncpg
+
+from bridge.config import redact_dsn
+from bridge.errors import DeadLetterError
+from bridge.sources._pgconn import (
+    CONNECT_TIMEOUT_S,
+    CONNECTION_ERRORS,
+    application_name,
+    describe_error,
+    plain_table_name,
+    terminate_pool,
+)
+
+_WRITE_TIMEOUT_S = 10.0
+# A NUL escape, not preceded by an escaped backslash: Postgres text and jsonb cannot hold U+0000.
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _json(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return _JSON_NUL.sub(lambda m: m.group(1) + "\\ufffd", _valid_utf8(text))
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else _valid_utf8(str(value)).replace("\x00", "\ufffd")
+
+
+def _valid_utf8(text: str) -> str:
+    # Lone surrogates (bytes decoded with surrogateescape) cannot be sent; a dead letter must never fail on data.
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+class PostgresDeadLetter:
+    """Inserts each record into ``table`` (created on first use when missing). A record that cannot be committed
+    raises DeadLetterError, so the event stays unacknowledged and the dispatcher retries the write."""
+
+    def __init__(self, dsn: str, table: str, source_id: str) -> None:
+        self.dsn = dsn
+        self.table = plain_table_name(table)
+        self.source_id = source_id
+        self._pool: Any = None
+        self._ready = False
+        self._setup = asyncio.Lock()
+
+    def describe(self) -> str:
+        return f"postgres table {self.table} at {redact_dsn(self.dsn)}"
+
+    def _ddl(self) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.table} ("
+            " id bigserial PRIMARY KEY,"
+            " source text NOT NULL,"
+            " event jsonb NOT NULL,"
+            " binding jsonb,"
+            " payload jsonb,"
+            " error_code text NOT NULL,"
+            " error_message text NOT NULL,"
+            " attempts integer NOT NULL,"
+            " first_attempt_at timestamptz,"
+            " last_attempt_at timestamptz,"
+            " recorded_at timestamptz NOT NULL DEFAULT now())"
+        )
+
+    async def _prepare(self) -> Any:
+        async with self._setup:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self.dsn,
+                    min_size=0,
+                    max_size=2,
+                    timeout=CONNECT_TIMEOUT_S,
+                    command_timeout=_WRITE_TIMEOUT_S,
+                    server_settings={"application_name": application_name(self.source_id, "dead letters")},
+                )
+            if not self._ready:
+                # UniqueViolation: another replica created it at the same moment.
+                with contextlib.suppress(asyncpg.UniqueViolationError):
+                    await self._pool.execute(self._ddl())
+                self._ready = True
+        return self._pool
+
+    async def write(self, record: dict[str, Any]) -> None:
+        error = record.get("error") or {}
+        args = (
+            _text(record.get("source")),
+            _json(record.get("event")),
+            _json(record.get("binding")),
+            _json(record.get("payload")),
+            _text(error.get("code")) or "unknown",
+            _text(error.get("message")) or "",
+            int(record.get("attempts") or 0),
+            record.get("first_attempt_at"),
+            record.get("last_attempt_at"),
+        )
+        sql = (
+            f"INSERT INTO {self.table} (source, event, binding, payload, error_code, error_message, attempts,"
+            " first_attempt_at, last_attempt_at) VALUES ($1, $2::text::jsonb, $3::text::jsonb, $4::text::jsonb,"
+            " $5, $6, $7, $8::text::timestamptz, $9::text::timestamptz)"
+        )
+        try:
+            pool = await self._prepare()
+            await pool.execute(sql, *args, timeout=_WRITE_TIMEOUT_S)
+        except CONNECTION_ERRORS as exc:
+            if isinstance(exc, asyncpg.UndefinedTableError):
+                self._ready = False  # dropped under us: create it again on the next try
+            raise DeadLetterError(f"cannot write dead letter to {self.describe()}: {describe_error(exc)}") from None
+
+    async def close(self) -> None:
+        async with self._setup:
+            pool, self._pool = self._pool, None
+        await terminate_pool(pool)

@@ -1,0 +1,313 @@
+"""The ``postgres`` source: NOTIFY channels (``mode: listen``) or an outbox table (``mode: outbox``).
+
+listen (at-most-once): a dedicated connection LISTENs on every channel of ``channels``. The notification
+callback never blocks: it puts the notification on a bounded queue that a submit loop feeds to the sink, and
+drops it (counted in ``dropped``, logged) when no function is bound or the queue is full. A NOTIFY sent while
+the connection is down is lost by Postgres' design: on reconnect (exponential backoff between
+``reconnect_initial_backoff_ms`` and ``reconnect_max_backoff_ms``) the source LISTENs again, logs the gap ("sent
+between T1 and T2 were lost") and counts it in ``gaps``. Event: ``id = pg:<channel>:<pid>:<received ns>``,
+``channel``, ``payload`` (decoded per ``payload_format``; a non-JSON payload under ``json`` becomes an event
+with a DecodeError, dead-lettered with ``binding: null``), ``pid`` (the notifying backend), ``received_at``.
+
+Replicas (listen): one bridge listens per source. The listening connection takes the session-level advisory
+lock :func:`listen_lock_key` (derived from the trigger type id) before it LISTENs; a replica that does not get
+it stands by and tries again every second. The lock dies with its session, so when the listener's process or
+connection dies a standby takes over within about a second (notifications sent in between are lost); two
+replicas never both listen, so none is delivered twice.
+
+outbox (at-least-once): see :mod:`bridge.sources._pgoutbox` (claiming, the wake-up channel, DDL).
+
+The DSN's password never appears in logs (see :func:`bridge.config.redact_dsn`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bridge.config import DeadLetterConfig, PostgresSourceConfig, SourceConfig, redact_dsn
+from bridge.deadletter import iso_from_epoch
+from bridge.errors import BridgeError, DeadLetterError, DecodeError
+from bridge.sources import Event, Outcome, Sink
+from bridge.sources._pgconn import (
+    CONNECTION_ERRORS,
+    Backoff,
+    application_name,
+    close_quietly,
+    connect,
+    describe_error,
+    log,
+    plain_table_name,
+    stop_if_cancelled,
+    termination_event,
+    wait_event,
+    watch_connection,
+)
+from bridge.sources._pgdeadletter import PostgresDeadLetter
+from bridge.sources._pgoutbox import OutboxMode, outbox_ddl, table_problems, wake_channel
+
+__all__ = [
+    "PostgresDeadLetter",
+    "PostgresSource",
+    "PostgresUnreachable",
+    "check_outbox_table",
+    "listen_lock_key",
+    "outbox_ddl",
+    "postgres_dead_letter",
+    "wake_channel",
+]
+
+QUEUE_SIZE = 8192
+"""Notifications received and not yet submitted, at most (NOTIFY payloads are < 8000 bytes each)."""
+_STANDBY_RETRY_S = 1.0
+_DROP_LOG_INTERVAL_S = 10.0
+SHUTDOWN_GRACE_S = 10.0
+
+
+class PostgresUnreachable(BridgeError):
+    """The database could not be reached (or answered with a connection-level error): a check was not made."""
+
+
+def listen_lock_key(source_id: str) -> int:
+    """The advisory lock key of a listen-mode source: stable across processes and versions (signed bigint)."""
+    digest = hashlib.sha256(f"iii-bridge:listen:{source_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def _nothing_to_acknowledge(outcome: Outcome) -> None:
+    return None
+
+
+class _DropLog:
+    """Counts dropped notifications and logs them without flooding: at once, then at most every 10 s."""
+
+    def __init__(self, source_id: str) -> None:
+        self.source_id = source_id
+        self.total = 0
+        self._unlogged: dict[str, int] = {}
+        self._last_log = float("-inf")
+
+    def drop(self, reason: str, warn: bool) -> None:
+        self.total += 1
+        self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._last_log < _DROP_LOG_INTERVAL_S:
+            return
+        self._last_log = now
+        for why, count in self._unlogged.items():
+            log.log(
+                logging.WARNING if warn else logging.INFO,
+                "postgres source %s: dropped %d notification(s): %s (listen mode is at-most-once; %d dropped so far)",
+                self.source_id, count, why, self.total,
+            )
+        self._unlogged.clear()
+
+
+class PostgresSource:
+    """One configured postgres source; ``run`` until cancelled. Counters for metrics: ``gaps`` (listen
+    reconnections that may have lost notifications), ``dropped`` (notifications not submitted), ``received``."""
+
+    def __init__(self, config: SourceConfig, state_dir: Path, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        if not isinstance(config.kind_config, PostgresSourceConfig):
+            raise TypeError(f"source {config.id} is not a postgres source")
+        self.config = config
+        self.pc: PostgresSourceConfig = config.kind_config
+        self.gaps = 0
+        self.received = 0
+        self.listening = False
+        self._drops = _DropLog(config.id)
+        self._lock_key = listen_lock_key(config.id)
+        self._queue: asyncio.Queue[tuple[str, int, str, int]] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self._sink: Sink | None = None
+        self._last_ns = 0
+        self._lost_at: float | None = None  # wall time the listening connection was lost (a gap is open)
+        self.outbox: OutboxMode | None = None
+        if self.pc.mode == "outbox":
+            if not self.pc.outbox_table:
+                raise ValueError(f"source {config.id}: mode outbox needs outbox_table")
+            self.outbox = OutboxMode(config, self.pc, shutdown_grace_s)
+
+    @property
+    def dropped(self) -> int:
+        return self._drops.total
+
+    async def run(self, sink: Sink) -> None:
+        if self.outbox is not None:
+            await self.outbox.run(sink)
+            return
+        self._sink = sink
+        tasks = [
+            asyncio.create_task(self._listen_loop(), name=f"{self.config.id} listener"),
+            asyncio.create_task(self._submit_loop(sink), name=f"{self.config.id} submitter"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise RuntimeError(f"postgres source {self.config.id}: the listen loop ended")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.listening = False
+            if not self._queue.empty():
+                log.info("postgres source %s: %d received notification(s) not submitted at shutdown are dropped",
+                         self.config.id, self._queue.qsize())
+                while not self._queue.empty():
+                    self._queue.get_nowait()
+
+    # --- listening --------------------------------------------------------------------------------------------
+
+    async def _listen_loop(self) -> None:
+        pc = self.pc
+        backoff = Backoff(pc.reconnect_initial_backoff_ms, pc.reconnect_max_backoff_ms)
+        where = redact_dsn(pc.dsn)
+        while True:
+            stop_if_cancelled()
+            conn = None
+            try:
+                conn = await connect(pc.dsn, application_name(self.config.id, "listen"))
+                lost = termination_event(conn)
+                if not await self._take_lock(conn, lost):
+                    await asyncio.sleep(backoff.next_delay())  # lost the connection while standing by
+                    continue
+                for channel in pc.channels:
+                    await conn.add_listener(channel, self._on_notify)
+                backoff.reset()
+                self.listening = True
+                self._log_listening(where)
+                why = await watch_connection(conn, lost)
+                self._lost_at = time.time()
+                self.listening = False
+                log.warning("postgres source %s: the listening connection to %s was lost (%s); reconnecting",
+                            self.config.id, where, why)
+            except CONNECTION_ERRORS as exc:
+                if self.listening:
+                    self._lost_at = time.time()
+                    self.listening = False
+                delay = backoff.next_delay()
+                log.warning("postgres source %s: cannot listen at %s: %s; retrying in %.1f s",
+                            self.config.id, where, describe_error(exc), delay)
+                await close_quietly(conn)
+                conn = None
+                await asyncio.sleep(delay)
+            finally:
+                self.listening = False
+                await close_quietly(conn)
+
+    async def _take_lock(self, conn: Any, lost: asyncio.Event) -> bool:
+        """Take the source's advisory lock on ``conn``, standing by while another replica holds it. False if
+        the connection was lost meanwhile."""
+        standing_by = False
+        while not lost.is_set():
+            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._lock_key):
+                if standing_by:
+                    log.info("postgres source %s: the replica that listened is gone; this one listens now "
+                             "(notifications sent in between were lost)", self.config.id)
+                return True
+            if not standing_by:
+                standing_by = True
+                if self._lost_at is not None:
+                    # Another replica took over while we were away: the gap is not ours to report.
+                    log.info("postgres source %s: another replica took over listening meanwhile", self.config.id)
+                    self._lost_at = None
+                log.info(
+                    "postgres source %s: another bridge listens on %s (advisory lock %d); this one stands by and "
+                    "retries every %.0f s", self.config.id, ", ".join(self.pc.channels), self._lock_key,
+                    _STANDBY_RETRY_S,
+                )
+            await wait_event(lost, _STANDBY_RETRY_S)
+        return False
+
+    def _log_listening(self, where: str) -> None:
+        channels = ", ".join(self.pc.channels)
+        if self._lost_at is None:
+            log.info("postgres source %s: listening on %s at %s", self.config.id, channels, where)
+            return
+        self.gaps += 1
+        log.warning(
+            "postgres source %s: listening on %s again; notifications sent between %s and %s were lost "
+            "(listen mode is at-most-once; use mode: outbox to keep them)",
+            self.config.id, channels, iso_from_epoch(self._lost_at), iso_from_epoch(time.time()),
+        )
+        self._lost_at = None
+
+    def _on_notify(self, _conn: Any, pid: int, channel: str, payload: str) -> None:
+        # Called by asyncpg for every NOTIFY: it must never block, so it only queues.
+        ns = time.time_ns()
+        if ns <= self._last_ns:
+            ns = self._last_ns + 1  # keeps event ids unique even if the clock stalls or steps back
+        self._last_ns = ns
+        self.received += 1
+        if self._sink is None or not self._sink.has_bindings():
+            self._drops.drop("no function is bound to this source", warn=False)
+            return
+        try:
+            self._queue.put_nowait((channel, pid, payload, ns))
+        except asyncio.QueueFull:
+            self._drops.drop(f"{QUEUE_SIZE} notifications already wait for delivery (deliveries are slower than "
+                             "NOTIFYs arrive)", warn=True)
+
+    # --- submitting -------------------------------------------------------------------------------------------
+
+    async def _submit_loop(self, sink: Sink) -> None:
+        while True:
+            channel, pid, payload, ns = await self._queue.get()
+            if not sink.has_bindings():
+                self._drops.drop("no function is bound to this source", warn=False)
+                continue
+            await sink.submit(self._event(channel, pid, payload, ns), _nothing_to_acknowledge)
+
+    def _event(self, channel: str, pid: int, payload: str, ns: int) -> Event:
+        value: Any = payload
+        error: DecodeError | None = None
+        if self.pc.payload_format == "json":
+            try:
+                value = json.loads(payload)
+            except ValueError as exc:
+                hint = "empty; a bare NOTIFY needs payload_format: text" if not payload else str(exc)
+                error = DecodeError(f"NOTIFY payload on channel {channel} is not JSON ({hint})")
+        return Event(
+            id=f"pg:{channel}:{pid}:{ns}",
+            source=self.config.id,
+            fields={"channel": channel, "payload": value, "pid": pid, "received_at": iso_from_epoch(ns / 1e9)},
+            error=error,
+        )
+
+
+async def check_outbox_table(dsn: str, table: str, *, timeout_s: float = 5.0) -> list[str]:
+    """Problems with ``table`` as an outbox (missing table, missing or mistyped columns, id not unique, missing
+    privileges); empty when it is fine. Raises PostgresUnreachable when the database cannot be reached within
+    ``timeout_s`` (or refuses the login), so an offline ``bridge validate`` can skip this check."""
+    try:
+        name = plain_table_name(table)
+    except ValueError as exc:
+        return [str(exc)]
+    try:
+        conn = await connect(dsn, "iii-bridge validate", timeout_s)
+    except CONNECTION_ERRORS as exc:
+        raise PostgresUnreachable(f"cannot connect to {redact_dsn(dsn)}: {describe_error(exc)}") from None
+    try:
+        return await table_problems(conn, name)
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        raise PostgresUnreachable(f"cannot check {name} at {redact_dsn(dsn)}: {describe_error(exc)}") from None
+    finally:
+        await close_quietly(conn)
+
+
+def postgres_dead_letter(config: DeadLetterConfig, source: SourceConfig) -> PostgresDeadLetter:
+    """The ``postgres_table`` dead-letter destination of ``source``, written through the source's own DSN."""
+    if config.postgres_table is None:
+        raise DeadLetterError(f"source {source.id!r}: no postgres_table dead letter is configured")
+    if not isinstance(source.kind_config, PostgresSourceConfig):
+        raise DeadLetterError(
+            f"source {source.id!r}: a postgres_table dead letter needs a postgres source (it uses the source's dsn)"
+        )
+    return PostgresDeadLetter(source.kind_config.dsn, config.postgres_table, source.id)

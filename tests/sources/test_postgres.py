@@ -1,0 +1,645 @@
+"""The postgres source against a real PostgreSQL server, with a small in-memory Sink standing in for the runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from bridge.config import (
+    DeadLetterConfig,
+    DeliveryConfig,
+    FileSourceConfig,
+    PostgresSourceConfig,
+    SourceConfig,
+)
+from bridge.errors import DeadLetterError, DecodeError
+from bridge.sources import Event, OnDone, Outcome
+from bridge.sources.postgres import (
+    PostgresDeadLetter,
+    PostgresSource,
+    PostgresUnreachable,
+    check_outbox_table,
+    outbox_ddl,
+    postgres_dead_letter,
+)
+from bridge.testing.services import PostgresServer
+
+QUIET_S = 0.3
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+class RecordingSink:
+    """The runtime's side of the Sink protocol, in memory: records events; ``submit`` waits while unbound or
+    while ``window`` events are unacknowledged (like the runtime); acknowledges at once (``auto_ack``) or when
+    told to."""
+
+    def __init__(
+        self, *, bound: bool = True, auto_ack: bool = True, window: int = 1000, ack_delay_s: float = 0.0
+    ) -> None:
+        self.events: list[Event] = []
+        self.ack_delay_s = ack_delay_s
+        self.unacked: list[tuple[Event, OnDone]] = []
+        self.auto_ack = auto_ack
+        self.submitted_at: list[float] = []
+        self._bound = asyncio.Event()
+        if bound:
+            self._bound.set()
+        self._slots = asyncio.Semaphore(window)
+        self._in_flight = 0
+        self._acks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, event: Event, on_done: OnDone) -> None:
+        await self._bound.wait()
+        await self._slots.acquire()
+        self._in_flight += 1
+        self.events.append(event)
+        self.submitted_at.append(time.time())
+        if self.auto_ack:
+            task = asyncio.create_task(self._ack(on_done, "delivered"))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+        else:
+            self.unacked.append((event, on_done))
+
+    def has_bindings(self) -> bool:
+        return self._bound.is_set()
+
+    async def wait_for_bindings(self) -> None:
+        await self._bound.wait()
+
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def window_full(self) -> bool:
+        return self._slots.locked()
+
+    # test controls --------------------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        self._bound.set()
+
+    async def _ack(self, on_done: OnDone, outcome: Outcome) -> None:
+        try:
+            if self.ack_delay_s:
+                await asyncio.sleep(self.ack_delay_s)  # a delivery that takes a while
+            await on_done(outcome)
+        finally:
+            self._in_flight -= 1
+            self._slots.release()
+
+    async def ack_all(self) -> None:
+        held, self.unacked = self.unacked, []
+        for _, on_done in held:
+            await self._ack(on_done, "delivered")
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Event]:
+        await until(lambda: len(self.events) >= count, timeout, lambda: f"{len(self.events)} of {count} events")
+        return self.events
+
+    async def exactly(self, count: int, timeout: float = 5.0) -> list[Event]:
+        await self.wait_for(count, timeout)
+        await asyncio.sleep(QUIET_S)
+        assert len(self.events) == count, [e.id for e in self.events]
+        return self.events
+
+
+async def until(check: Callable[[], bool], timeout: float, what: Callable[[], str] | str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
+        await asyncio.sleep(0.01)
+
+
+def make_config(dsn: str, source_id: str = "signups", max_in_flight: int = 64, **kw: Any) -> SourceConfig:
+    kw.setdefault("reconnect_initial_backoff_ms", 50)
+    kw.setdefault("reconnect_max_backoff_ms", 500)
+    return SourceConfig(
+        id=source_id,
+        kind="postgres",
+        description="test",
+        kind_config=PostgresSourceConfig(dsn=dsn, **kw),
+        delivery=DeliveryConfig(),
+        max_in_flight=max_in_flight,
+        bind_schema=None,
+        payload_schema=None,
+        when=None,
+        payload=None,
+    )
+
+
+def outbox_config(dsn: str, **kw: Any) -> SourceConfig:
+    kw.setdefault("poll_interval_ms", 200)
+    return make_config(dsn, "outbox", mode="outbox", outbox_table=kw.pop("outbox_table", "bridge_outbox"), **kw)
+
+
+@contextlib.asynccontextmanager
+async def running(source: PostgresSource, sink: RecordingSink) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(source.run(sink))
+    try:
+        yield task
+    finally:
+        await stop(task)
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert done, "the source did not stop within 10 s of its cancellation"
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+
+
+@contextlib.asynccontextmanager
+async def db(dsn: str) -> AsyncIterator[Any]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def notify(dsn: str, channel: str, *payloads: str) -> int:
+    """Send the payloads in order from one backend; returns its pid."""
+    async with db(dsn) as conn:
+        for payload in payloads:
+            await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
+        pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+        return pid
+
+
+async def listening(source: PostgresSource, timeout: float = 5.0) -> None:
+    await until(lambda: source.listening, timeout, "the source to listen")
+
+
+async def insert_rows(dsn: str, count: int, table: str = "bridge_outbox", channel: str = "orders") -> None:
+    async with db(dsn) as conn:
+        await conn.execute(
+            f"INSERT INTO {table} (channel, payload)"
+            " SELECT $1, jsonb_build_object('n', n) FROM generate_series(1, $2) AS n",
+            channel, count,
+        )
+
+
+async def row_count(dsn: str, table: str = "bridge_outbox") -> int:
+    async with db(dsn) as conn:
+        count: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
+        return count
+
+
+async def create_outbox(dsn: str, config: SourceConfig) -> None:
+    async with db(dsn) as conn:
+        await conn.execute(outbox_ddl(config))
+
+
+async def terminate(dsn: str, application_prefix: str) -> int:
+    async with db(dsn) as conn:
+        killed: int = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name LIKE $1", application_prefix + "%",
+        )
+        return killed
+
+
+def with_password(dsn: str, password: str) -> str:
+    parts = urlsplit(dsn)
+    if parts.password is not None:
+        return dsn
+    user = parts.username or "postgres"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+# ------------------------------------------------------------------------------------------------- listen
+
+
+async def test_listen_json_payloads_become_events(pg_database: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.sources.postgres")
+    dsn = with_password(pg_database, "s3cret-pw")
+    source, sink = PostgresSource(make_config(dsn, channels=("user_signup", "other")), Path()), RecordingSink()
+    async with running(source, sink):
+        await listening(source)
+        pid = await notify(pg_database, "user_signup", '{"id": 1, "email": "a@example.com"}', "[1, 2]")
+        await notify(pg_database, "other", "42")
+        events = await sink.exactly(3)
+    first = events[0]
+    assert first.source == "signups"
+    assert first.error is None
+    assert first.fields["channel"] == "user_signup"
+    assert first.fields["payload"] == {"id": 1, "email": "a@example.com"}
+    assert first.fields["pid"] == pid
+    assert ISO_MS.match(first.fields["received_at"])
+    assert re.fullmatch(rf"pg:user_signup:{pid}:\d+", first.id)
+    assert events[1].fields["payload"] == [1, 2]
+    assert (events[2].fields["channel"], events[2].fields["payload"]) == ("other", 42)
+    assert len({e.id for e in events}) == 3
+    assert "listening on user_signup, other" in caplog.text
+    assert "s3cret-pw" not in caplog.text
+
+
+async def test_listen_text_payloads_stay_strings(pg_database: str) -> None:
+    config = make_config(pg_database, channels=("pings",), payload_format="text")
+    source, sink = PostgresSource(config, Path()), RecordingSink()
+    async with running(source, sink):
+        await listening(source)
+        await notify(pg_database, "pings", '{"id": 1}', "", "plain words")
+        events = await sink.exactly(3)
+    assert [e.fields["payload"] for e in events] == ['{"id": 1}', "", "plain words"]
+    assert all(e.error is None for e in events)
+
+
+async def test_listen_non_json_payload_is_an_event_with_a_decode_error(pg_database: str) -> None:
+    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), RecordingSink()
+    async with running(source, sink):
+        await listening(source)
+        await notify(pg_database, "c", "not json", "", '{"ok": true}')
+        events = await sink.exactly(3)
+    bad, empty, good = events
+    assert isinstance(bad.error, DecodeError) and "not JSON" in str(bad.error)
+    assert bad.fields["payload"] == "not json"
+    assert isinstance(empty.error, DecodeError) and "payload_format: text" in str(empty.error)
+    assert good.error is None and good.fields["payload"] == {"ok": True}
+
+
+async def test_listen_reconnects_after_the_backend_is_killed_and_counts_the_gap(
+    pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), RecordingSink()
+    async with running(source, sink):
+        await listening(source)
+        await notify(pg_database, "c", '"before"')
+        await sink.wait_for(1)
+        assert await terminate(pg_database, "iii-bridge listen") == 1
+        await until(lambda: source.gaps == 1 and source.listening, 5, "the re-LISTEN")
+        await notify(pg_database, "c", '"after"')
+        events = await sink.exactly(2)
+    assert [e.fields["payload"] for e in events] == ["before", "after"]
+    assert re.search(r"notifications sent between \S+Z and \S+Z were lost", caplog.text)
+
+
+async def test_listen_drops_and_counts_notifications_while_nothing_is_bound(pg_database: str) -> None:
+    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), RecordingSink(bound=False)
+    async with running(source, sink):
+        await listening(source)
+        await notify(pg_database, "c", *[json.dumps(i) for i in range(5)])
+        await until(lambda: source.dropped == 5, 5, lambda: f"5 drops (got {source.dropped})")
+        sink.bind()
+        await notify(pg_database, "c", '"bound"')
+        events = await sink.exactly(1)
+    assert events[0].fields["payload"] == "bound"
+    assert source.dropped == 5 and source.received == 6
+
+
+async def test_listen_replicas_deliver_each_notification_once_and_fail_over(
+    pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.sources.postgres")
+    config = make_config(pg_database, channels=("c",))
+    replicas = [(PostgresSource(config, Path()), RecordingSink()) for _ in range(2)]
+    tasks = [asyncio.create_task(source.run(sink)) for source, sink in replicas]
+    try:
+        await until(lambda: any(source.listening for source, _ in replicas), 5, "a listener")
+        await until(lambda: "stands by" in caplog.text, 5, "the standby's log line")
+        assert [source.listening for source, _ in replicas].count(True) == 1
+        await notify(pg_database, "c", *[json.dumps(i) for i in range(50)])
+        await until(lambda: sum(len(sink.events) for _, sink in replicas) >= 50, 5, "50 events")
+        await asyncio.sleep(QUIET_S)
+        payloads = sorted(e.fields["payload"] for _, sink in replicas for e in sink.events)
+        assert payloads == list(range(50))
+        # Cancel the lock holder: its session ends, the lock is free, the standby takes over within seconds.
+        holder = next(i for i, (source, _) in enumerate(replicas) if source.listening)
+        standby, standby_sink = replicas[1 - holder]
+        started = time.monotonic()
+        await stop(tasks[holder])
+        await listening(standby, timeout=5)
+        assert time.monotonic() - started < 3
+        assert standby_sink.events == []  # it never listened before
+        await notify(pg_database, "c", '"after failover"')
+        events = await standby_sink.exactly(1)
+        assert events[0].fields["payload"] == "after failover"
+        assert "this one listens now" in caplog.text
+    finally:
+        for task in tasks:
+            await stop(task)
+
+
+@pytest.mark.parametrize("mode", ["listen", "outbox"])
+async def test_an_unreachable_server_is_retried_and_the_password_never_logged(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    dsn = "postgresql://app:s3cret-pw@127.0.0.1:1/db"
+    config = outbox_config(dsn) if mode == "outbox" else make_config(dsn, channels=("c",))
+    source, sink = PostgresSource(config, Path()), RecordingSink()
+    async with running(source, sink) as task:
+        await until(lambda: caplog.text.count("retrying in") >= 3, 5, "three retries")
+        assert not task.done()
+    assert "postgresql://app:***@127.0.0.1:1/db" in caplog.text
+    assert "s3cret-pw" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------- outbox
+
+
+async def test_outbox_delivers_rows_inserted_before_start_and_is_woken_by_notify(pg_database: str) -> None:
+    config = outbox_config(pg_database, poll_interval_ms=60_000)  # only NOTIFY can wake it after the start
+    await create_outbox(pg_database, config)
+    await insert_rows(pg_database, 10)
+    source, sink = PostgresSource(config, Path()), RecordingSink()
+    async with running(source, sink):
+        events = await sink.wait_for(10)
+        await until(lambda: source.outbox is not None and source.outbox.deleted == 10, 5, "10 deletions")
+        assert await row_count(pg_database) == 0
+        await asyncio.sleep(0.2)  # the wake-up connection LISTENs by now
+        started = time.monotonic()
+        await insert_rows(pg_database, 1)
+        await sink.wait_for(11, timeout=2)
+        woken_after = time.monotonic() - started
+    assert woken_after < 1.0
+    ids = [int(e.id.rpartition(":")[2]) for e in events]
+    assert ids == sorted(ids) and all(e.id == f"pg:bridge_outbox:{i}" for e, i in zip(events, ids, strict=True))
+    first = events[0]
+    assert first.fields["channel"] == "orders"
+    assert first.fields["payload"] == {"n": 1}
+    assert first.fields["pid"] is None
+    assert ISO_MS.match(first.fields["received_at"])
+    assert first.error is None
+
+
+async def test_outbox_row_stays_locked_until_its_event_is_done(pg_database: str) -> None:
+    config = outbox_config(pg_database)
+    await create_outbox(pg_database, config)
+    await insert_rows(pg_database, 3)
+    holder_sink, other_sink = RecordingSink(auto_ack=False), RecordingSink()
+    a, b = PostgresSource(config, Path()), PostgresSource(config, Path())
+    async with running(a, holder_sink):
+        await holder_sink.exactly(3)
+        async with running(b, other_sink):
+            await asyncio.sleep(0.6)  # several polls
+            assert other_sink.events == []
+            assert await row_count(pg_database) == 3
+            async with db(pg_database) as conn, conn.transaction():
+                free = await conn.fetch("SELECT id FROM bridge_outbox FOR UPDATE SKIP LOCKED")
+            assert free == []
+            await holder_sink.ack_all()
+            await until(lambda: a.outbox is not None and a.outbox.deleted == 3, 5, "the deletions")
+            assert await row_count(pg_database) == 0
+            await asyncio.sleep(QUIET_S)
+            assert other_sink.events == []
+
+
+async def test_outbox_shutdown_waits_briefly_for_rows_in_flight(pg_database: str) -> None:
+    config = outbox_config(pg_database)
+    await create_outbox(pg_database, config)
+    await insert_rows(pg_database, 5)
+    sink = RecordingSink(auto_ack=False, window=2)  # two rows in flight, the claim waits to submit the third
+    source = PostgresSource(config, Path(), shutdown_grace_s=5)
+    task = asyncio.create_task(source.run(sink))
+    await sink.exactly(2)
+    task.cancel()
+    await asyncio.sleep(0.2)
+    assert not task.done()  # waiting for the two events in flight, within the grace period
+    started = time.monotonic()
+    await sink.ack_all()
+    await stop(task)
+    assert time.monotonic() - started < 1
+    assert await row_count(pg_database) == 3  # the two done rows are deleted; the rest wait, unlocked
+    async with db(pg_database) as conn, conn.transaction():
+        assert len(await conn.fetch("SELECT id FROM bridge_outbox FOR UPDATE SKIP LOCKED")) == 3
+
+    async def closed() -> bool:  # every connection of the source is gone (backends exit just after the client)
+        async with db(pg_database) as conn:
+            count: int = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'iii-bridge outbox%'"
+            )
+            return count == 0
+
+    await until_async(closed, 5, "the source's connections to close")
+
+
+async def test_outbox_crash_mid_stream_loses_no_row(pg_database: str) -> None:
+    config = outbox_config(pg_database, batch_size=50)
+    await create_outbox(pg_database, config)
+    await insert_rows(pg_database, 2000)
+    first_sink = RecordingSink()
+    first = PostgresSource(config, Path(), shutdown_grace_s=0)
+    task = asyncio.create_task(first.run(first_sink))
+    try:
+        await first_sink.wait_for(500, timeout=10)
+        # A crash: the sessions end without committing, so their deletions and locks vanish with them.
+        assert await terminate(pg_database, "iii-bridge outbox") >= 1
+    finally:
+        await stop(task)
+    left = await row_count(pg_database)
+    assert 0 < left < 2000
+    second_sink = RecordingSink()
+    async with running(PostgresSource(config, Path()), second_sink):
+        await until(lambda: len(second_sink.events) >= left, 15, "the rest of the rows")
+        async def empty() -> bool:
+            return await row_count(pg_database) == 0
+        await until_async(empty, 10, "an empty outbox")
+    seen = {e.id for e in first_sink.events + second_sink.events}
+    assert len(seen) == 2000
+
+
+async def until_async(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_outbox_replicas_share_rows_each_delivered_once(pg_database: str) -> None:
+    config = outbox_config(pg_database, batch_size=50)
+    await create_outbox(pg_database, config)
+    await insert_rows(pg_database, 2000)
+    sink_a, sink_b = RecordingSink(), RecordingSink()
+    a, b = PostgresSource(config, Path()), PostgresSource(config, Path())
+    async with running(a, sink_a), running(b, sink_b):
+        await until(lambda: len(sink_a.events) + len(sink_b.events) >= 2000, 20, "2000 events")
+
+        async def empty() -> bool:
+            return await row_count(pg_database) == 0
+
+        await until_async(empty, 10, "an empty outbox")
+        await asyncio.sleep(QUIET_S)
+    ids = [e.id for e in sink_a.events + sink_b.events]
+    assert len(ids) == 2000 and len(set(ids)) == 2000
+    assert sink_a.events and sink_b.events, (len(sink_a.events), len(sink_b.events))
+
+
+async def test_outbox_channels_restrict_the_rows_claimed(pg_database: str) -> None:
+    config = outbox_config(pg_database, channels=("wanted",))
+    await create_outbox(pg_database, config)
+    await insert_rows(pg_database, 3, channel="wanted")
+    await insert_rows(pg_database, 2, channel="other")
+    source, sink = PostgresSource(config, Path()), RecordingSink()
+    async with running(source, sink):
+        events = await sink.exactly(3)
+    assert {e.fields["channel"] for e in events} == {"wanted"}
+    assert await row_count(pg_database) == 2
+
+
+async def test_outbox_rows_wait_while_nothing_is_bound(pg_database: str) -> None:
+    config = outbox_config(pg_database)
+    await create_outbox(pg_database, config)
+    await insert_rows(pg_database, 2)
+    source, sink = PostgresSource(config, Path()), RecordingSink(bound=False)
+    async with running(source, sink):
+        await asyncio.sleep(0.5)
+        assert source.outbox is not None and source.outbox.claimed == 0
+        async with db(pg_database) as conn, conn.transaction():
+            assert len(await conn.fetch("SELECT id FROM bridge_outbox FOR UPDATE SKIP LOCKED")) == 2
+        sink.bind()
+        await sink.exactly(2)
+
+
+@pytest.fixture(scope="module")
+def throwaway_pg() -> Iterator[PostgresServer]:
+    with PostgresServer(force_throwaway=True) as server:
+        yield server
+
+
+async def test_outbox_survives_a_postgres_restart(throwaway_pg: PostgresServer) -> None:
+    dsn = throwaway_pg.create_database()
+    try:
+        config = outbox_config(dsn, batch_size=50)
+        await create_outbox(dsn, config)
+        await insert_rows(dsn, 2000)
+        sink = RecordingSink(window=16, ack_delay_s=0.02)  # ~800 rows/s: the restart lands mid-stream
+        source = PostgresSource(config, Path())
+        async with running(source, sink):
+            await sink.wait_for(300, timeout=10)
+            await asyncio.to_thread(throwaway_pg.restart_cluster)
+            assert len({e.id for e in sink.events}) < 2000
+            await until(lambda: len({e.id for e in sink.events}) >= 2000, 30, lambda: f"{len(sink.events)} events")
+
+            async def empty() -> bool:
+                return await row_count(dsn) == 0
+
+            await until_async(empty, 10, "an empty outbox")
+        assert len({e.id for e in sink.events}) == 2000
+    finally:
+        throwaway_pg.drop_database(dsn)
+
+
+async def test_listen_survives_a_postgres_restart(throwaway_pg: PostgresServer) -> None:
+    dsn = throwaway_pg.create_database()
+    try:
+        source, sink = PostgresSource(make_config(dsn, channels=("c",)), Path()), RecordingSink()
+        async with running(source, sink):
+            await listening(source)
+            await asyncio.to_thread(throwaway_pg.restart_cluster)
+            await until(lambda: source.gaps == 1 and source.listening, 10, "the re-LISTEN after the restart")
+            await notify(dsn, "c", '"after restart"')
+            events = await sink.exactly(1)
+        assert events[0].fields["payload"] == "after restart"
+    finally:
+        throwaway_pg.drop_database(dsn)
+
+
+# ----------------------------------------------------------------------------------------- DDL and checks
+
+
+@pytest.mark.parametrize("table", ["bridge_outbox", "app.payment_outbox"])
+async def test_outbox_ddl_runs_twice_and_passes_the_check(pg_database: str, table: str) -> None:
+    config = outbox_config(pg_database, outbox_table=table)
+    ddl = outbox_ddl(config)
+    assert f"CREATE TABLE IF NOT EXISTS {table}" in ddl
+    async with db(pg_database) as conn:
+        await conn.execute(ddl)
+        await conn.execute(ddl)
+        await conn.execute(f"INSERT INTO {table} (channel, payload) VALUES ('x', '{{}}')")
+        triggers = await conn.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass"
+                                       " AND NOT tgisinternal", table)
+    assert triggers == 1
+    assert await check_outbox_table(pg_database, table) == []
+
+
+async def test_check_outbox_table_reports_problems(pg_database: str) -> None:
+    async with db(pg_database) as conn:
+        await conn.execute("CREATE TABLE bad_outbox (id integer, payload text, created_at timestamptz)")
+    problems = await check_outbox_table(pg_database, "bad_outbox")
+    assert problems == [
+        "outbox table bad_outbox has no column channel (text); `bridge sql SOURCE` prints its DDL",
+        "outbox table bad_outbox: column payload is text, expected jsonb",
+        "outbox table bad_outbox: id is not unique (make it the PRIMARY KEY)",
+    ]
+    assert await check_outbox_table(pg_database, "missing") == [
+        "outbox table missing does not exist; `bridge sql SOURCE` prints its DDL"
+    ]
+
+
+async def test_check_outbox_table_signals_an_unreachable_database() -> None:
+    with pytest.raises(PostgresUnreachable, match=r"cannot connect to postgresql://u:\*\*\*@127\.0\.0\.1:1/db"):
+        await check_outbox_table("postgresql://u:pw@127.0.0.1:1/db", "bridge_outbox")
+
+
+# ------------------------------------------------------------------------------------------- dead letters
+
+
+async def test_postgres_dead_letter_creates_its_table_and_writes_records(pg_database: str) -> None:
+    source = make_config(with_password(pg_database, "s3cret-pw"), channels=("c",))
+    sink = postgres_dead_letter(DeadLetterConfig(postgres_table="app_dead_letters"), source)
+    assert isinstance(sink, PostgresDeadLetter)
+    assert "s3cret-pw" not in sink.describe() and "app_dead_letters" in sink.describe()
+    record: dict[str, Any] = {
+        "source": "signups",
+        "event": {"id": "pg:c:1:2", "source": "signups", "payload": "bad\x00 value"},
+        "binding": None,
+        "payload": None,
+        "error": {"code": "decode_error", "message": "not JSON"},
+        "attempts": 0,
+        "first_attempt_at": None,
+        "last_attempt_at": None,
+    }
+    failed: dict[str, Any] = {
+        **record,
+        "binding": {"id": "b1", "function_id": "users::welcome", "namespace": None, "config": {}},
+        "payload": {"user": 1},
+        "error": {"code": "timeout", "message": "timed out"},
+        "attempts": 3,
+        "first_attempt_at": "2024-05-01T10:00:00.000Z",
+        "last_attempt_at": "2024-05-01T10:00:01.250Z",
+    }
+    try:
+        await sink.write(record)
+        await sink.write(failed)
+    finally:
+        await sink.close()
+    async with db(pg_database) as conn:
+        rows = await conn.fetch("SELECT * FROM app_dead_letters ORDER BY id")
+    assert len(rows) == 2
+    assert rows[0]["source"] == "signups" and rows[0]["binding"] is None and rows[0]["payload"] is None
+    assert json.loads(rows[0]["event"])["payload"] == "bad\ufffd value"
+    assert (rows[0]["error_code"], rows[0]["error_message"], rows[0]["attempts"]) == ("decode_error", "not JSON", 0)
+    assert json.loads(rows[1]["binding"])["function_id"] == "users::welcome"
+    assert json.loads(rows[1]["payload"]) == {"user": 1}
+    assert rows[1]["attempts"] == 3
+    assert rows[1]["last_attempt_at"].isoformat() == "2024-05-01T10:00:01.250000+00:00"
+    assert rows[1]["recorded_at"] is not None
+
+
+async def test_postgres_dead_letter_failures_raise_dead_letter_error(tmp_path: Path) -> None:
+    sink = PostgresDeadLetter("postgresql://u:pw@127.0.0.1:1/db", "dead", "s")
+    with pytest.raises(DeadLetterError, match=r"127\.0\.0\.1:1") as info:
+        await sink.write({"source": "s", "event": {}, "error": {"code": "x", "message": "y"}})
+    assert "pw" not in str(info.value).replace("postgres", "")
+    await sink.close()
+    file_source = SourceConfig(
+        id="inbox", kind="file", description="", kind_config=FileSourceConfig(path=tmp_path),
+        delivery=DeliveryConfig(), max_in_flight=1, bind_schema=None, payload_schema=None, when=None, payload=None,
+    )
+    with pytest.raises(DeadLetterError, match="needs a postgres source"):
+        postgres_dead_letter(DeadLetterConfig(postgres_table="dead"), file_source)
