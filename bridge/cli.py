@@ -123,6 +123,8 @@ def _configure_up(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="run the sources and print each rendered payload as a JSON line; no engine")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no live status line (it is shown only when stderr is a terminal)")
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -135,7 +137,64 @@ def _run_up(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     logs.configure(loaded.observability.log_format, logging.DEBUG if args.verbose else logging.INFO)
-    return run_up(loaded, dry_run=args.dry_run)
+    return run_up(loaded, dry_run=args.dry_run, quiet=args.quiet)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# docs
+
+
+def _configure_docs(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument("-o", "--output", metavar="FILE", type=Path, default=None,
+                        help="write the Markdown to FILE instead of stdout")
+
+
+def _run_docs(args: argparse.Namespace) -> int:
+    from bridge.docs import render_docs
+
+    loaded = _load_or_report(args)
+    if isinstance(loaded, int):
+        return loaded
+    text = render_docs(loaded)
+    if args.output is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        args.output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        _print_error(f"cannot write {args.output}: {exc.strerror or exc}")
+        return EXIT_USAGE
+    print(f"{args.output}: Worker Docs of {len(loaded.sources)} trigger type(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------
+# render
+
+
+def _configure_render(parser: argparse.ArgumentParser) -> None:
+    # Here --config is the bind config (DESIGN.md §4); the config file is -c only.
+    parser.add_argument("-c", dest="config", metavar="FILE", type=Path, default=None,
+                        help="the bridge config (default: $BRIDGE_CONFIG, then ./bridge.yaml)")
+    parser.add_argument("source", metavar="SOURCE", help="the source (trigger type id) whose templates to use")
+    parser.add_argument("--event", metavar="FILE", required=True,
+                        help="a JSON object of the kind's event fields (id and source are filled in); - for stdin")
+    parser.add_argument("--config", "--bind-config", dest="bind_config", metavar="JSON", default=None,
+                        help="the bind config, as JSON (default {}); checked against the source's bind_schema")
+    parser.epilog = ("Prints whether `when` passes and the payload_schema verdict on stderr and the payload on "
+                     "stdout. Exit 0: rendered; 1: the event, bind config or payload is invalid, or a template "
+                     "failed; 2: usage error, unknown SOURCE, unreadable file.")
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    from bridge import render
+
+    loaded = _load_or_report(args)
+    if isinstance(loaded, int):
+        return loaded
+    return render.run(loaded, args.source, args.event, args.bind_config,
+                      stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -192,6 +251,9 @@ _COMMANDS: dict[str, _Command] = {
     "validate": _Command("check bridge.yaml and report every problem", _configure_validate, _run_validate),
     "schema": _Command("print the JSON Schema of bridge.yaml (for editors)", _configure_schema, _run_schema),
     "up": _Command("run the bridge until SIGINT/SIGTERM", _configure_up, _run_up),
+    "docs": _Command("print the Worker Docs (Markdown) of every trigger type", _configure_docs, _run_docs),
+    "render": _Command("show the payload one event becomes for one bind config (no server needed)",
+                       _configure_render, _run_render),
     "deadletters": _Command("list, show and replay dead letters", _configure_deadletters, _run_deadletters),
 }
 

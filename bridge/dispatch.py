@@ -8,6 +8,7 @@ succeeded, been filtered out, or been dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import random
 import time
@@ -47,9 +48,14 @@ class Invoker(Protocol):
     ) -> Any: ...
 
 
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Upper bounds of the delivery-latency histogram, in seconds (a last, unbounded bucket follows)."""
+
+
 @dataclass
 class Stats:
-    """Counters of one source, read by logs, the status line and metrics."""
+    """Counters of one source, read by logs, the status line and metrics (at scrape time: the hot path only
+    adds to plain ints)."""
 
     received: int = 0
     delivered: int = 0
@@ -58,12 +64,14 @@ class Stats:
     deliveries_ok: int = 0
     deliveries_failed: int = 0
     retries: int = 0
-    latencies: list[float] = field(default_factory=list)  # recent delivery durations, seconds (bounded)
+    # successful invocations by duration: latency_counts[i] counts those <= LATENCY_BUCKETS_S[i] and above the
+    # bound before it; the last entry counts those above every bound
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    latency_sum_s: float = 0.0
 
     def observe_latency(self, seconds: float) -> None:
-        self.latencies.append(seconds)
-        if len(self.latencies) > 4096:
-            del self.latencies[:2048]
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.latency_sum_s += seconds
 
 
 def backoff_s(retry: RetryConfig, attempt: int, rand: Callable[[], float] = random.random) -> float:
@@ -153,7 +161,8 @@ class Dispatcher:
             if self._payload_check is not None:
                 self._payload_check.check(payload)
         except EventError as exc:
-            log.warning("event %s → %s: %s (dead-lettered)", event.id, binding.function_id, exc)
+            log.warning("event %s → %s: %s (dead-lettered)", event.id, binding.function_id, exc,
+                        extra=self._log_context(event, binding))
             await self._dead_letter(event, binding, None, exc.code, str(exc), 0, attempts)
             return "dead_lettered"
         if binding.condition_function_id and not await self._condition(event, binding, payload):
@@ -178,6 +187,7 @@ class Dispatcher:
                 binding.condition_function_id,
                 binding.function_id,
                 exc,
+                extra=self._log_context(event, binding),
             )
             return False
         return result is not False
@@ -190,7 +200,8 @@ class Dispatcher:
         while True:
             await self._wait_for_engine()
             if binding.id not in self.table:
-                log.info("event %s: binding %s was removed; not delivering to it", event.id, binding.id)
+                log.info("event %s: binding %s was removed; not delivering to it", event.id, binding.id,
+                         extra=self._log_context(event, binding))
                 return "filtered"
             attempts.start()
             started = time.perf_counter()
@@ -213,6 +224,7 @@ class Dispatcher:
                         binding.function_id,
                         attempts.count,
                         exc,
+                        extra=self._log_context(event, binding),
                     )
                     await self._dead_letter(event, binding, payload, exc.code, exc.message, attempts.count, attempts)
                     return "dead_lettered"
@@ -224,6 +236,7 @@ class Dispatcher:
                     attempts.count,
                     exc,
                     delay * 1000,
+                    extra=self._log_context(event, binding),
                 )
                 self.stats.retries += 1
                 await asyncio.sleep(delay)
@@ -234,6 +247,14 @@ class Dispatcher:
             if self._on_delivery is not None:
                 self._on_delivery(binding.function_id, elapsed)
             return "delivered"
+
+    def _log_context(self, event: Event, binding: Binding | None) -> dict[str, Any]:
+        """What a JSON log line carries besides the message (the text format ignores it)."""
+        context = {"trigger_type": self.source.id, "event_id": event.id}
+        if binding is not None:
+            context["binding_id"] = binding.id
+            context["function_id"] = binding.function_id
+        return context
 
     async def _wait_for_engine(self) -> None:
         if not self.invoker.connected:
@@ -270,7 +291,8 @@ class Dispatcher:
                 # Never acknowledge an event whose dead letter is not durable: hold it (and, through the
                 # in-flight window, the source) until the destination works again.
                 log.error(
-                    "event %s: %s; the event stays unacknowledged, retrying in %.1f s", event.id, exc, delay
+                    "event %s: %s; the event stays unacknowledged, retrying in %.1f s", event.id, exc, delay,
+                    extra=self._log_context(event, binding),
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)

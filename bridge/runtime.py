@@ -16,15 +16,19 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from bridge.bindings import Binding, BindingTable
-from bridge.config import BridgeConfig, DeadLetterConfig, FileSourceConfig, SourceConfig
+from bridge.config import BridgeConfig, DeadLetterConfig, FileSourceConfig, SourceConfig, redact_dsn
 from bridge.deadletter import DeadLetterSink, open_destination
 from bridge.dispatch import Dispatcher, Invoker, Stats
 from bridge.errors import BindConfigError
 from bridge.schemas import BindValidator
 from bridge.sources import REGISTRY, Event, OnDone, Source
+from bridge.status import SourceStatus, StatusLine, status_enabled
+
+if TYPE_CHECKING:
+    from bridge.metrics import MetricsServer
 
 log = logging.getLogger("bridge.runtime")
 
@@ -93,11 +97,12 @@ class SourceRunner:
                 await on_done(outcome)
             except Exception:
                 log.exception("event %s of %s: acknowledgement failed; it stays unacknowledged", event.id,
-                              self.config.id)
+                              self.config.id, extra={"trigger_type": self.config.id, "event_id": event.id})
         except Exception:
             # The dispatcher handles every failure of a delivery; reaching here is a bug, and one event must
             # still never take the bridge down.
-            log.exception("event %s of %s: unexpected error; it stays unacknowledged", event.id, self.config.id)
+            log.exception("event %s of %s: unexpected error; it stays unacknowledged", event.id, self.config.id,
+                          extra={"trigger_type": self.config.id, "event_id": event.id})
         finally:
             self._in_flight -= 1
             self._slots.release()
@@ -157,7 +162,9 @@ class Runtime:
         dry_run: bool = False,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
         out: TextIO = sys.stdout,
+        status: TextIO | None = None,
     ) -> None:
+        """``status``: draw the live status line on this stream (a terminal) while running."""
         self._dry_run_dir: tempfile.TemporaryDirectory[str] | None = None
         if dry_run:
             self._dry_run_dir = tempfile.TemporaryDirectory(prefix="bridge-dry-run-")
@@ -172,10 +179,21 @@ class Runtime:
         self._sinks: dict[str, DeadLetterSink] = {}
         self._link: Any = None
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
+        self.sources: dict[str, Source] = {}  # the current Source object of each source (metrics read it)
+        self.source_states: dict[str, str] = {}  # "running", or why not (readiness, metrics)
+        self._status_stream = status
+        self._status_task: asyncio.Task[None] | None = None
+        self._metrics: MetricsServer | None = None
+        self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> int:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        # First, so that a port already taken stops the start before anything else was set up.
+        if cfg.observability.listen and not await self._serve_metrics(cfg.observability.listen):
+            if self._dry_run_dir is not None:
+                self._dry_run_dir.cleanup()
+            return 1
         invoker = self._make_invoker()
         for source in cfg.sources:
             table = BindingTable(source.id)
@@ -184,6 +202,7 @@ class Runtime:
             dispatcher = Dispatcher(source, table, invoker, self._dead_letters(source.id, source.delivery.dead_letter),
                                     stats=Stats())
             self.runners[source.id] = SourceRunner(source, dispatcher, table)
+            self.source_states[source.id] = "starting"
         if self.dry_run:
             self._bind_dry_run()
         else:
@@ -198,11 +217,18 @@ class Runtime:
             ", ".join(f"{s.id} [{s.kind}]" for s in cfg.sources),
             " in dry-run mode (payloads are printed, nothing is invoked)" if self.dry_run else "",
         )
+        if self._status_stream is not None:
+            line = StatusLine(self._status_stream, self.status_snapshot)
+            self._status_task = asyncio.create_task(line.run(), name="status line")
         await stop.wait()
         await self.shutdown()
         return 0
 
     async def shutdown(self) -> None:
+        self._stopping = True
+        if self._status_task is not None:
+            self._status_task.cancel()
+            await asyncio.gather(self._status_task, return_exceptions=True)
         log.info("shutting down: no new events; waiting up to %.0f s for in-flight ones", self.drain_timeout_s)
         for task in self._source_tasks.values():
             task.cancel()
@@ -213,13 +239,58 @@ class Runtime:
             abandoned += count
         if abandoned:
             log.warning("%d event(s) were still in flight; they stay unacknowledged and come back", abandoned)
+        await self._close_resources()
+        log.info("bridge stopped")
+
+    async def _close_resources(self) -> None:
         for sink in self._sinks.values():
             await sink.close()
+        if self._metrics is not None:
+            await self._metrics.close()
         if self._link is not None:
             await self._link.close()
         if self._dry_run_dir is not None:
             self._dry_run_dir.cleanup()
-        log.info("bridge stopped")
+
+    # observation ---------------------------------------------------------------------------------------------
+
+    def engine_connected(self) -> bool:
+        if self.dry_run:
+            return True
+        return self._link is not None and bool(self._link.connected)
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): the engine link is up and every source runs."""
+        if self._stopping:
+            return False, "shutting down"
+        reasons = [] if self.engine_connected() else ["the iii engine is not connected"]
+        reasons += [f"source {sid} is {state}" for sid, state in self.source_states.items() if state != "running"]
+        return not reasons, "; ".join(reasons)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) the metrics endpoint listens on, once it does (port 0 in the config: the one chosen)."""
+        return self._metrics.address if self._metrics is not None else None
+
+    def status_snapshot(self) -> tuple[bool, list[SourceStatus]]:
+        """What the live status line shows: the engine state and each source's counters."""
+        rows = [
+            SourceStatus(sid, len(r.table), r.stats.received, r.in_flight(), r.stats.dead_lettered)
+            for sid, r in self.runners.items()
+        ]
+        return self.engine_connected(), rows
+
+    async def _serve_metrics(self, listen: str) -> bool:
+        from bridge.metrics import MetricsServer
+
+        server = MetricsServer(self, listen)
+        try:
+            await server.start()
+        except (OSError, ValueError) as exc:
+            log.error("cannot serve metrics on %s: %s; fix observability.listen (nothing was started)", listen, exc)
+            return False
+        self._metrics = server
+        return True
 
     # wiring --------------------------------------------------------------------------------------------------
 
@@ -270,16 +341,22 @@ class Runtime:
         delay = 1.0
         while True:
             factory = REGISTRY[config.kind]
-            source: Source = factory(config, self.config.state_dir)
             try:
+                source: Source = factory(config, self.config.state_dir)
+                self.sources[config.id] = source
+                self.source_states[config.id] = "running"
                 await source.run(runner)
-                log.info("source %s finished", config.id)
+                self.source_states[config.id] = "finished"
+                log.info("source %s finished", config.id, extra={"trigger_type": config.id})
                 return
             except asyncio.CancelledError:
+                self.source_states[config.id] = "stopped"
                 raise
             except Exception as exc:
-                log.error("source %s failed: %s; restarting it in %.0f s", config.id, exc, delay,
-                          exc_info=log.isEnabledFor(logging.DEBUG))
+                reason = redact_dsn(str(exc))
+                self.source_states[config.id] = f"restarting after an error ({reason})"
+                log.error("source %s failed: %s; restarting it in %.0f s", config.id, reason, delay,
+                          exc_info=log.isEnabledFor(logging.DEBUG), extra={"trigger_type": config.id})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
@@ -316,13 +393,16 @@ def install_signal_handlers(stop: asyncio.Event, on_second: Callable[[], None]) 
             loop.add_signal_handler(sig, handler, sig.name)
 
 
-def run_up(config: BridgeConfig, *, dry_run: bool = False) -> int:
-    """`bridge up`: run until SIGINT/SIGTERM; exit 0 after a graceful stop."""
+def run_up(config: BridgeConfig, *, dry_run: bool = False, quiet: bool = False) -> int:
+    """`bridge up`: run until SIGINT/SIGTERM; exit 0 after a graceful stop. The live status line is drawn on
+    stderr when it is a terminal, unless ``quiet``."""
     import os
+
+    status = sys.stderr if status_enabled(sys.stderr, quiet=quiet) else None
 
     async def main() -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop, lambda: os._exit(1))
-        return await Runtime(config, dry_run=dry_run).run(stop)
+        return await Runtime(config, dry_run=dry_run, status=status).run(stop)
 
     return asyncio.run(main())
