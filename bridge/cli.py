@@ -56,6 +56,8 @@ def _configure_validate(parser: argparse.ArgumentParser) -> None:
     _add_config_option(parser)
     parser.add_argument("--format", choices=("text", "json"), default="text",
                         help="one line per problem (text) or a JSON list of problem objects (json)")
+    parser.add_argument("--offline", action="store_true",
+                        help="do not connect to anything (skips checking Postgres outbox tables)")
 
 
 def _run_validate(args: argparse.Namespace) -> int:
@@ -64,6 +66,12 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     path = _config_path(args)
     config, problems = check_config(path)
+    if config is not None and not args.offline and _has_outbox(config):
+        from bridge.sources.postgres import outbox_problems
+
+        problems += outbox_problems(config, str(path))
+        if any(p.is_error for p in problems):
+            config = None
     if args.format == "json":
         print(json.dumps([p.to_json() for p in problems], indent=2))
     else:
@@ -80,6 +88,10 @@ def _run_validate(args: argparse.Namespace) -> int:
             _print_error("no config given and no ./bridge.yaml here: pass -c FILE or set BRIDGE_CONFIG")
         return EXIT_USAGE
     return EXIT_OK if config is not None else EXIT_INVALID
+
+
+def _has_outbox(config: BridgeConfig) -> bool:
+    return any(getattr(s.kind_config, "mode", None) == "outbox" for s in config.sources)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,6 +256,33 @@ def _run_deadletters(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# sql
+
+
+def _configure_sql(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument("source", metavar="SOURCE", help="a postgres source with mode: outbox")
+
+
+def _run_sql(args: argparse.Namespace) -> int:
+    loaded = _load_or_report(args)
+    if isinstance(loaded, int):
+        return loaded
+    ids = [s.id for s in loaded.sources]
+    if args.source not in ids:
+        _print_error(f"no source {args.source!r} in {_config_path(args)} (sources: {', '.join(ids)})")
+        return EXIT_USAGE
+    source = loaded.source(args.source)
+    if getattr(source.kind_config, "mode", None) != "outbox":
+        _print_error(f"source {args.source!r} is not a postgres source with mode: outbox; it needs no DDL")
+        return EXIT_USAGE
+    from bridge.sources.postgres import outbox_ddl
+
+    print(outbox_ddl(source))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------
 # entry points
 
 
@@ -254,6 +293,7 @@ _COMMANDS: dict[str, _Command] = {
     "docs": _Command("print the Worker Docs (Markdown) of every trigger type", _configure_docs, _run_docs),
     "render": _Command("show the payload one event becomes for one bind config (no server needed)",
                        _configure_render, _run_render),
+    "sql": _Command("print the DDL (table and trigger) of a Postgres outbox source", _configure_sql, _run_sql),
     "deadletters": _Command("list, show and replay dead letters", _configure_deadletters, _run_deadletters),
 }
 

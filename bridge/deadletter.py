@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from bridge.config import DeadLetterConfig
+from bridge.config import DeadLetterConfig, SourceConfig
 from bridge.errors import DeadLetterError
 
 
@@ -105,22 +105,37 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield number, record
 
 
-DestinationFactory = Callable[[DeadLetterConfig, str], DeadLetterSink]
+DestinationFactory = Callable[[DeadLetterConfig, SourceConfig], DeadLetterSink]
 
 
-def _file_destination(config: DeadLetterConfig, source_id: str) -> DeadLetterSink:
+def _file_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLetterSink:
     assert config.file is not None
     return FileDeadLetter(config.file)
 
 
-def open_destination(config: DeadLetterConfig, source_id: str) -> DeadLetterSink:
-    """The destination a source's config names (file today; kafka_topic and postgres_table plug in here)."""
+def _postgres_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLetterSink:
+    from bridge.sources.postgres import postgres_dead_letter  # asyncpg stays inside the postgres kind
+
+    return postgres_dead_letter(config, source)
+
+
+def destination_key(config: DeadLetterConfig, source: SourceConfig) -> str:
+    """Sources whose destinations have the same key share one sink (one file, one table on one database)."""
+    if config.file is not None:
+        return f"file:{config.file}"
+    server = getattr(source.kind_config, "dsn", None) or getattr(source.kind_config, "bootstrap_servers", "")
+    return f"{config!r}@{server}"
+
+
+def open_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLetterSink:
+    """The destination a source's config names: a file, a Kafka topic or a Postgres table."""
     for key, factory in DESTINATIONS.items():
         if getattr(config, key) is not None:
-            return factory(config, source_id)
-    raise DeadLetterError(f"source {source_id!r} has no usable dead-letter destination")
+            return factory(config, source)
+    raise DeadLetterError(f"source {source.id!r} has no usable dead-letter destination")
 
 
 DESTINATIONS: dict[str, DestinationFactory] = {
     "file": _file_destination,
+    "postgres_table": _postgres_destination,
 }

@@ -293,6 +293,7 @@ class EngineLink:
             except DeliveryError as exc:
                 log.debug("could not list bindings of %s: %s", spec.id, exc)
                 continue
+            known = {b.id for b in spec.table.snapshot()}
             for binding in spec.table.reconcile(live):
                 log.info(
                     "binding %s of %s → %s dropped: the engine no longer lists it",
@@ -300,8 +301,10 @@ class EngineLink:
                     spec.id,
                     binding.function_id,
                 )
-            if live - {b.id for b in spec.table.snapshot()}:
-                # The engine holds bindings this bridge never received (another replica registered the type
-                # after us): register again to become the provider and receive the full replay.
-                log.info("re-registering trigger type %s to receive its bindings", spec.id)
+            if live != known:
+                # Either the engine holds bindings this bridge never received (another replica registered the
+                # type after us), or bindings vanished from its list (missed unbinds, or parked because the
+                # replica the engine routed them to went away). Registering again makes this bridge the
+                # provider: the engine replays the complete, current set.
+                log.info("re-registering trigger type %s to receive its current bindings", spec.id)
                 self._advertise(spec)

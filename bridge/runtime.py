@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from bridge.bindings import Binding, BindingTable
 from bridge.config import BridgeConfig, DeadLetterConfig, FileSourceConfig, SourceConfig, redact_dsn
-from bridge.deadletter import DeadLetterSink, open_destination
+from bridge.deadletter import DeadLetterSink, destination_key, open_destination
 from bridge.dispatch import Dispatcher, Invoker, Stats
 from bridge.errors import BindConfigError
 from bridge.schemas import BindValidator
@@ -199,8 +199,7 @@ class Runtime:
             table = BindingTable(source.id)
             self.tables[source.id] = table
             self.validators[source.id] = BindValidator(source.id, source.bind_schema)
-            dispatcher = Dispatcher(source, table, invoker, self._dead_letters(source.id, source.delivery.dead_letter),
-                                    stats=Stats())
+            dispatcher = Dispatcher(source, table, invoker, self._dead_letters(source), stats=Stats())
             self.runners[source.id] = SourceRunner(source, dispatcher, table)
             self.source_states[source.id] = "starting"
         if self.dry_run:
@@ -330,10 +329,11 @@ class Runtime:
                         namespace=None, config=config)
             )
 
-    def _dead_letters(self, source_id: str, config: DeadLetterConfig) -> DeadLetterSink:
-        key = repr(config)
+    def _dead_letters(self, source: SourceConfig) -> DeadLetterSink:
+        config = source.delivery.dead_letter
+        key = destination_key(config, source)
         if key not in self._sinks:
-            self._sinks[key] = open_destination(config, source_id)
+            self._sinks[key] = open_destination(config, source)
         return self._sinks[key]
 
     async def _supervise(self, config: SourceConfig, runner: SourceRunner) -> None:

@@ -88,7 +88,14 @@ def _file_source(config: SourceConfig, state_dir: Path) -> Source:
     return FileSource(config, state_dir)
 
 
+def _postgres_source(config: SourceConfig, state_dir: Path) -> Source:
+    from bridge.sources.postgres import PostgresSource
+
+    return PostgresSource(config, state_dir)
+
+
 REGISTRY: dict[str, SourceFactory] = {
     "file": _file_source,
+    "postgres": _postgres_source,
 }
 """Source kind → factory. Each kind's client library is imported only in its own module."""

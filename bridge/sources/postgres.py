@@ -32,8 +32,9 @@ from typing import Any
 
 import asyncpg
 
-from bridge.config import DeadLetterConfig, PostgresSourceConfig, SourceConfig, redact_dsn
+from bridge.config import BridgeConfig, DeadLetterConfig, PostgresSourceConfig, SourceConfig, redact_dsn
 from bridge.deadletter import iso_from_epoch
+from bridge.diagnostics import Problem
 from bridge.errors import BridgeError, DeadLetterError, DecodeError
 from bridge.sources import Event, Outcome, Sink
 from bridge.sources._pgconn import (
@@ -311,3 +312,30 @@ def postgres_dead_letter(config: DeadLetterConfig, source: SourceConfig) -> Post
             f"source {source.id!r}: a postgres_table dead letter needs a postgres source (it uses the source's dsn)"
         )
     return PostgresDeadLetter(source.kind_config.dsn, config.postgres_table, source.id)
+
+
+def outbox_problems(config: BridgeConfig, display: str, *, timeout_s: float = 3.0) -> list[Problem]:
+    """`bridge validate`'s online check of every outbox table. A table that does not exist yet is a warning (the
+    DDL comes from `bridge sql`); a table of the wrong shape is an error; an unreachable database skips the check
+    with a note (validate works offline)."""
+
+    async def check_all() -> list[Problem]:
+        problems: list[Problem] = []
+        for source in config.sources:
+            pc = source.kind_config
+            if not isinstance(pc, PostgresSourceConfig) or pc.mode != "outbox" or pc.outbox_table is None:
+                continue
+            where = f"sources.{source.id}.postgres.outbox_table"
+            try:
+                found = await check_outbox_table(pc.dsn, pc.outbox_table, timeout_s=timeout_s)
+            except PostgresUnreachable as exc:
+                problems.append(Problem("outbox-unchecked", where, f"not checked: {exc}", line=source.line,
+                                        col=1, file=display, severity="warning"))
+                continue
+            for text in found:
+                missing = "does not exist" in text
+                problems.append(Problem("outbox-table", where, text.replace("SOURCE", source.id), line=source.line,
+                                        col=1, file=display, severity="warning" if missing else "error"))
+        return problems
+
+    return asyncio.run(check_all())
