@@ -1,0 +1,525 @@
+"""The ``kafka`` source (a consumer group's records become events) and the Kafka dead-letter destination.
+aiokafka is imported only here.
+
+Flow: nothing joins the group until a function is bound. Then a *fetch* task polls ``getmany`` into a small
+per-partition buffer and a *submit* task hands buffered records to the sink, round-robin over partitions, each
+partition in offset order. Once an event is done its offset counts as done; a *commit* task commits every
+``commit_interval_ms`` the lowest offset of each partition that is not done (see
+:mod:`bridge.sources._kafkaoffsets`), so a commit never passes an unfinished event: at-least-once.
+
+Back-pressure without head-of-line blocking: each partition gets a share of the in-flight window
+(``max_in_flight`` / assigned partitions; with ordering none / partitions that have work), so a partition stuck
+on retries holds at most its share while the others go on. A partition may hold at most its share +
+max(share, 256) outstanding records (buffered + in flight); near that cap it is left out of the polls until it
+drained some, and the client keeps at most one fetched batch of it meanwhile, so memory stays bounded whatever
+the backlog. The fetch task never waits on the sink, so the member keeps polling and heartbeating however slow
+delivery is. With no binding every partition is paused (the member stays in the group) and nothing is
+committed for events nobody received.
+
+Ordering: ``partition`` gives every event of a partition the order key (topic, partition), ``key`` the key
+(topic, partition, key bytes) (a null key falls back to the partition), ``none`` none; the runtime then runs
+events of one order key one at a time in submit order, retries included.
+
+Rebalance: a revoked partition first commits what is done; its buffered records are dropped and its in-flight
+events abandoned (their acknowledgement changes nothing: the partition's track is retired). Whoever gets the
+partition next resumes from the committed offset, so abandoned events may be delivered twice, never lost.
+Cancellation stops intake at once, waits up to ``shutdown_grace_s`` for in-flight events, commits what is done,
+leaves the group and closes the consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Iterable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
+
+from bridge.config import DeadLetterConfig, KafkaSourceConfig, SourceConfig
+from bridge.errors import DeadLetterError
+from bridge.sources import SHUTDOWN_GRACE_S, Outcome, Sink
+from bridge.sources._kafkadecode import record_event
+from bridge.sources._kafkaoffsets import PartitionTrack
+
+log = logging.getLogger("bridge.sources.kafka")
+
+_FETCH_WAIT_MS = 1000  # longest wait of one poll; arriving data ends it at once
+_SHORT_FETCH_WAIT_MS = 10  # the same while a partition at its cap waits to be polled again
+_MAX_FETCH_RECORDS = 500  # most records taken from the client per poll
+_MIN_BUFFER = 256  # records a partition may hold beyond its share of the window
+_IDLE_WAIT_S = 1.0  # while nothing may be polled: how often the fetch loop looks around anyway
+_LIVENESS_POLL_S = 10.0  # ... and how often it polls all the same, which keeps the member in the group
+_COMMIT_TIMEOUT_S = 5.0  # a commit on revoke or shutdown gives up after this long (the next owner redelivers)
+_CLOSE_TIMEOUT_S = 10.0
+
+# Live sources by trigger type id, so the dead-letter destination can key a record with the bytes the original
+# record carried (templates only see the decoded key).
+_LIVE: weakref.WeakValueDictionary[str, KafkaSource] = weakref.WeakValueDictionary()
+
+
+def connection_options(kc: KafkaSourceConfig) -> dict[str, Any]:
+    """aiokafka connection and security options shared by the consumer and the dead-letter producer.
+    They hold secrets: never log them."""
+    security = kc.security
+    options: dict[str, Any] = {"bootstrap_servers": kc.bootstrap_servers, "security_protocol": security.protocol}
+    if security.protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(
+            cafile=security.ca_file, certfile=security.cert_file, keyfile=security.key_file
+        )
+    if security.protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        options["sasl_mechanism"] = security.sasl_mechanism or "PLAIN"
+        options["sasl_plain_username"] = security.username
+        options["sasl_plain_password"] = security.password
+    return options
+
+
+async def _at_most(wait: Awaitable[Any], timeout_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wait, timeout_s)
+
+
+def _tp_text(keys: Iterable[tuple[str, int]]) -> str:
+    return ", ".join(f"{t}/{p}" for t, p in sorted(keys)) or "none"
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        await self._source._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[Any]) -> None:
+        self._source._on_assigned(assigned)
+
+
+class KafkaSource:
+    """Consumes ``config.kind_config.topics`` (or ``topic_pattern``); see the module docstring."""
+
+    def __init__(self, config: SourceConfig, state_dir: Path, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        if not isinstance(config.kind_config, KafkaSourceConfig):
+            raise TypeError(f"source {config.id} is not a kafka source")
+        self.config = config
+        self._kc: KafkaSourceConfig = config.kind_config
+        self._grace_s = shutdown_grace_s
+        self._consumer: Any = None
+        self._parts: dict[tuple[str, int], PartitionTrack] = {}
+        self._sink: Sink | None = None
+        self._wake = asyncio.Event()  # something to submit may be there: records fetched, an event done
+        self._room = asyncio.Event()  # an event finished, so a partition at its cap may take records again
+        self._idle = asyncio.Event()  # set at shutdown once no event is in flight
+        self._held = False  # every partition paused because nothing is bound
+        self._stopping = False
+        self._round = 0
+        self._raw_keys: dict[str, bytes] = {}  # event id → original key bytes, while the event is in flight
+        self._committed: dict[tuple[str, int], int] = {}
+
+    # --- read-only views (tests, metrics, dead letters) ---------------------------------------------------------
+
+    def committed_positions(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) → the last offset position this source committed successfully."""
+        return dict(self._committed)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) → records between the lowest offset not done and the partition's high watermark,
+        for assigned partitions whose both figures are known (something was fetched in this assignment)."""
+        out: dict[tuple[str, int], int] = {}
+        consumer = self._consumer
+        if consumer is None:
+            return out
+        assigned = consumer.assignment()
+        for part in list(self._parts.values()):
+            tp = TopicPartition(part.topic, part.partition)
+            position = part.position()
+            if position is None or tp not in assigned:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                out[part.key] = max(0, highwater - position)
+        return out
+
+    def outstanding(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) → records received and not done (buffered + in flight), per assigned partition."""
+        return {key: part.outstanding for key, part in list(self._parts.items())}
+
+    def assigned(self) -> set[tuple[str, int]]:
+        """(topic, partition) of every partition this source holds right now."""
+        return set(self._parts)
+
+    def raw_key(self, event_id: str) -> bytes | None:
+        """The key bytes of an in-flight event as the record carried them (None: null key or not in flight)."""
+        return self._raw_keys.get(event_id)
+
+    # --- the run ----------------------------------------------------------------------------------------------
+
+    async def run(self, sink: Sink) -> None:
+        kc = self._kc
+        self._sink = sink
+        if not sink.has_bindings():
+            log.info("kafka source %s: no function is bound; joining group %s once one is",
+                     self.config.id, kc.group_id)
+            await sink.wait_for_bindings()
+        options = {
+            **kc.client_options,
+            **connection_options(kc),
+            "group_id": kc.group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": kc.start_from,
+        }
+        consumer = self._consumer = AIOKafkaConsumer(**options)
+        _LIVE[self.config.id] = self
+        tasks: list[asyncio.Task[None]] = []
+        subscribed = False
+        try:
+            await consumer.start()
+            listener = _Rebalance(self)
+            if kc.topic_pattern is not None:
+                consumer.subscribe(pattern=kc.topic_pattern, listener=listener)
+                what = f"topics matching {kc.topic_pattern!r}"
+            else:
+                consumer.subscribe(topics=list(kc.topics), listener=listener)
+                what = "topic(s) " + ", ".join(kc.topics)
+            log.info("kafka source %s: subscribed to %s on %s as group %s (start_from %s, ordering %s)",
+                     self.config.id, what, kc.bootstrap_servers, kc.group_id, kc.start_from, kc.ordering)
+            subscribed = True
+            tasks = [
+                asyncio.create_task(self._fetch_loop(sink), name=f"{self.config.id} fetch"),
+                asyncio.create_task(self._submit_loop(sink), name=f"{self.config.id} submit"),
+                asyncio.create_task(self._commit_loop(), name=f"{self.config.id} commit"),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise RuntimeError(f"kafka source {self.config.id}: its consumer loop ended")
+        except KafkaError as exc:
+            log.error("kafka source %s: the Kafka client failed: %s; check that %s is reachable and the "
+                      "security settings; the source is started again", self.config.id, exc, kc.bootstrap_servers)
+            raise
+        finally:
+            await self._shut_down(consumer, tasks, subscribed)
+
+    async def _shut_down(self, consumer: Any, tasks: list[asyncio.Task[None]], subscribed: bool) -> None:
+        self._stopping = True
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        parts = list(self._parts.values())
+        try:
+            self._set_paused([p for p in parts if not p.paused], True)
+            for part in parts:
+                part.drop_buffer()
+            if self._grace_s > 0 and any(p.undone for p in parts):
+                self._idle.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), self._grace_s)
+            # A rebalance during the grace may have revoked (and committed) some of them already.
+            await self._commit([p for p in parts if p.current], "shutdown", timeout_s=_COMMIT_TIMEOUT_S)
+        finally:
+            left = sum(p.undone for p in parts)
+            for part in parts:
+                part.current = False
+            self._parts.clear()
+            try:
+                await asyncio.wait_for(consumer.stop(), _CLOSE_TIMEOUT_S)
+            except (TimeoutError, KafkaError) as exc:
+                log.warning("kafka source %s: closing the consumer failed: %r", self.config.id, exc)
+            if left:
+                log.info("kafka source %s: stopped with %d event(s) in flight; they were not committed and come "
+                         "back on the next start", self.config.id, left)
+            elif subscribed:
+                log.info("kafka source %s: stopped and left group %s", self.config.id, self._kc.group_id)
+
+    # --- partitions -------------------------------------------------------------------------------------------
+
+    async def _on_revoked(self, revoked: set[Any]) -> None:
+        parts = [p for p in (self._parts.pop((tp.topic, tp.partition), None) for tp in revoked) if p is not None]
+        if not parts:
+            return
+        abandoned = 0
+        for part in parts:
+            part.drop_buffer()
+            abandoned += part.undone
+        # Retired before committing: acknowledgements arriving from now on belong to the next owner's run.
+        for part in parts:
+            part.current = False
+        await self._commit(parts, "revoke", timeout_s=_COMMIT_TIMEOUT_S)
+        log.info("kafka source %s: partitions revoked: %s (%d in-flight event(s) abandoned; they come back from "
+                 "the committed offset)", self.config.id, _tp_text(p.key for p in parts), abandoned)
+
+    def _on_assigned(self, assigned: set[Any]) -> None:
+        for tp in assigned:
+            self._track(tp)
+        log.info("kafka source %s: partitions assigned: %s", self.config.id,
+                 _tp_text((tp.topic, tp.partition) for tp in assigned))
+        if self._sink is not None and not self._stopping:
+            self._apply_hold(self._sink)
+        self._room.set()  # new partitions may be polled at once
+
+    def _track(self, tp: Any) -> PartitionTrack:
+        key = (tp.topic, tp.partition)
+        part = self._parts.get(key)
+        if part is None:
+            part = self._parts[key] = PartitionTrack(tp.topic, tp.partition)
+        return part
+
+    def _set_paused(self, parts: list[PartitionTrack], paused: bool) -> None:
+        consumer = self._consumer
+        if not parts or consumer is None:
+            return
+        assigned = consumer.assignment()
+        tps = [tp for tp in (TopicPartition(p.topic, p.partition) for p in parts) if tp in assigned]
+        for part in parts:
+            part.paused = paused
+        if tps:
+            (consumer.pause if paused else consumer.resume)(*tps)
+
+    def _share(self, partitions_with_work: int) -> int:
+        """How many events of one partition may be in flight. With ordering partition or key a stuck event
+        holds every later event of its partition or key in the window, so each assigned partition gets a fixed
+        share; with ordering none events never wait on one another and the window is split between the
+        partitions that have work."""
+        if self._kc.ordering == "none":
+            parts = partitions_with_work
+        else:
+            parts = len(self._consumer.assignment()) if self._consumer is not None else 1
+        return max(1, self.config.max_in_flight // max(1, parts))
+
+    def _apply_hold(self, sink: Sink) -> bool:
+        """Pause every partition while nothing is bound, resume them when a binding is back."""
+        held = not sink.has_bindings()
+        if held != self._held:
+            self._held = held
+            if held:
+                log.info("kafka source %s: no function is bound any more; partitions paused, nothing committed for "
+                         "what nobody received", self.config.id)
+            else:
+                log.info("kafka source %s: a function is bound; partitions resumed", self.config.id)
+        self._set_paused([p for p in self._parts.values() if p.paused != held], held)
+        return held
+
+    def _fetchable(self) -> tuple[list[Any], int, bool]:
+        """The assigned partitions to poll, how many records one poll may take, and whether some partition is
+        left out. A partition's cap of outstanding records is its share + max(share, 256); it is polled while
+        at least half of that buffer allowance is free, and a poll takes no more than the least free room of
+        the polled partitions, so no partition ever passes its cap and polls stay reasonably large."""
+        assigned = self._consumer.assignment()
+        if not assigned:
+            return [], _MIN_BUFFER, False  # (re)joining: records of new partitions may come first
+        with_work = sum(1 for p in self._parts.values() if p.outstanding)
+        fetchable: list[Any] = []
+        least_room = _MAX_FETCH_RECORDS
+        for tp in assigned:
+            part = self._parts.get((tp.topic, tp.partition))
+            outstanding = part.outstanding if part is not None else 0
+            share = self._share(with_work + (0 if outstanding else 1))
+            allowance = max(share, _MIN_BUFFER)
+            room = share + allowance - outstanding
+            if room >= allowance // 2:
+                fetchable.append(tp)
+                least_room = min(least_room, room)
+        return fetchable, least_room, len(fetchable) < len(assigned)
+
+    # --- fetching ---------------------------------------------------------------------------------------------
+
+    async def _fetch_loop(self, sink: Sink) -> None:
+        """Polls only partitions below their cap: the client keeps at most one fetched batch per partition it is
+        not asked for and fetches nothing more for it, so a full partition costs no memory and no refetch (a
+        paused one would have its fetched batch thrown away). ``consumer.pause`` is kept for the unbound hold."""
+        consumer = self._consumer
+        last_poll = time.monotonic()
+        while True:
+            held = self._apply_hold(sink)
+            fetchable, limit, capped = self._fetchable() if not held else ([], 0, True)
+            if held or (capped and not fetchable):
+                self._room.clear()
+                await _at_most(self._room.wait() if not held else sink.wait_for_bindings(), _IDLE_WAIT_S)
+                if time.monotonic() - last_poll < _LIVENESS_POLL_S:
+                    continue
+                # aiokafka leaves the group after max_poll_interval_ms without a poll: show the member is alive.
+                fetchable, limit = list(consumer.assignment())[:1], 1
+                timeout_ms = 0
+            else:
+                # A partition at its cap is not in this poll; a short wait lets it back in soon after it drained.
+                timeout_ms = _SHORT_FETCH_WAIT_MS if capped else _FETCH_WAIT_MS
+            batch = await consumer.getmany(*fetchable, timeout_ms=timeout_ms, max_records=max(1, limit))
+            last_poll = time.monotonic()
+            if batch:
+                self._buffer(batch)
+
+    def _buffer(self, batch: dict[Any, list[Any]]) -> None:
+        assigned = self._consumer.assignment()
+        for tp, records in batch.items():
+            part = self._parts.get((tp.topic, tp.partition))
+            if part is None:
+                if tp not in assigned:
+                    continue  # revoked while the records were on their way
+                part = self._track(tp)  # the records came before the assignment callback ran
+            part.add_fetched(records)
+        self._wake.set()
+
+    # --- submitting -------------------------------------------------------------------------------------------
+
+    async def _submit_loop(self, sink: Sink) -> None:
+        while True:
+            if not sink.has_bindings():
+                await sink.wait_for_bindings()
+                continue
+            self._wake.clear()
+            progressed = await self._submit_round(sink)
+            if progressed:
+                await asyncio.sleep(0)  # let delivery tasks and the fetch task run between rounds
+            else:
+                await self._wake.wait()
+
+    async def _submit_round(self, sink: Sink) -> bool:
+        parts = [p for p in self._parts.values() if p.buffer]
+        if not parts:
+            return False
+        share = self._share(sum(1 for p in self._parts.values() if p.outstanding))
+        start = self._round % len(parts)
+        self._round += 1
+        progressed = False
+        for part in parts[start:] + parts[:start]:
+            while part.current and part.buffer and part.undone < share:
+                if self._stopping or sink.window_full() or not sink.has_bindings():
+                    return progressed
+                await self._submit_one(sink, part)
+                progressed = True
+        return progressed
+
+    async def _submit_one(self, sink: Sink, part: PartitionTrack) -> None:
+        record = part.take()
+        event = record_event(self.config.id, self._kc, record)
+        if event.error is not None:
+            log.warning("kafka source %s: %s; the event goes to the dead letter", self.config.id, event.error)
+        event_id, offset = event.id, record.offset
+        if record.key is not None:
+            self._raw_keys[event_id] = bytes(record.key)
+
+        async def on_done(outcome: Outcome) -> None:
+            self._on_done(part, offset, event_id)
+
+        try:
+            await sink.submit(event, on_done)
+        except BaseException:
+            self._raw_keys.pop(event_id, None)
+            part.untake(record)
+            raise
+
+    def _on_done(self, part: PartitionTrack, offset: int, event_id: str) -> None:
+        self._raw_keys.pop(event_id, None)
+        if not part.current:
+            return  # abandoned at a revoke: the partition's next owner starts from the committed offset
+        part.done(offset)
+        self._wake.set()
+        self._room.set()
+        if self._stopping and not any(p.undone for p in self._parts.values()):
+            self._idle.set()
+
+    # --- committing -------------------------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        interval = self._kc.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await self._commit(list(self._parts.values()), "periodic")
+
+    async def _commit(self, parts: list[PartitionTrack], why: str, timeout_s: float | None = None) -> bool:
+        due = [(part, pos) for part in parts if (pos := part.commit_due()) is not None]
+        if not due or self._consumer is None:
+            return True
+        offsets = {TopicPartition(part.topic, part.partition): pos for part, pos in due}
+        commit: Awaitable[None] = self._consumer.commit(offsets)
+        try:
+            await (asyncio.wait_for(commit, timeout_s) if timeout_s is not None else commit)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("kafka source %s: %s commit of %s failed: %r; done offsets are committed at the next "
+                        "attempt (or redelivered by the partition's next owner)", self.config.id, why,
+                        _tp_text(part.key for part, _ in due), exc)
+            return False
+        for part, pos in due:
+            part.committed = pos
+            self._committed[part.key] = pos
+        log.debug("kafka source %s: %s commit: %s", self.config.id, why,
+                  ", ".join(f"{p.topic}/{p.partition}@{pos}" for p, pos in due))
+        return True
+
+
+# --- dead letters --------------------------------------------------------------------------------------------
+
+
+class KafkaDeadLetter:
+    """Produces each dead-letter record as a JSON value to a topic (``acks=all``); ``write`` returns once the
+    broker acknowledged it. Key: the original record's key bytes when known, else the event id; headers
+    ``error_code`` and ``source``."""
+
+    def __init__(self, kc: KafkaSourceConfig, topic: str) -> None:
+        self.topic = topic
+        self._bootstrap = kc.bootstrap_servers
+        self._options = connection_options(kc)
+        self._producer: Any = None
+        self._starting: asyncio.Lock | None = None
+
+    def describe(self) -> str:
+        return f"kafka topic {self.topic} on {self._bootstrap}"
+
+    async def _started(self) -> Any:
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._producer is None:
+                producer = AIOKafkaProducer(**self._options, acks="all")
+                try:
+                    await producer.start()
+                except BaseException:
+                    await producer.stop()
+                    raise
+                self._producer = producer
+        return self._producer
+
+    async def write(self, record: dict[str, Any]) -> None:
+        value = json.dumps(record, ensure_ascii=False, default=str).encode("utf-8")
+        error = record.get("error") or {}
+        headers = [
+            ("error_code", str(error.get("code", "")).encode("utf-8")),
+            ("source", str(record.get("source", "")).encode("utf-8")),
+        ]
+        try:
+            producer = await self._started()
+            await producer.send_and_wait(self.topic, value, key=_dead_letter_key(record), headers=headers)
+        except KafkaError as exc:
+            raise DeadLetterError(f"cannot write a dead letter to Kafka topic {self.topic}: {exc!r}") from exc
+
+    async def close(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+
+def _dead_letter_key(record: dict[str, Any]) -> bytes:
+    event = record.get("event") if isinstance(record.get("event"), dict) else None
+    event_id = str(event.get("id", "")) if event else ""
+    source = _LIVE.get(str(record.get("source")))
+    raw = source.raw_key(event_id) if source is not None else None
+    return raw if raw is not None else event_id.encode("utf-8")
+
+
+def kafka_dead_letter(config: DeadLetterConfig, source: SourceConfig) -> KafkaDeadLetter:
+    """The ``dead_letter.kafka_topic`` destination of ``source``, on the source's own cluster and security."""
+    if config.kafka_topic is None:
+        raise DeadLetterError(f"source {source.id!r}: dead_letter has no kafka_topic")
+    if not isinstance(source.kind_config, KafkaSourceConfig):
+        raise DeadLetterError(
+            f"source {source.id!r}: dead_letter.kafka_topic needs a kafka source (it uses the source's cluster); "
+            f"a {source.kind} source has none"
+        )
+    return KafkaDeadLetter(source.kind_config, config.kafka_topic)

@@ -1,0 +1,623 @@
+"""The kafka source against a real Kafka-protocol broker (Tansu, or BRIDGE_TEST_KAFKA), with a small in-memory
+Sink standing in for the runtime. Every test uses its own topic (4 partitions) and consumer group."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from bridge.config import DeadLetterConfig, DeliveryConfig, KafkaSecurity, KafkaSourceConfig, SourceConfig
+from bridge.errors import DeadLetterError, DecodeError
+from bridge.sources import Event, OnDone, Outcome
+from bridge.sources._kafkadecode import decode, iso_ms
+from bridge.sources._kafkaoffsets import PartitionTrack
+from bridge.sources.kafka import KafkaDeadLetter, KafkaSource, connection_options, kafka_dead_letter
+
+PARTITIONS = 4
+GROUP_TIMINGS = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 500, "rebalance_timeout_ms": 3000}
+JOIN_S = 15.0  # bound on waits that include a group join or a rebalance (Tansu takes seconds)
+
+
+class MemorySink:
+    """The runtime's side of the Sink protocol, in memory. ``submit`` waits while unbound or while ``window``
+    events are in flight (like the runtime); events are acknowledged at once from their own task, or held
+    while ``hold(event)`` is true, until ``ack`` (a redelivered event is held once per delivery)."""
+
+    def __init__(self, *, bound: bool = True, window: int = 1000, hold: Callable[[Event], bool] | None = None):
+        self.events: list[Event] = []
+        self.window = window
+        self.hold = hold or (lambda event: False)
+        self.held: list[tuple[str, OnDone]] = []  # (event id, its acknowledgement), in delivery order
+        self._bound = asyncio.Event()
+        if bound:
+            self._bound.set()
+        self._in_flight = 0
+        self._freed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, event: Event, on_done: OnDone) -> None:
+        while True:
+            await self._bound.wait()
+            if self._in_flight < self.window:
+                break
+            self._freed.clear()
+            await self._freed.wait()
+        self._in_flight += 1
+        self.events.append(event)
+        if self.hold(event):
+            self.held.append((event.id, on_done))
+        else:
+            self._spawn(self._finish(on_done, "delivered"))
+
+    def has_bindings(self) -> bool:
+        return self._bound.is_set()
+
+    async def wait_for_bindings(self) -> None:
+        await self._bound.wait()
+
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def window_full(self) -> bool:
+        return self._in_flight >= self.window
+
+    # test controls --------------------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        self._bound.set()
+
+    def unbind(self) -> None:
+        self._bound.clear()
+
+    async def ack(self, event_id: str, outcome: Outcome = "delivered") -> None:
+        """Acknowledge the earliest held delivery of ``event_id``."""
+        index = next(i for i, (held_id, _) in enumerate(self.held) if held_id == event_id)
+        _, on_done = self.held.pop(index)
+        await self._finish(on_done, outcome)
+
+    async def _finish(self, on_done: OnDone, outcome: Outcome) -> None:
+        try:
+            await on_done(outcome)
+        finally:
+            self._in_flight -= 1
+            self._freed.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait_for(self, count: int, timeout: float = JOIN_S) -> list[Event]:
+        await wait_until(lambda: len(self.events) >= count, timeout, lambda: f"{len(self.events)} of {count} events")
+        return self.events
+
+    def ids(self) -> list[str]:
+        return [e.id for e in self.events]
+
+    def by_partition(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for e in self.events:
+            out.setdefault(e.fields["partition"], []).append(e.fields["offset"])
+        return out
+
+
+async def wait_until(check: Callable[[], bool], timeout: float, what: Callable[[], str] = lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s: {what()}")
+        await asyncio.sleep(0.02)
+
+
+# --- broker helpers ------------------------------------------------------------------------------------------
+
+
+async def create_topic(bootstrap: str, name: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, num_partitions=PARTITIONS, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def topic(kafka_broker: str) -> str:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    await create_topic(kafka_broker, name)
+    return name
+
+
+def make_config(bootstrap: str, topic: str, *, source_id: str = "orders", max_in_flight: int = 64,
+                **kw: Any) -> SourceConfig:
+    kw.setdefault("group_id", f"g-{uuid.uuid4().hex[:12]}")
+    kw.setdefault("commit_interval_ms", 200)
+    kw["client_options"] = {**GROUP_TIMINGS, **kw.get("client_options", {})}
+    return SourceConfig(
+        id=source_id,
+        kind="kafka",
+        description="test",
+        kind_config=KafkaSourceConfig(bootstrap_servers=bootstrap, topics=(topic,), **kw),
+        delivery=DeliveryConfig(),
+        max_in_flight=max_in_flight,
+        bind_schema=None,
+        payload_schema=None,
+        when=None,
+        payload=None,
+    )
+
+
+def group_of(config: SourceConfig) -> str:
+    assert isinstance(config.kind_config, KafkaSourceConfig) and config.kind_config.group_id
+    return config.kind_config.group_id
+
+
+Message = tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]]]  # partition, key, value, headers
+
+
+async def produce(bootstrap: str, topic: str, messages: list[Message]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, value, key=key, partition=partition, headers=headers)
+            for partition, key, value, headers in messages
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def orders(count: int) -> list[Message]:
+    """Keyed JSON orders spread round-robin over the partitions."""
+    return [
+        (i % PARTITIONS, f"order-{i}".encode(), json.dumps({"n": i, "total": i * 1.5}).encode(),
+         [("trace", f"t{i}".encode())])
+        for i in range(count)
+    ]
+
+
+async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    """The group's committed offsets, read by a separate consumer that does not join the group."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(PARTITIONS)}
+    finally:
+        await consumer.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(source: KafkaSource, sink: MemorySink) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(source.run(sink))
+    try:
+        yield task
+    finally:
+        await stop(task)
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=20)
+
+
+def source_for(config: SourceConfig, tmp_path: Any, grace_s: float = 0.5) -> KafkaSource:
+    return KafkaSource(config, tmp_path, shutdown_grace_s=grace_s)
+
+
+# --- events ---------------------------------------------------------------------------------------------------
+
+
+async def test_keyed_json_over_four_partitions_each_once_in_partition_order(kafka_broker: str, topic: str,
+                                                                           tmp_path: Any) -> None:
+    messages = orders(40)
+    await produce(kafka_broker, topic, messages)
+    sink = MemorySink()
+    config = make_config(kafka_broker, topic)
+    async with running(source_for(config, tmp_path), sink):
+        await sink.wait_for(40)
+        await asyncio.sleep(0.3)  # nothing more arrives
+    assert len(sink.events) == 40
+    assert len(set(sink.ids())) == 40
+    assert {p: offsets for p, offsets in sink.by_partition().items()} == {p: list(range(10)) for p in range(4)}
+    event = next(e for e in sink.events if e.fields["partition"] == 2 and e.fields["offset"] == 3)
+    assert event.id == f"kafka:{topic}:2:3"
+    assert event.source == "orders"
+    assert event.error is None
+    assert event.order_key == (topic, 2)
+    fields = dict(event.fields)
+    timestamp, iso = fields.pop("timestamp"), fields.pop("timestamp_iso")
+    assert fields == {"topic": topic, "partition": 2, "offset": 3, "key": "order-14",
+                      "value": {"n": 14, "total": 21.0}, "headers": {"trace": "t14"}}
+    assert abs(timestamp - time.time() * 1000) < 60_000
+    assert iso == iso_ms(timestamp) and iso.endswith("Z") and len(iso) == len("2024-01-01T00:00:00.000Z")
+
+
+async def test_bytes_and_text_formats_and_null_key_and_value(kafka_broker: str, topic: str, tmp_path: Any) -> None:
+    raw_key, raw_value = b"\x00\xffkey", b"\x01\x02\xfe"
+    await produce(kafka_broker, topic, [
+        (0, raw_key, raw_value, [("bin", b"\xff ok")]),
+        (0, None, b"AA==", []),
+        (0, b"gone", None, []),
+    ])
+    sink = MemorySink()
+    config = make_config(kafka_broker, topic, key_format="bytes", value_format="bytes", ordering="key")
+    async with running(source_for(config, tmp_path), sink):
+        first, keyless, tombstone = await sink.wait_for(3)
+    assert first.error is None
+    assert first.fields["key"] == base64.b64encode(raw_key).decode()
+    assert first.fields["value"] == base64.b64encode(raw_value).decode()
+    assert first.fields["headers"] == {"bin": "\ufffd ok"}
+    assert first.order_key == (topic, 0, raw_key)
+    assert keyless.error is None
+    assert (keyless.fields["key"], keyless.fields["value"], keyless.fields["headers"]) == (None, "QUE9PQ==", {})
+    assert keyless.order_key == (topic, 0)  # a null key falls back to the partition
+    assert tombstone.error is None
+    assert (tombstone.fields["key"], tombstone.fields["value"]) == (base64.b64encode(b"gone").decode(), None)
+
+
+async def test_json_key_text_value_ordering_none_and_topic_pattern(kafka_broker: str, topic: str,
+                                                                   tmp_path: Any) -> None:
+    await produce(kafka_broker, topic, [(1, b'{"id": 7}', "héllo".encode(), [])])
+    sink = MemorySink()
+    config = make_config(kafka_broker, topic, key_format="json", value_format="text", ordering="none")
+    assert isinstance(config.kind_config, KafkaSourceConfig)
+    by_pattern = dataclasses.replace(config.kind_config, topics=(), topic_pattern=re.escape(topic) + "$")
+    config = dataclasses.replace(config, kind_config=by_pattern)
+    async with running(source_for(config, tmp_path), sink):
+        [event] = await sink.wait_for(1)
+    assert (event.fields["key"], event.fields["value"], event.order_key) == ({"id": 7}, "héllo", None)
+
+
+def test_decoding_each_format() -> None:
+    assert decode(b'{"a": [1, 2]}', "json") == ({"a": [1, 2]}, None)
+    assert decode(b"plain", "text") == ("plain", None)
+    assert decode(b"\x00\x01", "bytes") == ("AAE=", None)
+    assert decode(None, "json") == (None, None)
+    value, reason = decode(b"NaN", "json")
+    assert value == "TmFO" and reason is not None and "NaN" in reason
+    value, reason = decode(b"\xff", "text")
+    assert (value, reason) == ("/w==", "not UTF-8: invalid start byte at byte 0")
+    assert decode(b"\xff", "json") == ("/w==", "not valid JSON (not UTF-8: invalid start byte at byte 0)")
+    assert decode(b"[" * 100_000, "json")[1] == "not decodable JSON (nested too deeply)"
+    assert iso_ms(1_700_000_000_123) == "2023-11-14T22:13:20.123Z"
+    assert iso_ms(2**62) is None  # a producer may set any timestamp
+
+
+def test_partition_track_position_never_passes_an_undone_offset() -> None:
+    class Rec:
+        def __init__(self, offset: int) -> None:
+            self.offset = offset
+
+    track = PartitionTrack("t", 0)
+    assert track.position() is None
+    track.add_fetched([Rec(5), Rec(6), Rec(7), Rec(8)])
+    assert track.position() == 5
+    five, six, seven = track.take(), track.take(), track.take()
+    track.done(six.offset)
+    track.done(seven.offset)
+    assert track.position() == 5 and track.undone == 1 and track.outstanding == 2
+    track.done(five.offset)
+    assert track.position() == 8  # the buffered record is not done either
+    track.done(five.offset)  # a second acknowledgement changes nothing
+    assert track.undone == 0
+    eight = track.take()
+    track.untake(eight)
+    assert track.drop_buffer() == 1 and track.position() == 8
+    assert track.commit_due() == 8
+    track.committed = 8
+    assert track.commit_due() is None
+
+
+async def test_poison_value_becomes_an_error_event_and_the_stream_goes_on(kafka_broker: str, topic: str,
+                                                                         tmp_path: Any, caplog: Any) -> None:
+    await produce(kafka_broker, topic, [
+        (0, b"a", b'{"ok": 1}', []),
+        (0, b"b", b"\x89PNG not json", []),
+        (0, b"c", b'{"ok": 3}', []),
+    ])
+    sink = MemorySink()
+    config = make_config(kafka_broker, topic)
+    source = source_for(config, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="bridge.sources.kafka"):
+        async with running(source, sink):
+            events = await sink.wait_for(3)
+            await wait_until(lambda: source.committed_positions().get((topic, 0)) == 3, 5,
+                             lambda: str(source.committed_positions()))
+    good, poison, after = events
+    assert good.error is None and after.error is None and after.fields["value"] == {"ok": 3}
+    assert isinstance(poison.error, DecodeError)
+    message = str(poison.error)
+    assert f"{topic}/0@1" in message and "value_format json" in message and "not valid JSON" in message
+    assert poison.fields["value"] == base64.b64encode(b"\x89PNG not json").decode()
+    assert poison.fields["key"] == "b"
+    assert any(r.levelno == logging.WARNING and f"{topic}/0@1" in r.getMessage() for r in caplog.records)
+
+
+# --- commits --------------------------------------------------------------------------------------------------
+
+
+async def test_commits_never_pass_an_event_that_is_not_done(kafka_broker: str, topic: str, tmp_path: Any) -> None:
+    await produce(kafka_broker, topic, orders(20))  # 5 per partition
+    held_id = f"kafka:{topic}:0:2"
+    sink = MemorySink(hold=lambda e: e.id == held_id)
+    config = make_config(kafka_broker, topic, ordering="none")
+    source = source_for(config, tmp_path)
+    async with running(source, sink):
+        await sink.wait_for(20)
+        expected = {0: 2, 1: 5, 2: 5, 3: 5}
+        await wait_until(lambda: source.committed_positions() == {(topic, p): o for p, o in expected.items()}, 5,
+                         lambda: str(source.committed_positions()))
+        await asyncio.sleep(0.5)  # several commit intervals: still held back by the undone event
+        assert await committed(kafka_broker, group_of(config), topic) == expected
+        assert source.lag() == {(topic, 0): 3, (topic, 1): 0, (topic, 2): 0, (topic, 3): 0}
+        await sink.ack(held_id)
+        await wait_until(lambda: source.committed_positions().get((topic, 0)) == 5, 5)
+        assert await committed(kafka_broker, group_of(config), topic) == {0: 5, 1: 5, 2: 5, 3: 5}
+        assert source.lag() == {(topic, p): 0 for p in range(4)}
+
+
+async def test_no_bindings_no_consumption_then_delivery_from_the_start(kafka_broker: str, topic: str,
+                                                                      tmp_path: Any) -> None:
+    await produce(kafka_broker, topic, orders(8))
+    sink = MemorySink(bound=False)
+    config = make_config(kafka_broker, topic)
+    source = source_for(config, tmp_path)
+    async with running(source, sink):
+        await asyncio.sleep(1.0)
+        assert sink.events == []
+        assert await committed(kafka_broker, group_of(config), topic) == dict.fromkeys(range(4))
+        sink.bind()
+        await sink.wait_for(8)
+        assert sorted(e.fields["offset"] for e in sink.events) == [0, 0, 0, 0, 1, 1, 1, 1]
+        # The last binding goes: partitions are paused, nothing new is submitted.
+        await wait_until(lambda: len(source.committed_positions()) == 4, 5)
+        sink.unbind()
+        await asyncio.sleep(0.3)
+        await produce(kafka_broker, topic, orders(4))
+        await asyncio.sleep(1.0)
+        assert len(sink.events) == 8
+        assert source.committed_positions() == {(topic, p): 2 for p in range(4)}
+        sink.bind()
+        await sink.wait_for(12)
+
+
+async def test_a_restarted_source_resumes_from_committed_and_redelivers_only_unacked(
+        kafka_broker: str, topic: str, tmp_path: Any) -> None:
+    await produce(kafka_broker, topic, orders(40))  # offsets 0..9 per partition
+    unacked = {f"kafka:{topic}:0:{o}" for o in (7, 8, 9)}
+    # Tansu numbers the first generation 0, for which aiokafka sends no LeaveGroup: the next member waits for the
+    # first one's session to expire, so a shorter session keeps this test short.
+    config = make_config(kafka_broker, topic, client_options={"session_timeout_ms": 1500, "rebalance_timeout_ms": 1500})
+    first = MemorySink(hold=lambda e: e.id in unacked)
+    source = source_for(config, tmp_path, grace_s=0.2)
+    async with running(source, first):
+        await first.wait_for(40)
+        await wait_until(lambda: source.committed_positions().get((topic, 1)) == 10, 5)
+    assert source.committed_positions() == {(topic, 0): 7, (topic, 1): 10, (topic, 2): 10, (topic, 3): 10}
+    await produce(kafka_broker, topic, [(3, b"late", b'{"late": true}', [])])
+    second = MemorySink()
+    async with running(source_for(config, tmp_path), second):
+        await second.wait_for(4)
+        await asyncio.sleep(0.5)
+    assert sorted(second.ids()) == sorted([*unacked, f"kafka:{topic}:3:10"])
+
+
+async def test_a_slow_partition_does_not_block_the_others(kafka_broker: str, topic: str, tmp_path: Any) -> None:
+    await produce(kafka_broker, topic, orders(200) + [(0, b"more", b"{}", [])] * 1000)  # 1050 in partition 0
+    sink = MemorySink(window=8, hold=lambda e: e.fields["partition"] == 0)
+    source = source_for(make_config(kafka_broker, topic, max_in_flight=8), tmp_path)
+    async with running(source, sink):
+        await wait_until(lambda: sum(len(v) for p, v in sink.by_partition().items() if p) == 150, JOIN_S,
+                         lambda: str({p: len(v) for p, v in sink.by_partition().items()}))
+        await asyncio.sleep(0.3)
+        assert len(sink.held) == 8 // 4  # partition 0 keeps its share of the window, no more
+        assert 0 < source.outstanding()[(topic, 0)] <= 2 + 256  # and a bounded buffer
+        sink.hold = lambda e: False
+        for event_id, _ in list(sink.held):
+            await sink.ack(event_id)
+        await sink.wait_for(1200)
+    assert sink.by_partition() == {0: list(range(1050)), 1: list(range(50)), 2: list(range(50)), 3: list(range(50))}
+
+
+async def test_start_from_latest_skips_what_was_there(kafka_broker: str, topic: str, tmp_path: Any) -> None:
+    await produce(kafka_broker, topic, orders(4))
+    sink = MemorySink()
+    source = source_for(make_config(kafka_broker, topic, start_from="latest"), tmp_path)
+    async with running(source, sink):
+        await wait_until(lambda: len(source.assigned()) == 4, JOIN_S)
+        await asyncio.sleep(1.0)  # the reset to the end happens right after the assignment
+        await produce(kafka_broker, topic, [(p, b"new", b'{"new": true}', []) for p in range(4)])
+        await sink.wait_for(4)
+        await asyncio.sleep(0.3)
+    assert sorted(sink.ids()) == [f"kafka:{topic}:{p}:1" for p in range(4)]
+
+
+# --- connections and security ---------------------------------------------------------------------------------
+
+
+async def test_an_unreachable_broker_makes_run_raise_for_the_supervisor(tmp_path: Any, caplog: Any) -> None:
+    from aiokafka.errors import KafkaConnectionError
+
+    config = make_config("127.0.0.1:1", "orders", client_options={"request_timeout_ms": 2000})
+    with caplog.at_level(logging.ERROR, logger="bridge.sources.kafka"), pytest.raises(KafkaConnectionError):
+        await asyncio.wait_for(source_for(config, tmp_path).run(MemorySink()), 15)
+    assert any("127.0.0.1:1" in r.getMessage() and "security settings" in r.getMessage() for r in caplog.records)
+
+
+async def test_sasl_credentials_reach_the_broker_and_never_the_logs(kafka_broker: str, topic: str, tmp_path: Any,
+                                                                    caplog: Any) -> None:
+    from aiokafka.errors import KafkaError
+
+    security = KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512", username="svc",
+                             password="pa55-w0rd-do-not-log")
+    config = make_config(kafka_broker, topic, security=security, client_options={"request_timeout_ms": 2000})
+    assert isinstance(config.kind_config, KafkaSourceConfig)
+    options = connection_options(config.kind_config)
+    assert {k: options[k] for k in ("security_protocol", "sasl_mechanism", "sasl_plain_username")} == {
+        "security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "svc"}
+    with caplog.at_level(logging.DEBUG), pytest.raises(KafkaError):
+        # The test broker has no SASL: the handshake is refused, which shows the credentials were offered.
+        await asyncio.wait_for(source_for(config, tmp_path).run(MemorySink()), 15)
+    assert caplog.records
+    assert not any("pa55-w0rd-do-not-log" in r.getMessage() for r in caplog.records)
+
+
+def test_connection_options_per_protocol() -> None:
+    plain = connection_options(KafkaSourceConfig(bootstrap_servers="a:1,b:2"))
+    assert plain == {"bootstrap_servers": "a:1,b:2", "security_protocol": "PLAINTEXT"}
+    default_mechanism = connection_options(KafkaSourceConfig(
+        bootstrap_servers="a:1", security=KafkaSecurity(protocol="SASL_SSL", username="u", password="p")))
+    assert default_mechanism["sasl_mechanism"] == "PLAIN"
+    assert isinstance(default_mechanism["ssl_context"], ssl.SSLContext)
+    certifi = pytest.importorskip("certifi")
+    tls = connection_options(KafkaSourceConfig(
+        bootstrap_servers="a:1", security=KafkaSecurity(protocol="SSL", ca_file=Path(certifi.where()))))
+    assert isinstance(tls["ssl_context"], ssl.SSLContext) and "sasl_mechanism" not in tls
+    assert tls["ssl_context"].cert_store_stats()["x509_ca"] > 0
+
+
+# --- groups ---------------------------------------------------------------------------------------------------
+
+
+async def test_two_sources_split_partitions_and_one_takes_over_without_loss(kafka_broker: str, topic: str,
+                                                                           tmp_path: Any) -> None:
+    config = make_config(kafka_broker, topic, commit_interval_ms=60_000)  # commits only on revoke and shutdown
+    sink_a, sink_b = MemorySink(), MemorySink()
+    source_a, source_b = source_for(config, tmp_path), source_for(config, tmp_path)
+
+    def delivered() -> set[str]:
+        return set(sink_a.ids()) | set(sink_b.ids())
+
+    await produce(kafka_broker, topic, orders(40))
+    task_a = asyncio.create_task(source_a.run(sink_a))
+    task_b: asyncio.Task[None] | None = None
+    try:
+        await sink_a.wait_for(40)
+        # A second member joins: A's partitions are revoked (what is done is committed) and split.
+        task_b = asyncio.create_task(source_b.run(sink_b))
+        await wait_until(lambda: bool(source_a.assigned()) and bool(source_b.assigned()), 2 * JOIN_S,
+                         lambda: f"{source_a.assigned()} / {source_b.assigned()}")
+        assert source_a.assigned().isdisjoint(source_b.assigned())
+        await produce(kafka_broker, topic, orders(40))
+        await wait_until(lambda: len(delivered()) == 80, JOIN_S)
+        # A committed what it had done when its partitions were revoked: B starts after it, redelivering nothing.
+        assert sorted(e.fields["offset"] for e in sink_b.events) == [o for o in range(10, 20) for _ in range(2)]
+        await stop(task_b)
+        await produce(kafka_broker, topic, orders(40))
+        await wait_until(lambda: len(delivered()) == 120, 2 * JOIN_S, lambda: f"{len(delivered())} of 120")
+        await wait_until(lambda: len(source_a.assigned()) == 4, JOIN_S)
+    finally:
+        if task_b is not None:
+            await stop(task_b)
+        await stop(task_a)
+    assert delivered() == {f"kafka:{topic}:{p}:{o}" for p in range(4) for o in range(30)}
+    assert await committed(kafka_broker, group_of(config), topic) == dict.fromkeys(range(4), 30)
+
+
+async def test_an_event_abandoned_at_a_revoke_commits_nothing_when_it_finishes(kafka_broker: str, topic: str,
+                                                                             tmp_path: Any) -> None:
+    held_id = f"kafka:{topic}:0:0"
+    config = make_config(kafka_broker, topic, client_options={"metadata_max_age_ms": 300})
+    assert isinstance(config.kind_config, KafkaSourceConfig)
+    by_pattern = dataclasses.replace(config.kind_config, topics=(), topic_pattern=re.escape(topic) + "(-more)?$")
+    config = dataclasses.replace(config, kind_config=by_pattern)
+    sink = MemorySink(hold=lambda e: e.id == held_id)
+    source = source_for(config, tmp_path)
+    await produce(kafka_broker, topic, orders(8))
+    async with running(source, sink):
+        await sink.wait_for(8)
+        await wait_until(lambda: source.committed_positions().get((topic, 1)) == 2, 5)
+        # A new matching topic makes the lone member rebalance: every partition is revoked and assigned again,
+        # and partition 0 comes back from its committed offset 0.
+        await create_topic(kafka_broker, f"{topic}-more")
+        await wait_until(lambda: sink.ids().count(held_id) == 2, 2 * JOIN_S)
+        await sink.ack(held_id)  # the delivery abandoned at the revoke
+        await asyncio.sleep(0.6)
+        assert source.committed_positions()[(topic, 0)] == 0
+        assert (await committed(kafka_broker, group_of(config), topic))[0] == 0
+        await sink.ack(held_id)  # the current delivery
+        await wait_until(lambda: source.committed_positions()[(topic, 0)] == 2, 5)
+
+
+# --- dead letters ---------------------------------------------------------------------------------------------
+
+
+async def test_kafka_dead_letter_is_readable_with_key_and_headers(kafka_broker: str, topic: str,
+                                                                 tmp_path: Any) -> None:
+    dlq = f"dlq-{uuid.uuid4().hex[:8]}"
+    config = make_config(kafka_broker, topic)
+    dead = kafka_dead_letter(DeadLetterConfig(kafka_topic=dlq), config)
+    assert dead.describe() == f"kafka topic {dlq} on {kafka_broker}"
+    record = {"source": "orders", "event": {"id": f"kafka:{topic}:1:4", "key": "k"}, "binding": None,
+              "payload": None, "error": {"code": "decode_error", "message": "bad"}, "attempts": 0,
+              "first_attempt_at": None, "last_attempt_at": None}
+    try:
+        await dead.write(record)
+    finally:
+        await dead.close()
+    consumer = AIOKafkaConsumer(dlq, bootstrap_servers=kafka_broker, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        message = await asyncio.wait_for(consumer.getone(), 10)
+    finally:
+        await consumer.stop()
+    assert json.loads(message.value) == record
+    assert message.key == f"kafka:{topic}:1:4".encode()  # the source is not running: the id is the key
+    assert dict(message.headers) == {"error_code": b"decode_error", "source": b"orders"}
+
+
+async def test_dead_letter_of_a_live_source_keeps_the_original_key_bytes(kafka_broker: str, topic: str,
+                                                                        tmp_path: Any) -> None:
+    dlq = f"dlq-{uuid.uuid4().hex[:8]}"
+    raw_key = b"\xfe\x00k"
+    await produce(kafka_broker, topic, [(0, raw_key, b"not json", [])])
+    config = make_config(kafka_broker, topic, key_format="bytes")
+    dead = kafka_dead_letter(DeadLetterConfig(kafka_topic=dlq), config)
+    sink = MemorySink(hold=lambda e: True)
+    try:
+        async with running(source_for(config, tmp_path, grace_s=0), sink):
+            [event] = await sink.wait_for(1)
+            await dead.write({"source": config.id, "event": event.template_view(),
+                              "error": {"code": "decode_error", "message": str(event.error)}})
+    finally:
+        await dead.close()
+    consumer = AIOKafkaConsumer(dlq, bootstrap_servers=kafka_broker, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        message = await asyncio.wait_for(consumer.getone(), 10)
+    finally:
+        await consumer.stop()
+    assert message.key == raw_key
+
+
+async def test_dead_letter_failures_and_wrong_source_kinds(tmp_path: Any) -> None:
+    from bridge.config import FileSourceConfig
+
+    file_source = SourceConfig(id="inbox", kind="file", description="", kind_config=FileSourceConfig(path=tmp_path),
+                               delivery=DeliveryConfig(), max_in_flight=1, bind_schema=None, payload_schema=None,
+                               when=None, payload=None)
+    with pytest.raises(DeadLetterError, match="needs a kafka source"):
+        kafka_dead_letter(DeadLetterConfig(kafka_topic="dlq"), file_source)
+    closed_port = make_config("127.0.0.1:1", "x", client_options={"request_timeout_ms": 1000})
+    assert isinstance(closed_port.kind_config, KafkaSourceConfig)
+    dead = KafkaDeadLetter(closed_port.kind_config, "dlq")
+    with pytest.raises(DeadLetterError, match="dlq"):
+        await dead.write({"source": "x", "event": {"id": "e"}, "error": {"code": "c"}})
+    await dead.close()
