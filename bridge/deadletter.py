@@ -119,6 +119,12 @@ def _postgres_destination(config: DeadLetterConfig, source: SourceConfig) -> Dea
     return postgres_dead_letter(config, source)
 
 
+def _kafka_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLetterSink:
+    from bridge.sources.kafka import kafka_dead_letter  # aiokafka stays inside the kafka kind
+
+    return kafka_dead_letter(config, source)
+
+
 def destination_key(config: DeadLetterConfig, source: SourceConfig) -> str:
     """Sources whose destinations have the same key share one sink (one file, one table on one database)."""
     if config.file is not None:
@@ -137,5 +143,6 @@ def open_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLett
 
 DESTINATIONS: dict[str, DestinationFactory] = {
     "file": _file_destination,
+    "kafka_topic": _kafka_destination,
     "postgres_table": _postgres_destination,
 }

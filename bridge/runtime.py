@@ -24,7 +24,7 @@ from bridge.deadletter import DeadLetterSink, destination_key, open_destination
 from bridge.dispatch import Dispatcher, Invoker, Stats
 from bridge.errors import BindConfigError
 from bridge.schemas import BindValidator
-from bridge.sources import REGISTRY, Event, OnDone, Source
+from bridge.sources import REGISTRY, SHUTDOWN_GRACE_S, Event, OnDone, Source
 from bridge.status import SourceStatus, StatusLine, status_enabled
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.runtime")
 
-DRAIN_TIMEOUT_S = 15.0
+DRAIN_TIMEOUT_S = SHUTDOWN_GRACE_S
 """How long shutdown waits for in-flight events before leaving them unacknowledged."""
 
 
@@ -231,11 +231,11 @@ class Runtime:
         log.info("shutting down: no new events; waiting up to %.0f s for in-flight ones", self.drain_timeout_s)
         for task in self._source_tasks.values():
             task.cancel()
-        await asyncio.gather(*self._source_tasks.values(), return_exceptions=True)
-        abandoned = 0
+        # Sources stop intake at once but go on acknowledging what finishes during the drain, so both run
+        # together.
         drains = [r.drain(self.drain_timeout_s) for r in self.runners.values()]
-        for count in await asyncio.gather(*drains):
-            abandoned += count
+        results = await asyncio.gather(*drains, *self._source_tasks.values(), return_exceptions=True)
+        abandoned = sum(r for r in results[: len(drains)] if isinstance(r, int))
         if abandoned:
             log.warning("%d event(s) were still in flight; they stay unacknowledged and come back", abandoned)
         await self._close_resources()

@@ -18,6 +18,10 @@ from bridge.errors import EventError
 if TYPE_CHECKING:
     from bridge.config import SourceConfig
 
+SHUTDOWN_GRACE_S = 15.0
+"""At shutdown, how long in-flight events get to finish. A cancelled source keeps acknowledging (committing,
+checkpointing) events that finish within this time; the runtime abandons the rest, unacknowledged."""
+
 Outcome = Literal["delivered", "filtered", "dead_lettered"]
 """How an event ended: every binding succeeded or was filtered; all were filtered; at least one dead-lettered."""
 
@@ -94,8 +98,15 @@ def _postgres_source(config: SourceConfig, state_dir: Path) -> Source:
     return PostgresSource(config, state_dir)
 
 
+def _kafka_source(config: SourceConfig, state_dir: Path) -> Source:
+    from bridge.sources.kafka import KafkaSource
+
+    return KafkaSource(config, state_dir)
+
+
 REGISTRY: dict[str, SourceFactory] = {
     "file": _file_source,
+    "kafka": _kafka_source,
     "postgres": _postgres_source,
 }
 """Source kind → factory. Each kind's client library is imported only in its own module."""

@@ -36,7 +36,7 @@ from bridge.config import BridgeConfig, DeadLetterConfig, PostgresSourceConfig, 
 from bridge.deadletter import iso_from_epoch
 from bridge.diagnostics import Problem
 from bridge.errors import BridgeError, DeadLetterError, DecodeError
-from bridge.sources import Event, Outcome, Sink
+from bridge.sources import SHUTDOWN_GRACE_S, Event, Outcome, Sink
 from bridge.sources._pgconn import (
     CONNECTION_ERRORS,
     Backoff,
@@ -69,7 +69,6 @@ QUEUE_SIZE = 8192
 """Notifications received and not yet submitted, at most (NOTIFY payloads are < 8000 bytes each)."""
 _STANDBY_RETRY_S = 1.0
 _DROP_LOG_INTERVAL_S = 10.0
-SHUTDOWN_GRACE_S = 10.0
 
 
 class PostgresUnreachable(BridgeError):
