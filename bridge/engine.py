@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from iii import InitOptions, InvocationError
 from iii.iii import III
 from iii.iii_types import RegisterTriggerTypeInput
 from iii.triggers import TriggerConfig, TriggerHandler
+from iii_helpers.observability import ReconnectionConfig
 
 from bridge.bindings import Binding, BindingTable
 from bridge.config import EngineConfig
@@ -29,6 +31,10 @@ log = logging.getLogger("bridge.engine")
 _LIST_BINDINGS = "engine::registered-triggers::list"
 # Invocation errors that say the call never reached a live target, as opposed to the target failing.
 _LINK_ERRORS = frozenset({"SHUTDOWN", "engine_unavailable"})
+# The SDK's default backoff grows to 30 s; an engine coming back should not wait that long for its bridges.
+_RECONNECT = ReconnectionConfig(initial_delay_ms=500, max_delay_ms=5000)
+_UNREACHABLE_FIRST_S = 3.0  # how long a first connection may take before the operator is told
+_UNREACHABLE_REPEAT_S = 30.0  # then how often it is repeated while the engine stays away
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class EngineLink:
             namespace=self._config.namespace,
             enable_metrics_reporting=False,
             otel={"enabled": False},
+            reconnection_config=_RECONNECT,
         )
         log.info("connecting to the iii engine at %s", self._config.url)
         # III() connects in the background; register_worker() would block this loop for up to 30 s.
@@ -109,6 +116,7 @@ class EngineLink:
             self._advertise(spec)
         self._unsubscribe = self._client.add_connection_state_listener(self._state_from_sdk)
         self._reconcile_task = asyncio.create_task(self._reconcile_loop(), name="engine-reconcile")
+        self._spawn(self._report_unreachable(), "engine-unreachable-report")
 
     async def close(self) -> None:
         tasks = [t for t in (self._reconcile_task, *self._background) if t is not None]
@@ -273,9 +281,30 @@ class EngineLink:
             await asyncio.sleep(delay_s)
             await self.reconcile()
 
-        task = asyncio.create_task(later(), name="engine-reconcile-once")
+        self._spawn(later(), "engine-reconcile-once")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._background.add(task)  # keep a reference so the task is not collected early
         task.add_done_callback(self._background.discard)
+
+    async def _report_unreachable(self) -> None:
+        """Say plainly, and again now and then, that the engine does not answer (the SDK retries quietly)."""
+        down_since = time.monotonic()
+        next_report = down_since + _UNREACHABLE_FIRST_S
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            if self._connected:
+                down_since = now
+                next_report = now + _UNREACHABLE_FIRST_S
+            elif now >= next_report:
+                log.warning(
+                    "the iii engine at %s is unreachable (for %.0f s); retrying in the background, events wait",
+                    self._config.url,
+                    now - down_since,
+                )
+                next_report = now + _UNREACHABLE_REPEAT_S
 
     async def _reconcile_loop(self) -> None:
         interval = self._config.reconcile_interval_ms / 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,3 +234,24 @@ def test_delivery_resumes_after_an_engine_restart(
 def test_sigterm_exits_zero(workdir: Path, bridge: BridgeProcess) -> None:
     assert bridge.stop() == 0
     assert "bridge stopped" in bridge.log()
+
+
+def test_an_unreachable_engine_is_reported_and_files_wait_for_it(workdir: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"ws://127.0.0.1:{port}"
+    with BridgeProcess(workdir / "bridge.yaml", url) as proc:
+        proc.wait_for_log(r"the iii engine at \S+ is unreachable", timeout=15)
+        _drop(workdir / "inbox", "waiting.json", {"amount": 4, "tags": []})
+        with TestEngine(port=port) as engine:
+            proc.wait_for_log(r"connected to the iii engine", timeout=20)
+            consumer = Consumer(engine.url, engine=engine)
+            try:
+                consumer.function("shop::patient")
+                consumer.bind("inbox", "shop::patient")
+                calls = consumer.wait_calls("shop::patient", 1, timeout=20)
+                assert calls[0]["name"] == "waiting.json"
+            finally:
+                consumer.close()
+            assert proc.stop() == 0
