@@ -14,6 +14,7 @@ import pytest
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from bridge.testing.files import drop as _drop
+from bridge.testing.files import wait_for
 from bridge.testing.process import BridgeProcess
 
 CONFIG = """\
@@ -255,3 +256,21 @@ def test_an_unreachable_engine_is_reported_and_files_wait_for_it(workdir: Path) 
             finally:
                 consumer.close()
             assert proc.stop() == 0
+
+
+def test_dry_run_prints_each_rendered_payload_and_changes_nothing(workdir: Path) -> None:
+    _drop(workdir / "inbox", "one.json", {"amount": 5, "tags": ["t"]})
+    proc = BridgeProcess(workdir / "bridge.yaml", "ws://127.0.0.1:9", extra_args=("--dry-run",))
+    with proc:
+        _drop(workdir / "inbox", "two.json", {"amount": 6, "tags": []})
+        lines = wait_for(lambda: len(proc.stdout().splitlines()) >= 2 and proc.stdout().splitlines(), 15, "2 lines")
+        assert proc.stop() == 0
+    printed = sorted((json.loads(line) for line in lines), key=lambda r: r["payload"]["name"])
+    assert printed == [
+        {"function_id": "dry-run::inbox", "payload": {"name": "one.json", "amount": 5, "tags": ["t"], "label": "plain",
+                                                      "summary": "one.json costs 5", "fixed": 7}},
+        {"function_id": "dry-run::inbox", "payload": {"name": "two.json", "amount": 6, "tags": [], "label": "plain",
+                                                      "summary": "two.json costs 6", "fixed": 7}},
+    ]
+    assert not (workdir / "state").exists()  # no checkpoint, no dead letters: a dry run leaves no state behind
+    assert "connecting to the iii engine" not in proc.log()
