@@ -50,8 +50,8 @@ _FORMATS = _Validator.FORMAT_CHECKER
 
 CONDITION_PROPERTY: dict[str, Any] = {
     "type": "string",
-    "description": "iii convention: a function called with the event before delivery; the binding only "
-    "receives the event when it returns true.",
+    "description": "iii convention: a function called with the rendered payload before each delivery (in the "
+    "bound function's namespace); the binding skips the event when it returns false or fails.",
 }
 
 
