@@ -46,6 +46,17 @@ class TriggerTypeSpec:
     bind: BindValidator
     payload_schema: dict[str, Any] | None
     table: BindingTable
+    exclusive: bool = False  # advertised only once its source is the active replica (see activate())
+
+
+class _NoTriggerApiNotice(logging.Filter):
+    """The SDK also logs its trigger-API deprecation notice; to an operator it reads like a fault of the bridge."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is deprecated and will be removed" not in record.getMessage()
+
+
+logging.getLogger("iii.iii").addFilter(_NoTriggerApiNotice())
 
 
 class _Handler(TriggerHandler[Any]):
@@ -92,6 +103,7 @@ class EngineLink:
         self._dropped: asyncio.Future[None] | None = None
         self._reconcile_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._advertised: set[str] = set()  # trigger types this bridge provides (an exclusive standby: not yet)
         self._unsubscribe: Callable[[], None] | None = None
 
     # lifecycle -----------------------------------------------------------------------------------------------
@@ -113,7 +125,8 @@ class EngineLink:
         self._client = III(self._config.url, options)
         for spec in specs:
             self._specs[spec.id] = spec
-            self._advertise(spec)
+            if not spec.exclusive:
+                self._advertise(spec)
         self._unsubscribe = self._client.add_connection_state_listener(self._state_from_sdk)
         self._reconcile_task = asyncio.create_task(self._reconcile_loop(), name="engine-reconcile")
         self._spawn(self._report_unreachable(), "engine-unreachable-report")
@@ -259,6 +272,13 @@ class EngineLink:
 
     # advertising and reconciliation --------------------------------------------------------------------------
 
+    def activate(self, trigger_type: str) -> None:
+        """The source of ``trigger_type`` became the active replica: provide the type from now on (registering
+        last makes the engine route every binding here, replaying the current ones)."""
+        spec = self._specs.get(trigger_type)
+        if spec is not None and self._client is not None:
+            self._advertise(spec)
+
     def _advertise(self, spec: TriggerTypeSpec) -> None:
         assert self._client is not None
         with warnings.catch_warnings():
@@ -274,7 +294,11 @@ class EngineLink:
                 ),
                 _Handler(self, spec),
             )
-        log.info("advertised trigger type %s", spec.id)
+        if spec.id in self._advertised:
+            log.debug("registered trigger type %s again", spec.id)
+        else:
+            self._advertised.add(spec.id)
+            log.info("advertised trigger type %s", spec.id)
 
     def _schedule_reconcile(self, delay_s: float) -> None:
         async def later() -> None:
@@ -317,6 +341,8 @@ class EngineLink:
         if not self._connected:
             return
         for spec in self._specs.values():
+            if spec.id not in self._advertised:
+                continue  # a standby: the active replica holds the bindings
             try:
                 live = await self.list_bindings(spec.id)
             except DeliveryError as exc:

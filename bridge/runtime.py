@@ -24,7 +24,7 @@ from bridge.deadletter import DeadLetterSink, destination_key, open_destination
 from bridge.dispatch import Dispatcher, Invoker, Stats
 from bridge.errors import BindConfigError
 from bridge.schemas import BindValidator
-from bridge.sources import REGISTRY, SHUTDOWN_GRACE_S, Event, OnDone, Source
+from bridge.sources import REGISTRY, SHUTDOWN_GRACE_S, Event, OnDone, Source, exclusive
 from bridge.status import SourceStatus, StatusLine, status_enabled
 
 if TYPE_CHECKING:
@@ -39,8 +39,15 @@ DRAIN_TIMEOUT_S = SHUTDOWN_GRACE_S
 class SourceRunner:
     """The Sink a source submits to: the in-flight window, per-key ordering, and the acknowledgement hook."""
 
-    def __init__(self, config: SourceConfig, dispatcher: Dispatcher, table: BindingTable) -> None:
+    def __init__(
+        self,
+        config: SourceConfig,
+        dispatcher: Dispatcher,
+        table: BindingTable,
+        on_activate: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
+        self._on_activate = on_activate
         self.dispatcher = dispatcher
         self.table = table
         self.stats = dispatcher.stats
@@ -78,6 +85,10 @@ class SourceRunner:
 
     def window_full(self) -> bool:
         return self._slots.locked()
+
+    def activate(self) -> None:
+        if self._on_activate is not None:
+            self._on_activate(self.config.id)
 
     # delivery ------------------------------------------------------------------------------------------------
 
@@ -200,7 +211,7 @@ class Runtime:
             self.tables[source.id] = table
             self.validators[source.id] = BindValidator(source.id, source.bind_schema)
             dispatcher = Dispatcher(source, table, invoker, self._dead_letters(source), stats=Stats())
-            self.runners[source.id] = SourceRunner(source, dispatcher, table)
+            self.runners[source.id] = SourceRunner(source, dispatcher, table, self._activate)
             self.source_states[source.id] = "starting"
         if self.dry_run:
             self._bind_dry_run()
@@ -312,10 +323,15 @@ class Runtime:
                 bind=self.validators[s.id],
                 payload_schema=s.payload_schema,
                 table=self.tables[s.id],
+                exclusive=exclusive(s),
             )
             for s in self.config.sources
         ]
         self._link.start(specs)
+
+    def _activate(self, source_id: str) -> None:
+        if self._link is not None:
+            self._link.activate(source_id)
 
     def _bind_dry_run(self) -> None:
         for source in self.config.sources:

@@ -75,11 +75,28 @@ class Sink(Protocol):
         """Whether the next submit would wait for a free slot."""
         ...
 
+    def activate(self) -> None:
+        """Called by a source of an exclusive kind (see :func:`exclusive`) each time it becomes the active replica
+        (it took its lock): from then on this bridge provides the trigger type, so the engine routes every
+        binding to it. Sources of other kinds never call it."""
+        ...
+
 
 class Source(Protocol):
     """One configured source. ``run`` produces events until cancelled; cancellation stops intake at once."""
 
     async def run(self, sink: Sink) -> None: ...
+
+
+def exclusive(config: SourceConfig) -> bool:
+    """Whether replicas of this source take turns (one active, the others standing by behind a lock).
+
+    The engine routes bindings to the replica that registered the trigger type last, so such a source advertises
+    its trigger type only once it is active (:meth:`Sink.activate`); a standby stays silent and cannot draw the
+    bindings away from the replica that delivers. Kafka and outbox replicas all work at once and advertise at
+    start.
+    """
+    return config.kind == "file" or getattr(config.kind_config, "mode", None) == "listen"
 
 
 SourceFactory = Callable[["SourceConfig", Path], Source]

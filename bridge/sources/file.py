@@ -103,6 +103,7 @@ class FileSource:
             fc.path.mkdir(parents=True, exist_ok=True)
             log.info("file source %s: created the watched directory %s", self.config.id, fc.path)
         await self._lock.acquire()
+        sink.activate()
         stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
         try:

@@ -183,6 +183,8 @@ class PostgresSource:
                 backoff.reset()
                 self.listening = True
                 self._log_listening(where)
+                if self._sink is not None:
+                    self._sink.activate()
                 why = await watch_connection(conn, lost)
                 self._lost_at = time.time()
                 self.listening = False

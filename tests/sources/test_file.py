@@ -30,6 +30,7 @@ class RecordingSink:
     unbound (like the runtime), and acknowledges each event right away (``auto_ack``) or when told to."""
 
     def __init__(self, *, bound: bool = True, auto_ack: bool = True) -> None:
+        self.activations = 0  # how often the source said it became the active replica
         self.events: list[Event] = []
         self.unacked: list[tuple[Event, OnDone]] = []
         self.auto_ack = auto_ack
@@ -57,6 +58,9 @@ class RecordingSink:
 
     def window_full(self) -> bool:
         return False
+
+    def activate(self) -> None:
+        self.activations += 1
 
     # test controls --------------------------------------------------------------------------------------------
 
@@ -592,15 +596,19 @@ async def test_a_second_bridge_on_the_same_directory_stands_by(
         await first.exactly(1)
         assert second.events == []
         assert any("standing by" in r.getMessage() for r in caplog.records)
+        # Only the replica holding the lock may provide the trigger type (else it draws the bindings away).
+        assert (first.activations, second.activations) == (1, 0)
         first_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await first_task
         (inbox / "b.txt").write_text("b")
         await second.wait_for(2, timeout=5)  # its own state_dir: a.txt is new to it
     assert sorted(second.summary()) == [("a.txt", "created"), ("b.txt", "created")]
+    assert second.activations == 1
     assert any("this replica is now active" in r.getMessage() for r in caplog.records)
 
 
 def test_the_registry_builds_a_file_source(inbox: Path, state: Path) -> None:
     factory: Callable[..., Any] = REGISTRY["file"]
     assert isinstance(factory(make_config(inbox), state), FileSource)
+

@@ -39,6 +39,7 @@ class MemorySink:
     while ``hold(event)`` is true, until ``ack`` (a redelivered event is held once per delivery)."""
 
     def __init__(self, *, bound: bool = True, window: int = 1000, hold: Callable[[Event], bool] | None = None):
+        self.activations = 0  # how often the source said it became the active replica
         self.events: list[Event] = []
         self.window = window
         self.hold = hold or (lambda event: False)
@@ -75,6 +76,9 @@ class MemorySink:
 
     def window_full(self) -> bool:
         return self._in_flight >= self.window
+
+    def activate(self) -> None:
+        self.activations += 1
 
     # test controls --------------------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ class RecordingSink:
     def __init__(
         self, *, bound: bool = True, auto_ack: bool = True, window: int = 1000, ack_delay_s: float = 0.0
     ) -> None:
+        self.activations = 0  # how often the source said it became the active replica
         self.events: list[Event] = []
         self.ack_delay_s = ack_delay_s
         self.unacked: list[tuple[Event, OnDone]] = []
@@ -83,6 +84,9 @@ class RecordingSink:
 
     def window_full(self) -> bool:
         return self._slots.locked()
+
+    def activate(self) -> None:
+        self.activations += 1
 
     # test controls --------------------------------------------------------------------------------------------
 
