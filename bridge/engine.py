@@ -21,6 +21,7 @@ from iii.iii_types import RegisterTriggerTypeInput
 from iii.triggers import TriggerConfig, TriggerHandler
 from iii_helpers.observability import ReconnectionConfig
 
+from bridge._handover import Handover
 from bridge.bindings import Binding, BindingTable
 from bridge.config import EngineConfig
 from bridge.errors import BindConfigError, DeliveryError, EngineUnavailable
@@ -99,8 +100,9 @@ class EngineLink:
         self._connected = False
         self._connected_event: asyncio.Event | None = None
         self._ever_connected = False
-        # Resolved when the current connection drops: in-flight calls stop waiting for answers that cannot come.
-        self._dropped: asyncio.Future[None] | None = None
+        self._handover: Handover | None = None
+        # Calls waiting for an answer; failed at once when the link drops (the answer can never come).
+        self._waiting: set[asyncio.Future[Any]] = set()
         self._reconcile_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._advertised: set[str] = set()  # trigger types this bridge provides (an exclusive standby: not yet)
@@ -123,6 +125,7 @@ class EngineLink:
         log.info("connecting to the iii engine at %s", self._config.url)
         # III() connects in the background; register_worker() would block this loop for up to 30 s.
         self._client = III(self._config.url, options)
+        self._handover = Handover(self._client.trigger_async, self._client._loop, self._loop)
         for spec in specs:
             self._specs[spec.id] = spec
             if not spec.exclusive:
@@ -184,25 +187,24 @@ class EngineLink:
             request["action"] = {"type": "void"}
         elif mode == "enqueue":
             request["action"] = {"type": "enqueue", "queue": queue}
-        dropped = self._dropped
-        assert dropped is not None
-        task = asyncio.ensure_future(client.trigger_async(request))
+        handover = self._handover
+        assert handover is not None
+        future = handover.submit(request)
+        self._waiting.add(future)
         try:
-            # Race the call against the link dropping; never cancel a call whose answer already arrived.
-            await asyncio.wait((task, dropped), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise EngineUnavailable("the engine link dropped during the call")
-        try:
-            return task.result()
+            return await future
         except InvocationError as exc:
             if exc.code in _LINK_ERRORS:
                 raise EngineUnavailable(exc.message) from exc
             raise DeliveryError(exc.code, exc.message) from exc
+        except ConnectionError as exc:
+            raise EngineUnavailable(str(exc)) from exc
+        except Exception as exc:
+            # Anything else the SDK raises (a payload it cannot serialise, a bug) must still end in a retry or a
+            # dead letter, never in an event that is silently left unacknowledged.
+            raise DeliveryError("client_error", f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._waiting.discard(future)
 
     async def list_bindings(self, trigger_type: str) -> set[str]:
         result = await self.invoke(
@@ -227,7 +229,6 @@ class EngineLink:
         self._connected = connected
         assert self._connected_event is not None
         if connected:
-            self._dropped = asyncio.get_running_loop().create_future()
             self._connected_event.set()
             if self._ever_connected:
                 log.info("reconnected to the iii engine; bindings are being replayed")
@@ -244,8 +245,9 @@ class EngineLink:
             for spec in self._specs.values():
                 spec.table.mark_stale()
             # In-flight calls would only time out: the engine cannot answer them any more.
-            if self._dropped is not None and not self._dropped.done():
-                self._dropped.set_result(None)
+            for future in list(self._waiting):
+                if not future.done():
+                    future.set_exception(EngineUnavailable("the engine link dropped during the call"))
         if self._on_state is not None:
             self._on_state(connected)
 
