@@ -13,8 +13,11 @@ go to a 4-partition topic once; then, alternating (a)(b)(a)(b)..., with a fresh 
     parallel, and every second commits each partition up to its lowest offset not done (at-least-once).
 
 The rate is events/s at the function from its first call to its N-th (group joins and start-up excluded).
-For the bridge process it also prints CPU µs per event (utime+stime from /proc over the same span) and peak
-RSS (VmHWM). The target is a bridge/hand-written ratio of at least 0.9.
+For each process it also prints CPU µs per event (utime+stime from /proc over the same span, also for the
+engine, the consumer and the broker) and peak RSS (VmHWM). The target is a bridge/hand-written ratio of at least
+0.9. Run it on an otherwise idle machine: with 2 cores, other work shifts single rounds by 10-20 %, so the
+summary takes the median of the rounds. ``--profile DIR`` samples each round's process with py-spy
+(``pip install py-spy`` into the venv; it slows the rounds down).
 """
 
 from __future__ import annotations
@@ -375,6 +378,8 @@ def main() -> None:
     if args.role == "handwritten":
         asyncio.run(_handwritten(args.url, args.bootstrap, args.topic, args.group))
         return
+    if args.profile is not None and shutil.which("py-spy") is None:
+        parser.error("--profile needs py-spy on PATH (pip install py-spy)")
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
     with TansuBroker() as broker:
@@ -426,6 +431,7 @@ def main() -> None:
         print(f"work directory: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
+
 
 def _report(results: list[RoundResult]) -> None:
     bridge = [r for r in results if r.kind == "bridge"]

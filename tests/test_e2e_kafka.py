@@ -60,6 +60,7 @@ sources:
       offset: "{{ event.offset }}"
       timestamp: "{{ event.timestamp }}"
       at: "{{ event.timestamp | datetime }}"
+      iso: "{{ event.timestamp_iso }}"
       where: "{{ event.topic }}/{{ event.partition }}@{{ event.offset }} key={{ event.key }}"
 """
 
@@ -250,7 +251,7 @@ def test_2000_keyed_messages_each_once_in_partition_order_with_every_template_fi
         assert call["headers"] == {"trace": f"t{n}", "shop": "eu"}
         assert call["where"] == f"{topic.name}/{partition}@{offset} key=order-{n}"
         assert isinstance(call["timestamp"], int) and abs(call["timestamp"] - produced_ms) < 60_000
-        assert call["at"] == iso(call["timestamp"])
+        assert call["at"] == call["iso"] == iso(call["timestamp"])
     assert bridge.stop() == 0
     assert committed(topic) == {p: len(offsets) for p, offsets in per_partition.items()}
 
