@@ -382,6 +382,16 @@ def main() -> None:
         parser.error("--profile needs py-spy on PATH (pip install py-spy)")
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
+    try:
+        _bench(args, workdir)
+    finally:
+        if args.keep:
+            print(f"work directory: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _bench(args: argparse.Namespace, workdir: Path) -> None:
     with TansuBroker() as broker:
         engine_args = [sys.executable, "-m", "bridge.testing.engine", "--port", "0"]
         engine = _Child(engine_args + (["--no-compression"] if args.no_compression else []))
@@ -427,10 +437,6 @@ def main() -> None:
             if consumer is not None:
                 consumer.stop()
             engine.stop()
-    if args.keep:
-        print(f"work directory: {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _report(results: list[RoundResult]) -> None:
