@@ -50,14 +50,16 @@ class TriggerTypeSpec:
     exclusive: bool = False  # advertised only once its source is the active replica (see activate())
 
 
-class _NoTriggerApiNotice(logging.Filter):
-    """The SDK also logs its trigger-API deprecation notice; to an operator it reads like a fault of the bridge."""
+class _QuietSdk(logging.Filter):
+    """The SDK logs its trigger-API deprecation notice (reads like a fault of the bridge) and a warning per failed
+    reconnect attempt (one a second); the engine link says both once, in the operator's terms."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "is deprecated and will be removed" not in record.getMessage()
+        message = record.getMessage()
+        return "is deprecated and will be removed" not in message and not message.startswith("Connection failed")
 
 
-logging.getLogger("iii.iii").addFilter(_NoTriggerApiNotice())
+logging.getLogger("iii.iii").addFilter(_QuietSdk())
 
 
 class _Handler(TriggerHandler[Any]):
