@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,14 +26,6 @@ class DeadLetterSink(Protocol):
     async def write(self, record: dict[str, Any]) -> None: ...
 
     async def close(self) -> None: ...
-
-
-def iso_now() -> str:
-    return iso_from_epoch(datetime.now(UTC).timestamp())
-
-
-def iso_from_epoch(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class FileDeadLetter:

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bridge._clock import iso_from_epoch
 from bridge.bindings import Binding, BindingTable
 from bridge.config import DeliveryConfig, RetryConfig, SourceConfig
-from bridge.deadletter import DeadLetterSink, iso_from_epoch
+from bridge.deadletter import DeadLetterSink
 from bridge.errors import DeadLetterError, DeliveryError, EventError, RenderError
 from bridge.schemas import PayloadValidator
 from bridge.sources import Event, Outcome

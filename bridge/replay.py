@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from bridge._clock import iso_now
 from bridge.config import BridgeConfig
-from bridge.deadletter import iso_now, read_records
+from bridge.deadletter import read_records
 from bridge.errors import BridgeError, DeliveryError, EventError
 from bridge.templates import compile_tree, make_context
 

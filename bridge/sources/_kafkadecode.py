@@ -7,16 +7,13 @@ headers, timestamp); no client library is imported here.
 from __future__ import annotations
 
 import base64
-import functools
 import json
-from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from bridge._clock import iso_ms
 from bridge.config import KafkaSourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import Event
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class KafkaRecord(Protocol):
@@ -68,22 +65,6 @@ def decode(raw: bytes | None, fmt: str) -> tuple[Any, str | None]:
         return b64(raw), f"not valid JSON ({exc})"
     except RecursionError:
         return b64(raw), "not decodable JSON (nested too deeply)"
-
-
-def iso_ms(timestamp_ms: int) -> str | None:
-    """ISO-8601 UTC with milliseconds and Z, computed in integers (no float rounding of the milliseconds);
-    None for a time outside years 1..9999 (a producer may set any 64-bit timestamp)."""
-    seconds, millis = divmod(timestamp_ms, 1000)
-    try:
-        return f"{_iso_second(seconds)}.{millis:03d}Z"
-    except OverflowError:
-        return None
-
-
-@functools.lru_cache(maxsize=64)
-def _iso_second(seconds: int) -> str:
-    # Records come in bursts from the same second: formatting the date once per second saves most of the cost.
-    return (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def headers_text(headers: Any) -> dict[str, str | None]:

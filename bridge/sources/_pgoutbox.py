@@ -38,8 +38,8 @@ from typing import Any
 
 import asyncpg
 
+from bridge._clock import iso_now
 from bridge.config import PostgresSourceConfig, SourceConfig, redact_dsn
-from bridge.deadletter import iso_now
 from bridge.sources import Event, Outcome, Sink
 from bridge.sources._pgconn import (
     CONNECT_TIMEOUT_S,
