@@ -259,7 +259,7 @@ def _compile_string(
     # default ChainMap of template and environment globals is slow to copy for every context.
     template.globals = _GLOBAL_VALUES
     if expression is not None:
-        return _expression_renderer(template, path)
+        return _expression_renderer(template, path, _lookup_path(expression))
     label = _format_path(path)
 
     def render_string(scope: dict[str, Any]) -> Any:
@@ -271,17 +271,65 @@ def _compile_string(
     return render_string
 
 
-def _expression_renderer(template: Template, path: Path) -> _Render:
-    label = _format_path(path)
+def _lookup_path(expression: nodes.Expr) -> tuple[str, tuple[str | int, ...]] | None:
+    """``("event", ("payload", "id"))`` for ``event.payload.id`` or ``event["payload"]["id"]``: an expression that
+    is a variable followed by constant keys, attributes or indexes (most payload templates); None otherwise."""
+    steps: list[str | int] = []
+    node: nodes.Node = expression
+    while True:
+        if isinstance(node, nodes.Getattr):
+            steps.append(node.attr)
+            node = node.node
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and type(node.arg.value) in (
+            str,
+            int,
+        ):
+            steps.append(node.arg.value)
+            node = node.node
+        elif isinstance(node, nodes.Name) and node.ctx == "load":
+            return node.name, tuple(reversed(steps))
+        else:
+            return None
 
-    def render_expression(scope: dict[str, Any]) -> Any:
+
+_MISSING: Any = object()
+
+
+def _expression_renderer(
+    template: Template, path: Path, lookup: tuple[str, tuple[str | int, ...]] | None
+) -> _Render:
+    """Renders a lone expression to its native value. A ``lookup`` path is first followed directly through plain
+    dicts and lists (what the environment's getattr/getitem return for a key that exists, without a Jinja
+    context); anything else (a missing key, another type, a filter) runs the compiled template."""
+    label = _format_path(path)
+    name, steps = lookup if lookup is not None else ("", ())
+
+    def evaluate(scope: dict[str, Any]) -> Any:
+        if lookup is not None:
+            value = scope.get(name, _MISSING)
+            for step in steps:
+                kind = type(value)
+                if kind is dict:
+                    value = value.get(step, _MISSING)
+                elif kind is list and type(step) is int and 0 <= step < len(value):
+                    value = value[step]
+                else:
+                    value = _MISSING
+                if value is _MISSING:
+                    break
+            else:
+                if value is not _MISSING:
+                    return value
         try:
             context = template.new_context(scope, shared=True)
             for _ in template.root_render_func(context):
                 pass
-            value = context.vars["result"]
+            return context.vars["result"]
         except Exception as exc:
             raise _render_error(label, _describe(exc)) from exc
+
+    def render_expression(scope: dict[str, Any]) -> Any:
+        value = evaluate(scope)
         try:
             return _plain(value)
         except _NotPlain as exc:

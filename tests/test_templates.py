@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -325,6 +326,67 @@ def test_undefined_values_are_render_errors_naming_the_path() -> None:
     assert _render_error({"a": "{{ event.value.items[5] }}"}) == "payload.a: list object has no element 5"
     with pytest.raises(RenderError, match=r"^'dict object' has no attribute 'nope'$"):
         compile_tree("{{ event.nope }}").render(_ctx())
+
+
+class _Mapping(Mapping[str, Any]):
+    """A mapping that is not a dict: the direct lookup leaves it to Jinja."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "event.value.count",
+        "event.value.customer",
+        "event['value']['customer']['name']",
+        "event.value.items[1].sku",
+        "event.value.items.0.qty",
+        "event.value.items[-1]",
+        "event.value.items[5]",
+        "event.value.nope",
+        "event.value.customer.keys",
+        "event.value.note",
+        "event.nested.inner",
+        "event.nested.gone",
+        "event.pair[1]",
+        "config.min_total",
+        "binding.function_id",
+        "nope.x",
+        "event",
+    ],
+)
+def test_direct_lookups_agree_with_jinja(expression: str) -> None:
+    """A template that is only a path is looked up without Jinja; the same path inside a conditional expression
+    runs through Jinja. Values and errors must be the same."""
+    event = {**_event(), "nested": _Mapping({"inner": {"x": 1}}), "pair": ("a", "b")}
+
+    def outcome(source: str) -> Any:
+        try:
+            return _one(source, event=event)
+        except RenderError as exc:
+            return f"error: {exc}"
+
+    direct = outcome("{{ " + expression + " }}")
+    through_jinja = outcome("{{ " + expression + " if true else none }}")
+    assert direct == through_jinja
+
+
+def test_a_direct_lookup_copies_what_it_returns() -> None:
+    event = _event()
+    value = _one("{{ event.value.items }}", event=event)
+    value[0]["sku"] = "changed"
+    assert event["value"]["items"][0]["sku"] == "a"
 
 
 def test_defined_tests_and_default_still_work() -> None:
