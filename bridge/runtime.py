@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -51,8 +52,9 @@ class SourceRunner:
         self.dispatcher = dispatcher
         self.table = table
         self.stats = dispatcher.stats
-        self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._window = config.max_in_flight
         self._in_flight = 0
+        self._room_waiters: deque[asyncio.Future[None]] = deque()  # submits waiting for a free slot, in order
         self.peak_in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._order_tails: dict[Any, asyncio.Future[None]] = {}
@@ -60,10 +62,34 @@ class SourceRunner:
     # Sink ----------------------------------------------------------------------------------------------------
 
     async def submit(self, event: Event, on_done: OnDone) -> None:
-        await self.table.wait_non_empty()
-        await self._slots.acquire()
+        waited = False
+        while not self.offer(event, on_done, waited=waited):
+            if not self.table:
+                await self.table.wait_non_empty()
+                continue
+            waiter = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._room_waiters.remove(waiter)
+                    self._wake_next()  # pass on the slot this submit was woken for
+                raise
+            finally:
+                if waiter in self._room_waiters:
+                    self._room_waiters.remove(waiter)
+            waited = True
+
+    def offer(self, event: Event, on_done: OnDone, *, waited: bool = False) -> bool:
+        """Start delivering ``event`` now if a binding exists and the window has room (and no earlier submit
+        waits for it); False, accepting nothing, otherwise. The source's fast path: no task switch before the
+        delivery starts."""
+        if not self.table or self._in_flight >= self._window or (self._room_waiters and not waited):
+            return False
         self._in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        if self._in_flight > self.peak_in_flight:
+            self.peak_in_flight = self._in_flight
         previous: asyncio.Future[None] | None = None
         mine: asyncio.Future[None] | None = None
         if event.order_key is not None:
@@ -73,6 +99,13 @@ class SourceRunner:
         task = asyncio.create_task(self._run(event, on_done, previous, mine), name=f"event {event.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
+
+    def _wake_next(self) -> None:
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def has_bindings(self) -> bool:
         return len(self.table) > 0
@@ -84,7 +117,7 @@ class SourceRunner:
         return self._in_flight
 
     def window_full(self) -> bool:
-        return self._slots.locked()
+        return self._in_flight >= self._window
 
     def activate(self) -> None:
         if self._on_activate is not None:
@@ -116,7 +149,8 @@ class SourceRunner:
                           extra={"trigger_type": self.config.id, "event_id": event.id})
         finally:
             self._in_flight -= 1
-            self._slots.release()
+            if self._room_waiters:
+                self._wake_next()
             if mine is not None:
                 if not mine.done():
                     mine.set_result(None)

@@ -167,6 +167,109 @@ async def test_events_wait_while_nothing_is_bound(tmp_path: Path) -> None:
     assert [f for f, _ in invoker.calls] == ["f::two"]
 
 
+class _Gate:
+    """An invoker whose calls wait until released, one at a time or all at once."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self._waiting: list[asyncio.Future[None]] = []
+
+    async def wait_connected(self) -> None:
+        return None
+
+    async def invoke(self, function_id: str, payload: Any, **_: Any) -> Any:
+        self.calls.append(payload)
+        gate = asyncio.get_running_loop().create_future()
+        self._waiting.append(gate)
+        await gate
+        return None
+
+    async def release_one(self) -> None:
+        self._waiting.pop(0).set_result(None)
+        for _ in range(5):  # let the finished event free its slot and the woken submit run
+            await asyncio.sleep(0)
+
+    async def until_calls(self, count: int) -> None:
+        for _ in range(100):
+            if len(self.calls) >= count:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"{len(self.calls)} calls, expected {count}")
+
+
+def _event(n: int) -> Event:
+    return Event(id=f"e{n}", source="synthetic", fields={"n": n})
+
+
+async def test_offer_starts_an_event_only_when_submit_would_not_wait(tmp_path: Path) -> None:
+    gate = _Gate()
+    runner = _runner(tmp_path, 2, gate, payload={"n": "{{ event.n }}"})
+    assert runner.offer(_event(0), _noop) and runner.offer(_event(1), _noop)
+    assert runner.window_full() and not runner.offer(_event(2), _noop)
+    await gate.until_calls(2)
+    queued = asyncio.create_task(runner.submit(_event(2), _noop))
+    await asyncio.sleep(0.01)
+    assert not queued.done()
+    await gate.release_one()
+    assert queued.done()
+    # A submit that waited keeps its turn: an offer made while it waits is refused even with a free slot.
+    late = asyncio.create_task(runner.submit(_event(3), _noop))
+    await asyncio.sleep(0.01)
+    runner._in_flight -= 1  # a slot frees without the runner waking anybody yet
+    assert not runner.offer(_event(4), _noop)
+    runner._in_flight += 1
+    await gate.release_one()
+    assert late.done()
+    runner.table.remove("b1")
+    assert not runner.offer(_event(5), _noop)
+    for _ in range(2):
+        await gate.release_one()
+    await gate.until_calls(4)
+    assert [c["n"] for c in gate.calls] == [0, 1, 2, 3]
+    assert await runner.drain(5) == 0
+
+
+async def test_waiting_submits_go_in_order_and_a_cancelled_one_passes_its_turn_on(tmp_path: Path) -> None:
+    gate = _Gate()
+    runner = _runner(tmp_path, 1, gate, payload={"n": "{{ event.n }}"})
+    await runner.submit(_event(0), _noop)
+    await gate.until_calls(1)
+    waiting = [asyncio.create_task(runner.submit(_event(n), _noop)) for n in (1, 2, 3)]
+    await asyncio.sleep(0.01)
+    waiting[0].cancel()
+    await asyncio.gather(waiting[0], return_exceptions=True)
+    for count in (2, 3):
+        await gate.release_one()
+        await gate.until_calls(count)
+    await gate.release_one()
+    assert [c["n"] for c in gate.calls] == [0, 2, 3]
+    assert all(task.done() for task in waiting)
+    assert await runner.drain(5) == 0
+
+
+async def test_a_submit_cancelled_after_it_was_woken_hands_the_slot_on(tmp_path: Path) -> None:
+    gate = _Gate()
+    runner = _runner(tmp_path, 1, gate, payload={"n": "{{ event.n }}"})
+    await runner.submit(_event(0), _noop)
+    await gate.until_calls(1)
+    first, second = (asyncio.create_task(runner.submit(_event(n), _noop)) for n in (1, 2))
+    await asyncio.sleep(0.01)
+    # What a finishing event does (free its slot, wake the first waiter), then the woken submit is cancelled
+    # before it could run: the slot must go to the next waiter instead of staying unused.
+    runner._in_flight -= 1
+    runner._wake_next()
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await gate.until_calls(2)
+    assert second.done() and [c["n"] for c in gate.calls] == [0, 2]
+    runner._in_flight += 1  # event 0 is still running: give its slot back before it ends
+    for _ in range(2):
+        await gate.release_one()
+    assert await runner.drain(5) == 0
+
+
 async def _noop(outcome: Outcome) -> None:
     return None
 

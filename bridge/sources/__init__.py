@@ -59,6 +59,11 @@ class Sink(Protocol):
         (back-pressure), then returns as soon as the event is accepted (delivery runs concurrently)."""
         ...
 
+    def offer(self, event: Event, on_done: OnDone) -> bool:
+        """Accept an event only if ``submit`` would not wait (a binding exists, the window has room and no earlier
+        submit is waiting); False accepts nothing. Lets a callback hand over an event without a task switch."""
+        ...
+
     def has_bindings(self) -> bool:
         """Whether any function is bound to this source right now."""
         ...

@@ -1,13 +1,14 @@
 """The ``postgres`` source: NOTIFY channels (``mode: listen``) or an outbox table (``mode: outbox``).
 
 listen (at-most-once): a dedicated connection LISTENs on every channel of ``channels``. The notification
-callback never blocks: it puts the notification on a bounded queue that a submit loop feeds to the sink, and
-drops it (counted in ``dropped``, logged) when no function is bound or the queue is full. A NOTIFY sent while
-the connection is down is lost by Postgres' design: on reconnect (exponential backoff between
-``reconnect_initial_backoff_ms`` and ``reconnect_max_backoff_ms``) the source LISTENs again, logs the gap ("sent
-between T1 and T2 were lost") and counts it in ``gaps``. Event: ``id = pg:<channel>:<pid>:<received ns>``,
-``channel``, ``payload`` (decoded per ``payload_format``; a non-JSON payload under ``json`` becomes an event
-with a DecodeError, dead-lettered with ``binding: null``), ``pid`` (the notifying backend), ``received_at``.
+callback never blocks: it hands the event to the sink at once when the sink has room (``Sink.offer``), else puts
+the notification on a bounded queue that a submit loop feeds to the sink, and drops it (counted in ``dropped``,
+logged) when no function is bound or the queue is full. A NOTIFY sent while the connection is down is lost by
+Postgres' design: on reconnect (exponential backoff between ``reconnect_initial_backoff_ms`` and
+``reconnect_max_backoff_ms``) the source LISTENs again, logs the gap ("sent between T1 and T2 were lost") and
+counts it in ``gaps``. Event: ``id = pg:<channel>:<pid>:<received ns>``, ``channel``, ``payload`` (decoded per
+``payload_format``; a non-JSON payload under ``json`` becomes an event with a DecodeError, dead-lettered with
+``binding: null``), ``pid`` (the notifying backend), ``received_at``.
 
 Replicas (listen): one bridge listens per source. The listening connection takes the session-level advisory
 lock :func:`listen_lock_key` (derived from the trigger type id) before it LISTENs; a replica that does not get
@@ -32,8 +33,8 @@ from typing import Any
 
 import asyncpg
 
+from bridge._clock import iso_from_epoch, iso_from_ns
 from bridge.config import BridgeConfig, DeadLetterConfig, PostgresSourceConfig, SourceConfig, redact_dsn
-from bridge.deadletter import iso_from_epoch
 from bridge.diagnostics import Problem
 from bridge.errors import BridgeError, DeadLetterError, DecodeError
 from bridge.sources import SHUTDOWN_GRACE_S, Event, Outcome, Sink
@@ -242,15 +243,19 @@ class PostgresSource:
         self._lost_at = None
 
     def _on_notify(self, _conn: Any, pid: int, channel: str, payload: str) -> None:
-        # Called by asyncpg for every NOTIFY: it must never block, so it only queues.
+        # Called by asyncpg for every NOTIFY: it must never block. When the sink can take the event at once it
+        # gets it here; otherwise (window full, or earlier notifications still queued) the event is queued.
         ns = time.time_ns()
         if ns <= self._last_ns:
             ns = self._last_ns + 1  # keeps event ids unique even if the clock stalls or steps back
         self._last_ns = ns
         self.received += 1
-        if self._sink is None or not self._sink.has_bindings():
+        sink = self._sink
+        if sink is None or not sink.has_bindings():
             self._drops.drop("no function is bound to this source", warn=False)
             return
+        if self._queue.empty() and sink.offer(self._event(channel, pid, payload, ns), _nothing_to_acknowledge):
+            return  # the usual case: delivery starts now, with no hop through the submit loop
         try:
             self._queue.put_nowait((channel, pid, payload, ns))
         except asyncio.QueueFull:
@@ -279,7 +284,7 @@ class PostgresSource:
         return Event(
             id=f"pg:{channel}:{pid}:{ns}",
             source=self.config.id,
-            fields={"channel": channel, "payload": value, "pid": pid, "received_at": iso_from_epoch(ns / 1e9)},
+            fields={"channel": channel, "payload": value, "pid": pid, "received_at": iso_from_ns(ns)},
             error=error,
         )
 

@@ -1,4 +1,4 @@
-"""The file source against real files in tmp_path, with a small in-memory Sink standing in for the runtime."""
+"""The file source against real files in tmp_path, with an in-memory Sink (MemorySink) standing in for the runtime."""
 
 from __future__ import annotations
 
@@ -18,94 +18,22 @@ import pytest
 
 from bridge.config import DeliveryConfig, FileSourceConfig, SourceConfig
 from bridge.errors import DecodeError
-from bridge.sources import REGISTRY, Event, OnDone, Outcome
+from bridge.sources import REGISTRY
 from bridge.sources.file import FileSource
+from bridge.testing.sink import MemorySink
 
 SETTLE_MS = 30
 QUIET_S = 0.4  # how long "nothing more arrives" is watched for
 
 
-class RecordingSink:
-    """The runtime's side of the Sink protocol, in memory: records submitted events, waits in ``submit`` while
-    unbound (like the runtime), and acknowledges each event right away (``auto_ack``) or when told to."""
-
-    def __init__(self, *, bound: bool = True, auto_ack: bool = True) -> None:
-        self.activations = 0  # how often the source said it became the active replica
-        self.events: list[Event] = []
-        self.unacked: list[tuple[Event, OnDone]] = []
-        self.auto_ack = auto_ack
-        self._bound = asyncio.Event()
-        if bound:
-            self._bound.set()
-        self._acks: set[asyncio.Task[None]] = set()
-
-    async def submit(self, event: Event, on_done: OnDone) -> None:
-        await self._bound.wait()
-        self.events.append(event)
-        if self.auto_ack:
-            self._ack_later(on_done, "delivered")
-        else:
-            self.unacked.append((event, on_done))
-
-    def has_bindings(self) -> bool:
-        return self._bound.is_set()
-
-    async def wait_for_bindings(self) -> None:
-        await self._bound.wait()
-
-    def in_flight(self) -> int:
-        return len(self.unacked) + len(self._acks)
-
-    def window_full(self) -> bool:
-        return False
-
-    def activate(self) -> None:
-        self.activations += 1
-
-    # test controls --------------------------------------------------------------------------------------------
-
-    def bind(self) -> None:
-        self._bound.set()
-
-    def _ack_later(self, on_done: OnDone, outcome: Outcome) -> None:
-        # The runtime acknowledges from the event's own task, after submit returned.
-        task = asyncio.create_task(_acknowledge(on_done, outcome))
-        self._acks.add(task)
-        task.add_done_callback(self._acks.discard)
-
-    async def ack_all(self, outcome: Outcome = "delivered") -> None:
-        for _, on_done in self.unacked:
-            await on_done(outcome)
-        self.unacked.clear()
-        await self.acked()
-
-    async def acked(self) -> None:
-        while self._acks:
-            await asyncio.gather(*list(self._acks))
-
-    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Event]:
-        deadline = time.monotonic() + timeout
-        while len(self.events) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"expected {count} events, got {len(self.events)}: {self.summary()}")
-            await asyncio.sleep(0.01)
-        await self.acked()
-        return self.events
-
-    async def exactly(self, count: int, timeout: float = 5.0) -> list[Event]:
-        """Wait for ``count`` events, then make sure no more arrive for a while."""
-        await self.wait_for(count, timeout)
-        await asyncio.sleep(QUIET_S)
-        await self.acked()
-        assert len(self.events) == count, self.summary()
-        return self.events
-
-    def summary(self) -> list[tuple[str, str]]:
-        return [(e.fields["relative_path"], e.fields["change"]) for e in self.events]
+def new_sink(*, bound: bool = True, hold: bool = False) -> MemorySink:
+    """The runtime stand-in: ``hold`` keeps every event in flight until ``ack_all``; ``exactly`` watches for
+    QUIET_S."""
+    return MemorySink(bound=bound, hold=hold, quiet_s=QUIET_S)
 
 
-async def _acknowledge(on_done: OnDone, outcome: Outcome) -> None:
-    await on_done(outcome)
+def summary(sink: MemorySink) -> list[tuple[str, str]]:
+    return [(e.fields["relative_path"], e.fields["change"]) for e in sink.events]
 
 
 def make_config(path: Path, source_id: str = "inbox", **kw: Any) -> SourceConfig:
@@ -125,7 +53,7 @@ def make_config(path: Path, source_id: str = "inbox", **kw: Any) -> SourceConfig
 
 
 @contextlib.asynccontextmanager
-async def running(source: FileSource, sink: RecordingSink) -> AsyncIterator[asyncio.Task[None]]:
+async def running(source: FileSource, sink: MemorySink) -> AsyncIterator[asyncio.Task[None]]:
     task = asyncio.create_task(source.run(sink))
     try:
         await asyncio.sleep(0.05)  # let the watcher start
@@ -164,7 +92,7 @@ def _inotify_count() -> int:
 
 
 async def test_a_new_file_is_one_created_event_with_every_field(inbox: Path, state: Path) -> None:
-    sink = RecordingSink()
+    sink = new_sink()
     before = _inotify_count()
     async with running(_source(inbox, state), sink):
         (inbox / "sub").mkdir()
@@ -193,7 +121,7 @@ async def test_a_new_file_is_one_created_event_with_every_field(inbox: Path, sta
 
 
 async def test_created_modified_deleted_follow_changes(inbox: Path, state: Path) -> None:
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state, changes=("created", "modified", "deleted")), sink):
         (inbox / "a.txt").write_text("one")
         await sink.wait_for(1)
@@ -210,7 +138,7 @@ async def test_created_modified_deleted_follow_changes(inbox: Path, state: Path)
 
 
 async def test_changes_not_listed_are_not_delivered(inbox: Path, state: Path) -> None:
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state, changes=("modified",)), sink):
         (inbox / "a.txt").write_text("one")
         await asyncio.sleep(QUIET_S)
@@ -228,7 +156,7 @@ async def test_include_and_exclude_globs_on_names_and_relative_paths(inbox: Path
                 "skip/f.json", "sub/.cache/g.json", "orders/h.json"]:
         (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
         (inbox / rel).write_text("{}")
-    sink = RecordingSink()
+    sink = new_sink()
     source = _source(inbox, state, include=("*.json",), exclude=(".*", "*.tmp", "skip/*"))
     async with running(source, sink):
         await sink.exactly(3)
@@ -236,7 +164,7 @@ async def test_include_and_exclude_globs_on_names_and_relative_paths(inbox: Path
 
 
 async def test_include_matches_relative_paths_too(inbox: Path, state: Path) -> None:
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state, include=("orders/*.json",)), sink):
         for rel in ["x.json", "orders/a.json", "orders/2024/b.json", "other/orders.json"]:
             (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -247,7 +175,7 @@ async def test_include_matches_relative_paths_too(inbox: Path, state: Path) -> N
 
 async def test_a_file_written_in_chunks_is_one_event_once_it_settles(inbox: Path, state: Path) -> None:
     settle_ms = 200
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state, settle_ms=settle_ms), sink):
         with open(inbox / "big.txt", "wb") as fh:
             for _ in range(15):  # 15 x 40 ms = 3 x settle_ms, never pausing for settle_ms
@@ -260,18 +188,18 @@ async def test_a_file_written_in_chunks_is_one_event_once_it_settles(inbox: Path
 
 
 async def test_a_file_gone_before_it_settled_is_dropped(inbox: Path, state: Path) -> None:
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state, settle_ms=300, changes=("created", "deleted")), sink):
         (inbox / "brief.txt").write_text("x")
         await asyncio.sleep(0.05)
         (inbox / "brief.txt").unlink()
         (inbox / "stays.txt").write_text("y")
         await sink.exactly(1)
-    assert sink.summary() == [("stays.txt", "created")]
+    assert summary(sink) == [("stays.txt", "created")]
 
 
 async def test_the_source_fails_when_its_directory_is_removed(inbox: Path, state: Path) -> None:
-    task = asyncio.create_task(_source(inbox, state).run(RecordingSink()))
+    task = asyncio.create_task(_source(inbox, state).run(new_sink()))
     await asyncio.sleep(0.1)
     shutil.rmtree(inbox)
     with pytest.raises(RuntimeError, match="was removed"):
@@ -292,7 +220,7 @@ async def test_the_source_fails_when_its_directory_is_removed(inbox: Path, state
 )
 async def test_content_modes(inbox: Path, state: Path, content: str, data: bytes, expected: Any) -> None:
     (inbox / "f.bin").write_bytes(data)
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state, content=content), sink):
         [event] = await sink.wait_for(1)
     assert event.error is None
@@ -313,7 +241,7 @@ async def test_undecodable_content_is_an_event_with_a_decode_error(
     inbox: Path, state: Path, content: str, data: bytes, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     (inbox / "bad.dat").write_bytes(data)
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state, content=content, max_content_bytes=100), sink):
         [event] = await sink.wait_for(1)
     assert isinstance(event.error, DecodeError)
@@ -323,7 +251,7 @@ async def test_undecodable_content_is_an_event_with_a_decode_error(
     assert event.fields["size"] == len(data)
     assert any(r.levelno == logging.WARNING and reason in r.getMessage() for r in caplog.records)
     # acknowledged like any event: checkpointed, not submitted again after a restart
-    sink2 = RecordingSink()
+    sink2 = new_sink()
     async with running(_source(inbox, state, content=content, max_content_bytes=100), sink2):
         await asyncio.sleep(QUIET_S)
     assert sink2.events == []
@@ -333,7 +261,7 @@ async def test_undecodable_content_is_an_event_with_a_decode_error(
 async def test_an_unreadable_file_is_an_event_with_a_decode_error(inbox: Path, state: Path) -> None:
     (inbox / "secret.txt").write_text("x")
     (inbox / "secret.txt").chmod(0)
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state), sink):
         [event] = await sink.wait_for(1)
     assert isinstance(event.error, DecodeError)
@@ -348,7 +276,7 @@ async def test_initial_scan_submits_existing_files_and_creates_a_missing_directo
 ) -> None:
     caplog.set_level(logging.INFO, logger="bridge.sources.file")
     missing = tmp_path / "not" / "yet"
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(missing, state), sink):
         await asyncio.sleep(0.1)
     assert missing.is_dir()
@@ -360,7 +288,7 @@ async def test_initial_scan_submits_existing_files_and_creates_a_missing_directo
     caplog.clear()
     async with running(_source(missing, state), sink):
         await sink.exactly(3)
-    assert sorted(sink.summary()) == [("a.txt", "created"), ("d/b.txt", "created"), ("d/e/c.txt", "created")]
+    assert sorted(summary(sink)) == [("a.txt", "created"), ("d/b.txt", "created"), ("d/e/c.txt", "created")]
     assert any("3 file(s) pending from the initial scan" in r.getMessage() for r in caplog.records)
 
 
@@ -368,18 +296,18 @@ async def test_restart_delivers_only_what_changed_while_down(inbox: Path, state:
     changes = ("created", "modified", "deleted")
     for name in ["keep.txt", "edit.txt", "gone.txt"]:
         (inbox / name).write_text("v1")
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state, changes=changes), sink):
         await sink.exactly(3)
     # while the bridge is down
     (inbox / "edit.txt").write_text("version 2")
     (inbox / "gone.txt").unlink()
     (inbox / "new.txt").write_text("v1")
-    sink2 = RecordingSink()
+    sink2 = new_sink()
     async with running(_source(inbox, state, changes=changes), sink2):
         await sink2.exactly(3)
-    assert sorted(sink2.summary()) == [("edit.txt", "modified"), ("gone.txt", "deleted"), ("new.txt", "created")]
-    sink3 = RecordingSink()
+    assert sorted(summary(sink2)) == [("edit.txt", "modified"), ("gone.txt", "deleted"), ("new.txt", "created")]
+    sink3 = new_sink()
     async with running(_source(inbox, state, changes=changes), sink3):
         await asyncio.sleep(QUIET_S)
     assert sink3.events == []
@@ -387,13 +315,13 @@ async def test_restart_delivers_only_what_changed_while_down(inbox: Path, state:
 
 async def test_unacknowledged_events_come_back_after_a_restart(inbox: Path, state: Path) -> None:
     (inbox / "a.txt").write_text("a")
-    sink = RecordingSink(auto_ack=False)
+    sink = new_sink(hold=True)
     async with running(_source(inbox, state), sink):
         await sink.exactly(1)  # in flight: not submitted twice
-    sink2 = RecordingSink()
+    sink2 = new_sink()
     async with running(_source(inbox, state), sink2):
         await sink2.exactly(1)
-    assert sink2.summary() == [("a.txt", "created")]
+    assert summary(sink2) == [("a.txt", "created")]
 
 
 async def test_a_torn_checkpoint_line_is_ignored_and_compacted(inbox: Path, state: Path) -> None:
@@ -403,13 +331,13 @@ async def test_a_torn_checkpoint_line_is_ignored_and_compacted(inbox: Path, stat
     log_path = state / "file" / "inbox.jsonl"
     log_path.parent.mkdir(parents=True)
     log_path.write_text(json.dumps({"p": "a.txt", "v": f"{st.st_mtime_ns}:{st.st_size}"}) + '\n{"p": "b.t')
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state), sink):
         await sink.exactly(1)
-    assert sink.summary() == [("b.txt", "created")]
+    assert summary(sink) == [("b.txt", "created")]
     lines = log_path.read_text().splitlines()
     assert [json.loads(line)["p"] for line in lines] == ["a.txt", "b.txt"]
-    sink2 = RecordingSink()
+    sink2 = new_sink()
     async with running(_source(inbox, state), sink2):
         await asyncio.sleep(QUIET_S)
     assert sink2.events == []
@@ -422,7 +350,7 @@ async def test_checkpoint_is_compacted_on_start_when_it_has_grown(inbox: Path, s
         for i in range(3000):
             fh.write(json.dumps({"p": "old.txt", "v": f"{i}:1"}) + "\n")
         fh.write(json.dumps({"p": "old.txt", "d": True}) + "\n")
-    async with running(_source(inbox, state), RecordingSink()):
+    async with running(_source(inbox, state), new_sink()):
         pass
     assert log_path.read_text() == ""
 
@@ -432,7 +360,7 @@ async def test_checkpoint_is_compacted_on_start_when_it_has_grown(inbox: Path, s
 
 async def test_after_delivery_delete_removes_the_file_without_a_deleted_event(inbox: Path, state: Path) -> None:
     changes = ("created", "modified", "deleted")
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state, changes=changes, after_delivery="delete"), sink):
         (inbox / "sub").mkdir()
         (inbox / "a.txt").write_text("a")
@@ -441,8 +369,8 @@ async def test_after_delivery_delete_removes_the_file_without_a_deleted_event(in
         assert sorted(p.name for p in inbox.rglob("*") if p.is_file() and p.name != ".iii-bridge.lock") == []
         (inbox / "a.txt").write_text("a again")  # the same name later is a new file
         await sink.exactly(3)
-    assert [change for _, change in sink.summary()] == ["created", "created", "created"]
-    sink2 = RecordingSink()
+    assert [change for _, change in summary(sink)] == ["created", "created", "created"]
+    sink2 = new_sink()
     async with running(_source(inbox, state, changes=changes), sink2):
         await asyncio.sleep(QUIET_S)
     assert sink2.events == []
@@ -455,7 +383,7 @@ async def test_after_delivery_move_keeps_the_relative_path_and_never_overwrites(
     (done / "sub").mkdir(parents=True)
     (done / "sub" / "b.json").write_text("earlier")
     changes = ("created", "modified", "deleted")
-    sink = RecordingSink(auto_ack=False)
+    sink = new_sink(hold=True)
     source = _source(inbox, state, changes=changes, after_delivery="move", move_to=done)
     async with running(source, sink):
         (inbox / "sub").mkdir()
@@ -473,7 +401,7 @@ async def test_after_delivery_move_keeps_the_relative_path_and_never_overwrites(
 
 
 async def test_move_to_inside_the_watched_directory_is_not_watched(inbox: Path, state: Path) -> None:
-    sink = RecordingSink()
+    sink = new_sink()
     source = _source(inbox, state, after_delivery="move", move_to=inbox / "done")
     async with running(source, sink):
         (inbox / "a.txt").write_text("a")
@@ -485,7 +413,7 @@ async def test_move_to_inside_the_watched_directory_is_not_watched(inbox: Path, 
 
 
 async def test_files_written_at_once_into_new_subdirectories_are_all_seen(inbox: Path, state: Path) -> None:
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state), sink):
         for i in range(20):
             deep = inbox / f"d{i}" / "deeper"
@@ -499,16 +427,16 @@ async def test_files_written_at_once_into_new_subdirectories_are_all_seen(inbox:
 async def test_non_recursive_watches_the_top_level_only(inbox: Path, state: Path) -> None:
     (inbox / "sub").mkdir()
     (inbox / "sub" / "early.txt").write_text("x")
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state, recursive=False), sink):
         (inbox / "top.txt").write_text("x")
         (inbox / "sub" / "late.txt").write_text("x")
         await sink.exactly(1)
-    assert sink.summary() == [("top.txt", "created")]
+    assert summary(sink) == [("top.txt", "created")]
 
 
 async def test_a_directory_moved_out_deletes_its_files(tmp_path: Path, inbox: Path, state: Path) -> None:
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state, changes=("created", "deleted")), sink):
         (inbox / "d" / "e").mkdir(parents=True)
         (inbox / "d" / "x.txt").write_text("x")
@@ -516,7 +444,7 @@ async def test_a_directory_moved_out_deletes_its_files(tmp_path: Path, inbox: Pa
         await sink.exactly(2)
         (inbox / "d").rename(tmp_path / "elsewhere")
         await sink.exactly(4)
-    assert sorted(sink.summary()[2:]) == [("d/e/y.txt", "deleted"), ("d/x.txt", "deleted")]
+    assert sorted(summary(sink)[2:]) == [("d/e/y.txt", "deleted"), ("d/x.txt", "deleted")]
 
 
 async def test_symlinks_outside_are_ignored_inside_are_files(tmp_path: Path, inbox: Path, state: Path) -> None:
@@ -530,13 +458,13 @@ async def test_symlinks_outside_are_ignored_inside_are_files(tmp_path: Path, inb
     (inbox / "in.txt").symlink_to(inbox / "real" / "r.txt")
     (inbox / "alias").symlink_to(inbox / "real")
     (inbox / "real" / "loop").symlink_to(inbox)
-    sink = RecordingSink()
+    sink = new_sink()
     async with running(_source(inbox, state), sink):
         await sink.exactly(2)
         (outside / "later.txt").write_text("x")
         (inbox / "real" / "s.txt").write_text("s")  # reported through the alias: still real/s.txt
         await sink.exactly(3)
-    assert sorted(sink.summary()) == [("in.txt", "created"), ("real/r.txt", "created"), ("real/s.txt", "created")]
+    assert sorted(summary(sink)) == [("in.txt", "created"), ("real/r.txt", "created"), ("real/s.txt", "created")]
     assert next(e for e in sink.events if e.fields["name"] == "in.txt").fields["content"] == "real"
 
 
@@ -544,7 +472,7 @@ async def test_symlinks_outside_are_ignored_inside_are_files(tmp_path: Path, inb
 
 
 async def test_files_wait_while_nothing_is_bound(inbox: Path, state: Path) -> None:
-    sink = RecordingSink(bound=False)
+    sink = new_sink(bound=False)
     async with running(_source(inbox, state), sink):
         for i in range(50):
             (inbox / f"f{i}.txt").write_text(str(i))
@@ -556,7 +484,7 @@ async def test_files_wait_while_nothing_is_bound(inbox: Path, state: Path) -> No
 
 
 async def test_a_version_in_flight_is_not_submitted_twice(inbox: Path, state: Path) -> None:
-    sink = RecordingSink(auto_ack=False)
+    sink = new_sink(hold=True)
     async with running(_source(inbox, state), sink):
         (inbox / "a.txt").write_text("a")
         await sink.wait_for(1)
@@ -565,11 +493,11 @@ async def test_a_version_in_flight_is_not_submitted_twice(inbox: Path, state: Pa
         assert len(sink.events) == 1
         (inbox / "a.txt").write_text("ab")
         await sink.exactly(2)
-    assert sink.summary() == [("a.txt", "created"), ("a.txt", "modified")]
+    assert summary(sink) == [("a.txt", "created"), ("a.txt", "modified")]
 
 
 async def test_a_burst_of_a_thousand_files_is_submitted_exactly_once(inbox: Path, state: Path) -> None:
-    sink = RecordingSink()
+    sink = new_sink()
 
     def burst() -> None:
         for i in range(1000):
@@ -586,7 +514,7 @@ async def test_a_second_bridge_on_the_same_directory_stands_by(
     tmp_path: Path, inbox: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="bridge.sources.file")
-    first, second = RecordingSink(), RecordingSink()
+    first, second = new_sink(), new_sink()
     # different state_dirs: the lock lives in the watched directory
     async with (
         running(_source(inbox, tmp_path / "state1"), first) as first_task,
@@ -603,7 +531,7 @@ async def test_a_second_bridge_on_the_same_directory_stands_by(
             await first_task
         (inbox / "b.txt").write_text("b")
         await second.wait_for(2, timeout=5)  # its own state_dir: a.txt is new to it
-    assert sorted(second.summary()) == [("a.txt", "created"), ("b.txt", "created")]
+    assert sorted(summary(second)) == [("a.txt", "created"), ("b.txt", "created")]
     assert second.activations == 1
     assert any("this replica is now active" in r.getMessage() for r in caplog.records)
 

@@ -1,5 +1,5 @@
-"""The kafka source against a real Kafka-protocol broker (Tansu, or BRIDGE_TEST_KAFKA), with a small in-memory
-Sink standing in for the runtime. Every test uses its own topic (4 partitions) and consumer group."""
+"""The kafka source against a real Kafka-protocol broker (Tansu, or BRIDGE_TEST_KAFKA), with an in-memory Sink
+(MemorySink) standing in for the runtime. Every test uses its own topic (4 partitions) and consumer group."""
 
 from __future__ import annotations
 
@@ -21,103 +21,32 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from bridge._clock import iso_ms
 from bridge.config import DeadLetterConfig, DeliveryConfig, KafkaSecurity, KafkaSourceConfig, SourceConfig
 from bridge.errors import DeadLetterError, DecodeError
-from bridge.sources import Event, OnDone, Outcome
-from bridge.sources._kafkadecode import decode, iso_ms
+from bridge.sources import Event
+from bridge.sources._kafkadecode import decode
 from bridge.sources._kafkaoffsets import PartitionTrack
 from bridge.sources.kafka import KafkaDeadLetter, KafkaSource, connection_options, kafka_dead_letter
+from bridge.testing.sink import MemorySink
 
 PARTITIONS = 4
 GROUP_TIMINGS = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 500, "rebalance_timeout_ms": 3000}
 JOIN_S = 15.0  # bound on waits that include a group join or a rebalance (Tansu takes seconds)
 
 
-class MemorySink:
-    """The runtime's side of the Sink protocol, in memory. ``submit`` waits while unbound or while ``window``
-    events are in flight (like the runtime); events are acknowledged at once from their own task, or held
-    while ``hold(event)`` is true, until ``ack`` (a redelivered event is held once per delivery)."""
+def new_sink(*, bound: bool = True, window: int = 1000, hold: Callable[[Event], bool] | None = None) -> MemorySink:
+    """The runtime stand-in: events for which ``hold`` is true stay in flight until ``sink.ack``; ``wait_for``
+    allows for a group join by default."""
+    return MemorySink(bound=bound, window=window, hold=hold or False, wait_timeout_s=JOIN_S)
 
-    def __init__(self, *, bound: bool = True, window: int = 1000, hold: Callable[[Event], bool] | None = None):
-        self.activations = 0  # how often the source said it became the active replica
-        self.events: list[Event] = []
-        self.window = window
-        self.hold = hold or (lambda event: False)
-        self.held: list[tuple[str, OnDone]] = []  # (event id, its acknowledgement), in delivery order
-        self._bound = asyncio.Event()
-        if bound:
-            self._bound.set()
-        self._in_flight = 0
-        self._freed = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, event: Event, on_done: OnDone) -> None:
-        while True:
-            await self._bound.wait()
-            if self._in_flight < self.window:
-                break
-            self._freed.clear()
-            await self._freed.wait()
-        self._in_flight += 1
-        self.events.append(event)
-        if self.hold(event):
-            self.held.append((event.id, on_done))
-        else:
-            self._spawn(self._finish(on_done, "delivered"))
-
-    def has_bindings(self) -> bool:
-        return self._bound.is_set()
-
-    async def wait_for_bindings(self) -> None:
-        await self._bound.wait()
-
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def window_full(self) -> bool:
-        return self._in_flight >= self.window
-
-    def activate(self) -> None:
-        self.activations += 1
-
-    # test controls --------------------------------------------------------------------------------------------
-
-    def bind(self) -> None:
-        self._bound.set()
-
-    def unbind(self) -> None:
-        self._bound.clear()
-
-    async def ack(self, event_id: str, outcome: Outcome = "delivered") -> None:
-        """Acknowledge the earliest held delivery of ``event_id``."""
-        index = next(i for i, (held_id, _) in enumerate(self.held) if held_id == event_id)
-        _, on_done = self.held.pop(index)
-        await self._finish(on_done, outcome)
-
-    async def _finish(self, on_done: OnDone, outcome: Outcome) -> None:
-        try:
-            await on_done(outcome)
-        finally:
-            self._in_flight -= 1
-            self._freed.set()
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def wait_for(self, count: int, timeout: float = JOIN_S) -> list[Event]:
-        await wait_until(lambda: len(self.events) >= count, timeout, lambda: f"{len(self.events)} of {count} events")
-        return self.events
-
-    def ids(self) -> list[str]:
-        return [e.id for e in self.events]
-
-    def by_partition(self) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for e in self.events:
-            out.setdefault(e.fields["partition"], []).append(e.fields["offset"])
-        return out
+def by_partition(sink: MemorySink) -> dict[int, list[int]]:
+    """The offsets delivered per partition, in delivery order."""
+    out: dict[int, list[int]] = {}
+    for e in sink.events:
+        out.setdefault(e.fields["partition"], []).append(e.fields["offset"])
+    return out
 
 
 async def wait_until(check: Callable[[], bool], timeout: float, what: Callable[[], str] = lambda: "") -> None:
@@ -232,14 +161,14 @@ async def test_keyed_json_over_four_partitions_each_once_in_partition_order(kafk
                                                                            tmp_path: Any) -> None:
     messages = orders(40)
     await produce(kafka_broker, topic, messages)
-    sink = MemorySink()
+    sink = new_sink()
     config = make_config(kafka_broker, topic)
     async with running(source_for(config, tmp_path), sink):
         await sink.wait_for(40)
         await asyncio.sleep(0.3)  # nothing more arrives
     assert len(sink.events) == 40
     assert len(set(sink.ids())) == 40
-    assert {p: offsets for p, offsets in sink.by_partition().items()} == {p: list(range(10)) for p in range(4)}
+    assert {p: offsets for p, offsets in by_partition(sink).items()} == {p: list(range(10)) for p in range(4)}
     event = next(e for e in sink.events if e.fields["partition"] == 2 and e.fields["offset"] == 3)
     assert event.id == f"kafka:{topic}:2:3"
     assert event.source == "orders"
@@ -260,7 +189,7 @@ async def test_bytes_and_text_formats_and_null_key_and_value(kafka_broker: str, 
         (0, None, b"AA==", []),
         (0, b"gone", None, []),
     ])
-    sink = MemorySink()
+    sink = new_sink()
     config = make_config(kafka_broker, topic, key_format="bytes", value_format="bytes", ordering="key")
     async with running(source_for(config, tmp_path), sink):
         first, keyless, tombstone = await sink.wait_for(3)
@@ -279,7 +208,7 @@ async def test_bytes_and_text_formats_and_null_key_and_value(kafka_broker: str, 
 async def test_json_key_text_value_ordering_none_and_topic_pattern(kafka_broker: str, topic: str,
                                                                    tmp_path: Any) -> None:
     await produce(kafka_broker, topic, [(1, b'{"id": 7}', "héllo".encode(), [])])
-    sink = MemorySink()
+    sink = new_sink()
     config = make_config(kafka_broker, topic, key_format="json", value_format="text", ordering="none")
     assert isinstance(config.kind_config, KafkaSourceConfig)
     by_pattern = dataclasses.replace(config.kind_config, topics=(), topic_pattern=re.escape(topic) + "$")
@@ -336,7 +265,7 @@ async def test_poison_value_becomes_an_error_event_and_the_stream_goes_on(kafka_
         (0, b"b", b"\x89PNG not json", []),
         (0, b"c", b'{"ok": 3}', []),
     ])
-    sink = MemorySink()
+    sink = new_sink()
     config = make_config(kafka_broker, topic)
     source = source_for(config, tmp_path)
     with caplog.at_level(logging.WARNING, logger="bridge.sources.kafka"):
@@ -360,7 +289,7 @@ async def test_poison_value_becomes_an_error_event_and_the_stream_goes_on(kafka_
 async def test_commits_never_pass_an_event_that_is_not_done(kafka_broker: str, topic: str, tmp_path: Any) -> None:
     await produce(kafka_broker, topic, orders(20))  # 5 per partition
     held_id = f"kafka:{topic}:0:2"
-    sink = MemorySink(hold=lambda e: e.id == held_id)
+    sink = new_sink(hold=lambda e: e.id == held_id)
     config = make_config(kafka_broker, topic, ordering="none")
     source = source_for(config, tmp_path)
     async with running(source, sink):
@@ -380,7 +309,7 @@ async def test_commits_never_pass_an_event_that_is_not_done(kafka_broker: str, t
 async def test_no_bindings_no_consumption_then_delivery_from_the_start(kafka_broker: str, topic: str,
                                                                       tmp_path: Any) -> None:
     await produce(kafka_broker, topic, orders(8))
-    sink = MemorySink(bound=False)
+    sink = new_sink(bound=False)
     config = make_config(kafka_broker, topic)
     source = source_for(config, tmp_path)
     async with running(source, sink):
@@ -409,14 +338,14 @@ async def test_a_restarted_source_resumes_from_committed_and_redelivers_only_una
     # Tansu numbers the first generation 0, for which aiokafka sends no LeaveGroup: the next member waits for the
     # first one's session to expire, so a shorter session keeps this test short.
     config = make_config(kafka_broker, topic, client_options={"session_timeout_ms": 1500, "rebalance_timeout_ms": 1500})
-    first = MemorySink(hold=lambda e: e.id in unacked)
+    first = new_sink(hold=lambda e: e.id in unacked)
     source = source_for(config, tmp_path, grace_s=0.2)
     async with running(source, first):
         await first.wait_for(40)
         await wait_until(lambda: source.committed_positions().get((topic, 1)) == 10, 5)
     assert source.committed_positions() == {(topic, 0): 7, (topic, 1): 10, (topic, 2): 10, (topic, 3): 10}
     await produce(kafka_broker, topic, [(3, b"late", b'{"late": true}', [])])
-    second = MemorySink()
+    second = new_sink()
     async with running(source_for(config, tmp_path), second):
         await second.wait_for(4)
         await asyncio.sleep(0.5)
@@ -425,24 +354,24 @@ async def test_a_restarted_source_resumes_from_committed_and_redelivers_only_una
 
 async def test_a_slow_partition_does_not_block_the_others(kafka_broker: str, topic: str, tmp_path: Any) -> None:
     await produce(kafka_broker, topic, orders(200) + [(0, b"more", b"{}", [])] * 1000)  # 1050 in partition 0
-    sink = MemorySink(window=8, hold=lambda e: e.fields["partition"] == 0)
+    sink = new_sink(window=8, hold=lambda e: e.fields["partition"] == 0)
     source = source_for(make_config(kafka_broker, topic, max_in_flight=8), tmp_path)
     async with running(source, sink):
-        await wait_until(lambda: sum(len(v) for p, v in sink.by_partition().items() if p) == 150, JOIN_S,
-                         lambda: str({p: len(v) for p, v in sink.by_partition().items()}))
+        await wait_until(lambda: sum(len(v) for p, v in by_partition(sink).items() if p) == 150, JOIN_S,
+                         lambda: str({p: len(v) for p, v in by_partition(sink).items()}))
         await asyncio.sleep(0.3)
         assert len(sink.held) == 8 // 4  # partition 0 keeps its share of the window, no more
         assert 0 < source.outstanding()[(topic, 0)] <= 2 + 256  # and a bounded buffer
         sink.hold = lambda e: False
-        for event_id, _ in list(sink.held):
-            await sink.ack(event_id)
+        for event, _ in list(sink.held):
+            await sink.ack(event.id)
         await sink.wait_for(1200)
-    assert sink.by_partition() == {0: list(range(1050)), 1: list(range(50)), 2: list(range(50)), 3: list(range(50))}
+    assert by_partition(sink) == {0: list(range(1050)), 1: list(range(50)), 2: list(range(50)), 3: list(range(50))}
 
 
 async def test_start_from_latest_skips_what_was_there(kafka_broker: str, topic: str, tmp_path: Any) -> None:
     await produce(kafka_broker, topic, orders(4))
-    sink = MemorySink()
+    sink = new_sink()
     source = source_for(make_config(kafka_broker, topic, start_from="latest"), tmp_path)
     async with running(source, sink):
         await wait_until(lambda: len(source.assigned()) == 4, JOIN_S)
@@ -461,7 +390,7 @@ async def test_an_unreachable_broker_makes_run_raise_for_the_supervisor(tmp_path
 
     config = make_config("127.0.0.1:1", "orders", client_options={"request_timeout_ms": 2000})
     with caplog.at_level(logging.ERROR, logger="bridge.sources.kafka"), pytest.raises(KafkaConnectionError):
-        await asyncio.wait_for(source_for(config, tmp_path).run(MemorySink()), 15)
+        await asyncio.wait_for(source_for(config, tmp_path).run(new_sink()), 15)
     assert any("127.0.0.1:1" in r.getMessage() and "security settings" in r.getMessage() for r in caplog.records)
 
 
@@ -478,7 +407,7 @@ async def test_sasl_credentials_reach_the_broker_and_never_the_logs(kafka_broker
         "security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "svc"}
     with caplog.at_level(logging.DEBUG), pytest.raises(KafkaError):
         # The test broker has no SASL: the handshake is refused, which shows the credentials were offered.
-        await asyncio.wait_for(source_for(config, tmp_path).run(MemorySink()), 15)
+        await asyncio.wait_for(source_for(config, tmp_path).run(new_sink()), 15)
     assert caplog.records
     assert not any("pa55-w0rd-do-not-log" in r.getMessage() for r in caplog.records)
 
@@ -503,7 +432,7 @@ def test_connection_options_per_protocol() -> None:
 async def test_two_sources_split_partitions_and_one_takes_over_without_loss(kafka_broker: str, topic: str,
                                                                            tmp_path: Any) -> None:
     config = make_config(kafka_broker, topic, commit_interval_ms=60_000)  # commits only on revoke and shutdown
-    sink_a, sink_b = MemorySink(), MemorySink()
+    sink_a, sink_b = new_sink(), new_sink()
     source_a, source_b = source_for(config, tmp_path), source_for(config, tmp_path)
 
     def delivered() -> set[str]:
@@ -542,7 +471,7 @@ async def test_an_event_abandoned_at_a_revoke_commits_nothing_when_it_finishes(k
     assert isinstance(config.kind_config, KafkaSourceConfig)
     by_pattern = dataclasses.replace(config.kind_config, topics=(), topic_pattern=re.escape(topic) + "(-more)?$")
     config = dataclasses.replace(config, kind_config=by_pattern)
-    sink = MemorySink(hold=lambda e: e.id == held_id)
+    sink = new_sink(hold=lambda e: e.id == held_id)
     source = source_for(config, tmp_path)
     await produce(kafka_broker, topic, orders(8))
     async with running(source, sink):
@@ -594,7 +523,7 @@ async def test_dead_letter_of_a_live_source_keeps_the_original_key_bytes(kafka_b
     await produce(kafka_broker, topic, [(0, raw_key, b"not json", [])])
     config = make_config(kafka_broker, topic, key_format="bytes")
     dead = kafka_dead_letter(DeadLetterConfig(kafka_topic=dlq), config)
-    sink = MemorySink(hold=lambda e: True)
+    sink = new_sink(hold=lambda e: True)
     try:
         async with running(source_for(config, tmp_path, grace_s=0), sink):
             [event] = await sink.wait_for(1)

@@ -1,4 +1,5 @@
-"""The postgres source against a real PostgreSQL server, with a small in-memory Sink standing in for the runtime."""
+"""The postgres source against a real PostgreSQL server, with an in-memory Sink (MemorySink) standing in for the
+runtime."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from bridge.config import (
     SourceConfig,
 )
 from bridge.errors import DeadLetterError, DecodeError
-from bridge.sources import Event, OnDone, Outcome
 from bridge.sources.postgres import (
     PostgresDeadLetter,
     PostgresSource,
@@ -34,88 +34,10 @@ from bridge.sources.postgres import (
     postgres_dead_letter,
 )
 from bridge.testing.services import PostgresServer
+from bridge.testing.sink import MemorySink
 
 QUIET_S = 0.3
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-class RecordingSink:
-    """The runtime's side of the Sink protocol, in memory: records events; ``submit`` waits while unbound or
-    while ``window`` events are unacknowledged (like the runtime); acknowledges at once (``auto_ack``) or when
-    told to."""
-
-    def __init__(
-        self, *, bound: bool = True, auto_ack: bool = True, window: int = 1000, ack_delay_s: float = 0.0
-    ) -> None:
-        self.activations = 0  # how often the source said it became the active replica
-        self.events: list[Event] = []
-        self.ack_delay_s = ack_delay_s
-        self.unacked: list[tuple[Event, OnDone]] = []
-        self.auto_ack = auto_ack
-        self.submitted_at: list[float] = []
-        self._bound = asyncio.Event()
-        if bound:
-            self._bound.set()
-        self._slots = asyncio.Semaphore(window)
-        self._in_flight = 0
-        self._acks: set[asyncio.Task[None]] = set()
-
-    async def submit(self, event: Event, on_done: OnDone) -> None:
-        await self._bound.wait()
-        await self._slots.acquire()
-        self._in_flight += 1
-        self.events.append(event)
-        self.submitted_at.append(time.time())
-        if self.auto_ack:
-            task = asyncio.create_task(self._ack(on_done, "delivered"))
-            self._acks.add(task)
-            task.add_done_callback(self._acks.discard)
-        else:
-            self.unacked.append((event, on_done))
-
-    def has_bindings(self) -> bool:
-        return self._bound.is_set()
-
-    async def wait_for_bindings(self) -> None:
-        await self._bound.wait()
-
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def window_full(self) -> bool:
-        return self._slots.locked()
-
-    def activate(self) -> None:
-        self.activations += 1
-
-    # test controls --------------------------------------------------------------------------------------------
-
-    def bind(self) -> None:
-        self._bound.set()
-
-    async def _ack(self, on_done: OnDone, outcome: Outcome) -> None:
-        try:
-            if self.ack_delay_s:
-                await asyncio.sleep(self.ack_delay_s)  # a delivery that takes a while
-            await on_done(outcome)
-        finally:
-            self._in_flight -= 1
-            self._slots.release()
-
-    async def ack_all(self) -> None:
-        held, self.unacked = self.unacked, []
-        for _, on_done in held:
-            await self._ack(on_done, "delivered")
-
-    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Event]:
-        await until(lambda: len(self.events) >= count, timeout, lambda: f"{len(self.events)} of {count} events")
-        return self.events
-
-    async def exactly(self, count: int, timeout: float = 5.0) -> list[Event]:
-        await self.wait_for(count, timeout)
-        await asyncio.sleep(QUIET_S)
-        assert len(self.events) == count, [e.id for e in self.events]
-        return self.events
 
 
 async def until(check: Callable[[], bool], timeout: float, what: Callable[[], str] | str = "condition") -> None:
@@ -149,7 +71,7 @@ def outbox_config(dsn: str, **kw: Any) -> SourceConfig:
 
 
 @contextlib.asynccontextmanager
-async def running(source: PostgresSource, sink: RecordingSink) -> AsyncIterator[asyncio.Task[None]]:
+async def running(source: PostgresSource, sink: MemorySink) -> AsyncIterator[asyncio.Task[None]]:
     task = asyncio.create_task(source.run(sink))
     try:
         yield task
@@ -231,7 +153,7 @@ def with_password(dsn: str, password: str) -> str:
 async def test_listen_json_payloads_become_events(pg_database: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="bridge.sources.postgres")
     dsn = with_password(pg_database, "s3cret-pw")
-    source, sink = PostgresSource(make_config(dsn, channels=("user_signup", "other")), Path()), RecordingSink()
+    source, sink = PostgresSource(make_config(dsn, channels=("user_signup", "other")), Path()), MemorySink()
     async with running(source, sink):
         await listening(source)
         pid = await notify(pg_database, "user_signup", '{"id": 1, "email": "a@example.com"}', "[1, 2]")
@@ -254,7 +176,7 @@ async def test_listen_json_payloads_become_events(pg_database: str, caplog: pyte
 
 async def test_listen_text_payloads_stay_strings(pg_database: str) -> None:
     config = make_config(pg_database, channels=("pings",), payload_format="text")
-    source, sink = PostgresSource(config, Path()), RecordingSink()
+    source, sink = PostgresSource(config, Path()), MemorySink()
     async with running(source, sink):
         await listening(source)
         await notify(pg_database, "pings", '{"id": 1}', "", "plain words")
@@ -264,7 +186,7 @@ async def test_listen_text_payloads_stay_strings(pg_database: str) -> None:
 
 
 async def test_listen_non_json_payload_is_an_event_with_a_decode_error(pg_database: str) -> None:
-    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), RecordingSink()
+    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), MemorySink()
     async with running(source, sink):
         await listening(source)
         await notify(pg_database, "c", "not json", "", '{"ok": true}')
@@ -276,10 +198,25 @@ async def test_listen_non_json_payload_is_an_event_with_a_decode_error(pg_databa
     assert good.error is None and good.fields["payload"] == {"ok": True}
 
 
+async def test_listen_queues_notifications_while_the_window_is_full_and_keeps_their_order(pg_database: str) -> None:
+    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), MemorySink(hold=True, window=2)
+    async with running(source, sink):
+        await listening(source)
+        await notify(pg_database, "c", *[json.dumps(i) for i in range(6)])
+        await sink.wait_for(2)  # taken at once (offer); the other four wait in the source's queue
+        await asyncio.sleep(0.2)
+        assert len(sink.events) == 2 and source.received == 6 and source.dropped == 0
+        while len(sink.events) < 6:
+            await sink.ack_all()
+            await asyncio.sleep(0.05)
+        await sink.ack_all()
+    assert [e.fields["payload"] for e in sink.events] == list(range(6))
+
+
 async def test_listen_reconnects_after_the_backend_is_killed_and_counts_the_gap(
     pg_database: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), RecordingSink()
+    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), MemorySink()
     async with running(source, sink):
         await listening(source)
         await notify(pg_database, "c", '"before"')
@@ -293,7 +230,7 @@ async def test_listen_reconnects_after_the_backend_is_killed_and_counts_the_gap(
 
 
 async def test_listen_drops_and_counts_notifications_while_nothing_is_bound(pg_database: str) -> None:
-    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), RecordingSink(bound=False)
+    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), MemorySink(bound=False)
     async with running(source, sink):
         await listening(source)
         await notify(pg_database, "c", *[json.dumps(i) for i in range(5)])
@@ -310,7 +247,7 @@ async def test_listen_replicas_deliver_each_notification_once_and_fail_over(
 ) -> None:
     caplog.set_level(logging.INFO, logger="bridge.sources.postgres")
     config = make_config(pg_database, channels=("c",))
-    replicas = [(PostgresSource(config, Path()), RecordingSink()) for _ in range(2)]
+    replicas = [(PostgresSource(config, Path()), MemorySink()) for _ in range(2)]
     tasks = [asyncio.create_task(source.run(sink)) for source, sink in replicas]
     try:
         await until(lambda: any(source.listening for source, _ in replicas), 5, "a listener")
@@ -344,7 +281,7 @@ async def test_an_unreachable_server_is_retried_and_the_password_never_logged(
 ) -> None:
     dsn = "postgresql://app:s3cret-pw@127.0.0.1:1/db"
     config = outbox_config(dsn) if mode == "outbox" else make_config(dsn, channels=("c",))
-    source, sink = PostgresSource(config, Path()), RecordingSink()
+    source, sink = PostgresSource(config, Path()), MemorySink()
     async with running(source, sink) as task:
         await until(lambda: caplog.text.count("retrying in") >= 3, 5, "three retries")
         assert not task.done()
@@ -359,7 +296,7 @@ async def test_outbox_delivers_rows_inserted_before_start_and_is_woken_by_notify
     config = outbox_config(pg_database, poll_interval_ms=60_000)  # only NOTIFY can wake it after the start
     await create_outbox(pg_database, config)
     await insert_rows(pg_database, 10)
-    source, sink = PostgresSource(config, Path()), RecordingSink()
+    source, sink = PostgresSource(config, Path()), MemorySink()
     async with running(source, sink):
         events = await sink.wait_for(10)
         await until(lambda: source.outbox is not None and source.outbox.deleted == 10, 5, "10 deletions")
@@ -384,7 +321,7 @@ async def test_outbox_row_stays_locked_until_its_event_is_done(pg_database: str)
     config = outbox_config(pg_database)
     await create_outbox(pg_database, config)
     await insert_rows(pg_database, 3)
-    holder_sink, other_sink = RecordingSink(auto_ack=False), RecordingSink()
+    holder_sink, other_sink = MemorySink(hold=True), MemorySink()
     a, b = PostgresSource(config, Path()), PostgresSource(config, Path())
     async with running(a, holder_sink):
         await holder_sink.exactly(3)
@@ -406,7 +343,7 @@ async def test_outbox_shutdown_waits_briefly_for_rows_in_flight(pg_database: str
     config = outbox_config(pg_database)
     await create_outbox(pg_database, config)
     await insert_rows(pg_database, 5)
-    sink = RecordingSink(auto_ack=False, window=2)  # two rows in flight, the claim waits to submit the third
+    sink = MemorySink(hold=True, window=2)  # two rows in flight, the claim waits to submit the third
     source = PostgresSource(config, Path(), shutdown_grace_s=5)
     task = asyncio.create_task(source.run(sink))
     await sink.exactly(2)
@@ -435,7 +372,7 @@ async def test_outbox_crash_mid_stream_loses_no_row(pg_database: str) -> None:
     config = outbox_config(pg_database, batch_size=50)
     await create_outbox(pg_database, config)
     await insert_rows(pg_database, 2000)
-    first_sink = RecordingSink()
+    first_sink = MemorySink()
     first = PostgresSource(config, Path(), shutdown_grace_s=0)
     task = asyncio.create_task(first.run(first_sink))
     try:
@@ -446,7 +383,7 @@ async def test_outbox_crash_mid_stream_loses_no_row(pg_database: str) -> None:
         await stop(task)
     left = await row_count(pg_database)
     assert 0 < left < 2000
-    second_sink = RecordingSink()
+    second_sink = MemorySink()
     async with running(PostgresSource(config, Path()), second_sink):
         await until(lambda: len(second_sink.events) >= left, 15, "the rest of the rows")
         async def empty() -> bool:
@@ -468,7 +405,7 @@ async def test_outbox_replicas_share_rows_each_delivered_once(pg_database: str) 
     config = outbox_config(pg_database, batch_size=50)
     await create_outbox(pg_database, config)
     await insert_rows(pg_database, 2000)
-    sink_a, sink_b = RecordingSink(), RecordingSink()
+    sink_a, sink_b = MemorySink(), MemorySink()
     a, b = PostgresSource(config, Path()), PostgresSource(config, Path())
     async with running(a, sink_a), running(b, sink_b):
         await until(lambda: len(sink_a.events) + len(sink_b.events) >= 2000, 20, "2000 events")
@@ -488,7 +425,7 @@ async def test_outbox_channels_restrict_the_rows_claimed(pg_database: str) -> No
     await create_outbox(pg_database, config)
     await insert_rows(pg_database, 3, channel="wanted")
     await insert_rows(pg_database, 2, channel="other")
-    source, sink = PostgresSource(config, Path()), RecordingSink()
+    source, sink = PostgresSource(config, Path()), MemorySink()
     async with running(source, sink):
         events = await sink.exactly(3)
     assert {e.fields["channel"] for e in events} == {"wanted"}
@@ -499,7 +436,7 @@ async def test_outbox_rows_wait_while_nothing_is_bound(pg_database: str) -> None
     config = outbox_config(pg_database)
     await create_outbox(pg_database, config)
     await insert_rows(pg_database, 2)
-    source, sink = PostgresSource(config, Path()), RecordingSink(bound=False)
+    source, sink = PostgresSource(config, Path()), MemorySink(bound=False)
     async with running(source, sink):
         await asyncio.sleep(0.5)
         assert source.outbox is not None and source.outbox.claimed == 0
@@ -521,7 +458,7 @@ async def test_outbox_survives_a_postgres_restart(throwaway_pg: PostgresServer) 
         config = outbox_config(dsn, batch_size=50)
         await create_outbox(dsn, config)
         await insert_rows(dsn, 2000)
-        sink = RecordingSink(window=16, ack_delay_s=0.02)  # ~800 rows/s: the restart lands mid-stream
+        sink = MemorySink(window=16, ack_delay_s=0.02)  # ~800 rows/s: the restart lands mid-stream
         source = PostgresSource(config, Path())
         async with running(source, sink):
             await sink.wait_for(300, timeout=10)
@@ -541,7 +478,7 @@ async def test_outbox_survives_a_postgres_restart(throwaway_pg: PostgresServer) 
 async def test_listen_survives_a_postgres_restart(throwaway_pg: PostgresServer) -> None:
     dsn = throwaway_pg.create_database()
     try:
-        source, sink = PostgresSource(make_config(dsn, channels=("c",)), Path()), RecordingSink()
+        source, sink = PostgresSource(make_config(dsn, channels=("c",)), Path()), MemorySink()
         async with running(source, sink):
             await listening(source)
             await asyncio.to_thread(throwaway_pg.restart_cluster)
