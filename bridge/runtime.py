@@ -392,7 +392,7 @@ class Runtime:
         while True:
             factory = REGISTRY[config.kind]
             try:
-                source: Source = factory(config, self.config.state_dir)
+                source: Source = factory(config, self.config.state_dir, dry_run=self.dry_run)
                 self.sources[config.id] = source
                 self.source_states[config.id] = "running"
                 await source.run(runner)

@@ -165,7 +165,7 @@ def test_counters_move_and_readiness_follows_the_engine(
 class _FigureSource:
     """A source with the read-only figures of the Kafka and Postgres sources; submits two events."""
 
-    def __init__(self, config: Any, state_dir: Path) -> None:
+    def __init__(self, config: Any, state_dir: Path, *, dry_run: bool = False) -> None:
         self.config = config
         self.gaps = 2
         self.dropped = 5

@@ -104,26 +104,33 @@ def exclusive(config: SourceConfig) -> bool:
     return config.kind == "file" or getattr(config.kind_config, "mode", None) == "listen"
 
 
-SourceFactory = Callable[["SourceConfig", Path], Source]
-"""Builds a source from its config and the bridge's state_dir."""
+class SourceFactory(Protocol):
+    """Builds a source from its config and the bridge's state_dir.
+
+    ``dry_run`` (`bridge up --dry-run`): the source reads as usual but changes nothing anybody else relies on: it
+    takes no lock a live replica needs, commits no offsets, deletes or locks no rows and writes no checkpoints
+    outside the (scratch) state_dir, so a dry run beside a live bridge neither steals nor loses its events.
+    """
+
+    def __call__(self, config: SourceConfig, state_dir: Path, *, dry_run: bool = False) -> Source: ...
 
 
-def _file_source(config: SourceConfig, state_dir: Path) -> Source:
+def _file_source(config: SourceConfig, state_dir: Path, *, dry_run: bool = False) -> Source:
     from bridge.sources.file import FileSource
 
-    return FileSource(config, state_dir)
+    return FileSource(config, state_dir, dry_run=dry_run)
 
 
-def _postgres_source(config: SourceConfig, state_dir: Path) -> Source:
+def _postgres_source(config: SourceConfig, state_dir: Path, *, dry_run: bool = False) -> Source:
     from bridge.sources.postgres import PostgresSource
 
-    return PostgresSource(config, state_dir)
+    return PostgresSource(config, state_dir, dry_run=dry_run)
 
 
-def _kafka_source(config: SourceConfig, state_dir: Path) -> Source:
+def _kafka_source(config: SourceConfig, state_dir: Path, *, dry_run: bool = False) -> Source:
     from bridge.sources.kafka import KafkaSource
 
-    return KafkaSource(config, state_dir)
+    return KafkaSource(config, state_dir, dry_run=dry_run)
 
 
 REGISTRY: dict[str, SourceFactory] = {

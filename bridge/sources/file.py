@@ -78,7 +78,7 @@ class _Flight:
 class FileSource:
     """Watches ``config.kind_config.path``; see the module docstring for the semantics."""
 
-    def __init__(self, config: SourceConfig, state_dir: Path) -> None:
+    def __init__(self, config: SourceConfig, state_dir: Path, *, dry_run: bool = False) -> None:
         if not isinstance(config.kind_config, FileSourceConfig):
             raise TypeError(f"source {config.id} is not a file source")
         self.config = config

@@ -104,7 +104,14 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka s
 class KafkaSource:
     """Consumes ``config.kind_config.topics`` (or ``topic_pattern``); see the module docstring."""
 
-    def __init__(self, config: SourceConfig, state_dir: Path, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    def __init__(
+        self,
+        config: SourceConfig,
+        state_dir: Path,
+        *,
+        shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+        dry_run: bool = False,
+    ) -> None:
         if not isinstance(config.kind_config, KafkaSourceConfig):
             raise TypeError(f"source {config.id} is not a kafka source")
         self.config = config

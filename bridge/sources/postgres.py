@@ -115,7 +115,14 @@ class PostgresSource:
     """One configured postgres source; ``run`` until cancelled. Counters for metrics: ``gaps`` (listen
     reconnections that may have lost notifications), ``dropped`` (notifications not submitted), ``received``."""
 
-    def __init__(self, config: SourceConfig, state_dir: Path, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    def __init__(
+        self,
+        config: SourceConfig,
+        state_dir: Path,
+        *,
+        shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+        dry_run: bool = False,
+    ) -> None:
         if not isinstance(config.kind_config, PostgresSourceConfig):
             raise TypeError(f"source {config.id} is not a postgres source")
         self.config = config
