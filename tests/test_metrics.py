@@ -119,7 +119,9 @@ def test_counters_move_and_readiness_follows_the_engine(
         samples = _samples(_get(f"{base}/metrics")[2])
         finished = sum(_value(samples, "bridge_events_done_total", trigger_type="inbox", outcome=o)
                        for o in ("delivered", "filtered", "dead_lettered"))
-        return samples if finished == 4 else None
+        # An event counts as done before its acknowledgement (a checkpoint write) ends and frees its slot.
+        settled = _value(samples, "bridge_events_in_flight", trigger_type="inbox") == 0
+        return samples if finished == 4 and settled else None
 
     samples = wait_for(done, 10, "4 events done")
     status, content_type, _ = _get(f"{base}/metrics")
