@@ -14,11 +14,11 @@ import json
 import logging
 import sys
 import tempfile
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from bridge._window import Window
 from bridge.bindings import Binding, BindingTable
 from bridge.config import BridgeConfig, DeadLetterConfig, FileSourceConfig, SourceConfig, redact_dsn
 from bridge.deadletter import DeadLetterSink, destination_key, open_destination
@@ -52,10 +52,7 @@ class SourceRunner:
         self.dispatcher = dispatcher
         self.table = table
         self.stats = dispatcher.stats
-        self._window = config.max_in_flight
-        self._in_flight = 0
-        self._room_waiters: deque[asyncio.Future[None]] = deque()  # submits waiting for a free slot, in order
-        self.peak_in_flight = 0
+        self._window = Window(config.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._order_tails: dict[Any, asyncio.Future[None]] = {}
 
@@ -67,29 +64,15 @@ class SourceRunner:
             if not self.table:
                 await self.table.wait_non_empty()
                 continue
-            waiter = asyncio.get_running_loop().create_future()
-            self._room_waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._room_waiters.remove(waiter)
-                    self._wake_next()  # pass on the slot this submit was woken for
-                raise
-            finally:
-                if waiter in self._room_waiters:
-                    self._room_waiters.remove(waiter)
+            await self._window.wait_turn()
             waited = True
 
     def offer(self, event: Event, on_done: OnDone, *, waited: bool = False) -> bool:
         """Start delivering ``event`` now if a binding exists and the window has room (and no earlier submit
         waits for it); False, accepting nothing, otherwise. The source's fast path: no task switch before the
         delivery starts."""
-        if not self.table or self._in_flight >= self._window or (self._room_waiters and not waited):
+        if not self.table or not self._window.take(waited=waited):
             return False
-        self._in_flight += 1
-        if self._in_flight > self.peak_in_flight:
-            self.peak_in_flight = self._in_flight
         previous: asyncio.Future[None] | None = None
         mine: asyncio.Future[None] | None = None
         if event.order_key is not None:
@@ -101,11 +84,9 @@ class SourceRunner:
         task.add_done_callback(self._tasks.discard)
         return True
 
-    def _wake_next(self) -> None:
-        for waiter in self._room_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    @property
+    def peak_in_flight(self) -> int:
+        return self._window.peak
 
     def has_bindings(self) -> bool:
         return len(self.table) > 0
@@ -114,10 +95,10 @@ class SourceRunner:
         await self.table.wait_non_empty()
 
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._window.taken
 
     def window_full(self) -> bool:
-        return self._in_flight >= self._window
+        return self._window.full
 
     def activate(self) -> None:
         if self._on_activate is not None:
@@ -148,9 +129,7 @@ class SourceRunner:
             log.exception("event %s of %s: unexpected error; it stays unacknowledged", event.id, self.config.id,
                           extra={"trigger_type": self.config.id, "event_id": event.id})
         finally:
-            self._in_flight -= 1
-            if self._room_waiters:
-                self._wake_next()
+            self._window.release()
             if mine is not None:
                 if not mine.done():
                     mine.set_result(None)

@@ -217,9 +217,9 @@ async def test_offer_starts_an_event_only_when_submit_would_not_wait(tmp_path: P
     # A submit that waited keeps its turn: an offer made while it waits is refused even with a free slot.
     late = asyncio.create_task(runner.submit(_event(3), _noop))
     await asyncio.sleep(0.01)
-    runner._in_flight -= 1  # a slot frees without the runner waking anybody yet
+    runner._window.taken -= 1  # a slot frees without the runner waking anybody yet
     assert not runner.offer(_event(4), _noop)
-    runner._in_flight += 1
+    runner._window.taken += 1
     await gate.release_one()
     assert late.done()
     runner.table.remove("b1")
@@ -258,13 +258,13 @@ async def test_a_submit_cancelled_after_it_was_woken_hands_the_slot_on(tmp_path:
     await asyncio.sleep(0.01)
     # What a finishing event does (free its slot, wake the first waiter), then the woken submit is cancelled
     # before it could run: the slot must go to the next waiter instead of staying unused.
-    runner._in_flight -= 1
-    runner._wake_next()
+    runner._window.taken -= 1
+    runner._window.wake_next()
     first.cancel()
     await asyncio.gather(first, return_exceptions=True)
     await gate.until_calls(2)
     assert second.done() and [c["n"] for c in gate.calls] == [0, 2]
-    runner._in_flight += 1  # event 0 is still running: give its slot back before it ends
+    runner._window.taken += 1  # event 0 is still running: give its slot back before it ends
     for _ in range(2):
         await gate.release_one()
     assert await runner.drain(5) == 0

@@ -13,10 +13,10 @@ written).
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from bridge._window import Window
 from bridge.sources import Event, OnDone, Outcome
 
 if TYPE_CHECKING:
@@ -55,9 +55,7 @@ class MemorySink:
         wait_timeout_s: float = 5.0,
         quiet_s: float = 0.3,
     ) -> None:
-        if window < 1:
-            raise ValueError(f"window must be at least 1, not {window}")
-        self.window = window
+        self._window = Window(window)
         self.hold: Callable[[Event], bool] = hold if callable(hold) else (lambda event: hold)
         self.ack_delay_s = ack_delay_s
         self.wait_timeout_s = wait_timeout_s
@@ -65,12 +63,9 @@ class MemorySink:
         self.events: list[Event] = []  # every accepted event, in acceptance order (redeliveries included)
         self.held: list[tuple[Event, OnDone]] = []  # events held for the test to acknowledge, in acceptance order
         self.activations = 0  # how often the source said it became the active replica
-        self.peak_in_flight = 0
         self._bound = asyncio.Event()
         if bound:
             self._bound.set()
-        self._in_flight = 0
-        self._room_waiters: deque[asyncio.Future[None]] = deque()  # submits waiting for a free slot, in order
         self._acks: set[asyncio.Task[None]] = set()  # automatic acknowledgements under way
         self._arrived = asyncio.Event()  # set at each accepted event, for wait_for
 
@@ -84,18 +79,7 @@ class MemorySink:
             if not self._bound.is_set():
                 await self._bound.wait()
                 continue
-            waiter = asyncio.get_running_loop().create_future()
-            self._room_waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._room_waiters.remove(waiter)
-                    self._wake_next()  # the slot this submit was woken for goes to the next one
-                raise
-            finally:
-                if waiter in self._room_waiters:
-                    self._room_waiters.remove(waiter)
+            await self._window.wait_turn()
             waited = True
 
     def offer(self, event: Event, on_done: OnDone) -> bool:
@@ -111,10 +95,14 @@ class MemorySink:
 
     def in_flight(self) -> int:
         """Events accepted and not yet acknowledged (held ones included)."""
-        return self._in_flight
+        return self._window.taken
 
     def window_full(self) -> bool:
-        return self._in_flight >= self.window
+        return self._window.full
+
+    @property
+    def peak_in_flight(self) -> int:
+        return self._window.peak
 
     def activate(self) -> None:
         self.activations += 1
@@ -182,10 +170,8 @@ class MemorySink:
 
     def _accept(self, event: Event, on_done: OnDone, *, waited: bool) -> bool:
         # ``waited``: the caller is a submit that was woken for a free slot, so the waiters ahead are not ahead.
-        if not self._bound.is_set() or self._in_flight >= self.window or (self._room_waiters and not waited):
+        if not self._bound.is_set() or not self._window.take(waited=waited):
             return False
-        self._in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         self.events.append(event)
         self._arrived.set()
         if self.hold(event):
@@ -212,15 +198,7 @@ class MemorySink:
             self._release()
 
     def _release(self) -> None:
-        self._in_flight -= 1
-        if self._room_waiters:
-            self._wake_next()
-
-    def _wake_next(self) -> None:
-        for waiter in self._room_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        self._window.release()
 
     def _got(self) -> str:
         ids = self.ids()

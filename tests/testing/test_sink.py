@@ -186,5 +186,5 @@ def test_activate_counts_and_a_window_must_hold_an_event() -> None:
     sink.activate()
     sink.activate()
     assert sink.activations == 2
-    with pytest.raises(ValueError, match="window must be at least 1"):
+    with pytest.raises(ValueError, match="a window holds at least 1 event"):
         MemorySink(window=0)
