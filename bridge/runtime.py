@@ -396,7 +396,7 @@ def _dry_run_config(config: BridgeConfig, scratch: Path) -> BridgeConfig:
     for s in config.sources:
         kind_config = s.kind_config
         if isinstance(kind_config, FileSourceConfig):
-            kind_config = dataclasses.replace(kind_config, after_delivery="keep", move_to=None)
+            kind_config = dataclasses.replace(kind_config, after_delivery="keep")  # move_to kept: its folder is skipped
         dead_letter = DeadLetterConfig(file=scratch / "dead-letters.jsonl")
         delivery = dataclasses.replace(s.delivery, dead_letter=dead_letter, mode="sync")
         sources.append(dataclasses.replace(s, kind_config=kind_config, delivery=delivery))

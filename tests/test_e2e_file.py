@@ -14,7 +14,7 @@ import pytest
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from bridge.testing.files import drop as _drop
-from bridge.testing.files import wait_for
+from bridge.testing.files import read_jsonl, wait_for
 from bridge.testing.process import BridgeProcess
 
 CONFIG = """\
@@ -274,3 +274,65 @@ def test_dry_run_prints_each_rendered_payload_and_changes_nothing(workdir: Path)
     ]
     assert not (workdir / "state").exists()  # no checkpoint, no dead letters: a dry run leaves no state behind
     assert "connecting to the iii engine" not in proc.log()
+
+
+def test_a_dry_run_beside_a_live_bridge_shows_new_files_and_leaves_them_to_it(
+    workdir: Path, iii_engine: TestEngine, consumer: Consumer
+) -> None:
+    """`bridge up --dry-run` on the live bridge's own config, started first: it takes no lock (the live bridge does
+    not stand by), prints the new file's payload, and leaves the file, the lock and the checkpoint to the live
+    bridge, which delivers the file once and still moves it."""
+    config = workdir / "bridge.yaml"
+    config.write_text(CONFIG.format(max_bytes=4096).replace(
+        "      settle_ms: 50\n", "      settle_ms: 50\n      after_delivery: move\n      move_to: ./done\n"
+    ))
+    inbox, state = workdir / "inbox", workdir / "state"
+    dry = BridgeProcess(config, "ws://127.0.0.1:9", extra_args=("--dry-run",))
+    with dry:
+        dry.wait_for_log(r"file source inbox: watching")
+        assert "file source inbox: dry run: reading" in dry.log()
+        assert list(inbox.iterdir()) == []  # no lock file
+        with BridgeProcess(config, iii_engine.url) as live:
+            live.wait_for_log(r"file source inbox: watching")  # it holds the lock: no standing by
+            assert "standing by" not in live.log()
+            _drop(inbox, "new.json", {"amount": 8, "tags": ["n"]})
+            # Nothing is bound on the live bridge yet, so the file waits on disk: the dry run reads it before it
+            # is moved, whatever the timing.
+            lines = wait_for(lambda: dry.stdout().splitlines(), 15, "the dry run's payload line")
+            _bind(consumer, "shop::live")
+            consumer.wait_calls("shop::live", 1)
+            wait_for(lambda: (workdir / "done" / "new.json").exists(), 10, "the live bridge's move")
+            _settled(1.0)
+            assert live.proc is not None
+            assert (inbox / ".iii-bridge.lock").read_text().split()[0] == str(live.proc.pid)
+            assert live.stop() == 0
+        assert dry.stop() == 0
+    assert "standing by" not in dry.log()
+    assert [json.loads(line) for line in dry.stdout().splitlines()] == [json.loads(line) for line in lines] == [
+        {"function_id": "dry-run::inbox", "payload": {"name": "new.json", "amount": 8, "tags": ["n"],
+                                                      "label": "plain", "summary": "new.json costs 8", "fixed": 7}},
+    ]
+    assert [c["name"] for c in consumer.calls("shop::live")] == ["new.json"]
+    assert sorted(p.name for p in inbox.iterdir()) == [".iii-bridge.lock"]
+    # The live bridge's checkpoint alone: the version it moved away, nothing of the dry run's.
+    assert read_jsonl(state / "file" / "inbox.jsonl") == [{"p": "new.json", "d": True}]
+    assert sorted(str(p.relative_to(state)) for p in state.rglob("*") if p.is_file()) == ["file/inbox.jsonl"]
+
+
+def test_a_dry_run_skips_the_move_to_folder_inside_the_watched_directory(workdir: Path) -> None:
+    """A live bridge never treats files in its own ``move_to`` folder as new; neither may its dry run (else every
+    file the live bridge moves would show up again in the dry run's output)."""
+    config = workdir / "bridge.yaml"
+    config.write_text(CONFIG.format(max_bytes=4096).replace(
+        "      settle_ms: 50\n", "      settle_ms: 50\n      after_delivery: move\n      move_to: ./inbox/done\n"
+    ))
+    (workdir / "inbox" / "done").mkdir(parents=True)
+    _drop(workdir / "inbox" / "done", "moved-earlier.json", {"amount": 1, "tags": []})
+    _drop(workdir / "inbox", "fresh.json", {"amount": 2, "tags": []})
+    proc = BridgeProcess(config, "ws://127.0.0.1:9", extra_args=("--dry-run",))
+    with proc:
+        wait_for(lambda: proc.stdout().splitlines(), 15, "the dry run's payload line")
+        _settled(1.0)
+        assert proc.stop() == 0
+    assert [json.loads(line)["payload"]["name"] for line in proc.stdout().splitlines()] == ["fresh.json"]
+    assert (workdir / "inbox" / "fresh.json").exists()  # a dry run moves nothing

@@ -18,6 +18,13 @@ link's name; symlinks resolving outside it, and directory symlinks, are ignored.
 
 Replicas: one active bridge per watched directory, through an exclusive ``flock`` on ``.iii-bridge.lock`` in
 that directory (excluded from events). A second bridge stands by and retries every second.
+
+Dry run (`bridge up --dry-run`): the source reads the directory like an active replica but is none. It neither
+takes nor waits for the lock (so it shows files beside a live bridge, and a live bridge started after it does
+not stand by), never creates the watched directory (it waits for it), applies no ``after_delivery`` whatever the
+config says, and does not advertise itself (:meth:`Sink.activate`). Its checkpoint goes to the state_dir it is
+given, which the runtime makes a scratch directory: nothing in the watched directory or the real state_dir is
+written.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from watchfiles import Change, awatch
 
@@ -64,6 +71,7 @@ _WATCH_STEP_MS = 10  # with debounce 200: changes reach us ~15 ms after they hap
 _WATCH_DEBOUNCE_MS = 200
 _SETTLE_BATCH = 500  # stats per settle round before yielding to the loop
 _READ_INLINE_BYTES = 64 * 1024  # larger contents are read in a thread
+_DRY_RUN_DIR_POLL_S = 1.0  # a dry run does not create a missing watched directory: it looks again this often
 
 
 @dataclass(eq=False)
@@ -84,8 +92,11 @@ class FileSource:
         self.config = config
         self._fc: FileSourceConfig = config.kind_config
         name = safe_name(config.id)
+        self._dry_run = dry_run
         self._log = CheckpointLog(state_dir / "file" / f"{name}.jsonl")
-        self._lock = DirLock(self._fc.path, state_dir / "file" / f"{name}.lock", config.id)
+        self._lock = None if dry_run else DirLock(self._fc.path, state_dir / "file" / f"{name}.lock", config.id)
+        # The runtime already forces keep for a dry run; the source does not rely on it to leave files in place.
+        self._after_mode: Literal["keep", "delete", "move"] = "keep" if dry_run else self._fc.after_delivery
         self._settle_s = self._fc.settle_ms / 1000
         self._tree: Tree | None = None
         self._cp = Checkpoint()
@@ -99,11 +110,10 @@ class FileSource:
 
     async def run(self, sink: Sink) -> None:
         fc = self._fc
-        if not fc.path.is_dir():
-            fc.path.mkdir(parents=True, exist_ok=True)
-            log.info("file source %s: created the watched directory %s", self.config.id, fc.path)
-        await self._lock.acquire()
-        sink.activate()
+        if self._dry_run:
+            await self._start_dry_run()
+        else:
+            await self._become_active(sink)
         stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -136,7 +146,33 @@ class FileSource:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._log.wait_idle(), timeout=5)
             finally:
-                self._lock.release()
+                if self._lock is not None:
+                    self._lock.release()
+
+    async def _become_active(self, sink: Sink) -> None:
+        """Create the watched directory if needed, take its lock (standing by while another bridge holds it),
+        then advertise the trigger type: from here on this replica delivers."""
+        assert self._lock is not None
+        fc = self._fc
+        if not fc.path.is_dir():
+            fc.path.mkdir(parents=True, exist_ok=True)
+            log.info("file source %s: created the watched directory %s", self.config.id, fc.path)
+        await self._lock.acquire()
+        sink.activate()
+
+    async def _start_dry_run(self) -> None:
+        """Wait for the watched directory (creating it would be a change); take no lock and advertise nothing,
+        so that a live bridge on the same directory is neither kept waiting nor drawn from."""
+        fc = self._fc
+        if not fc.path.is_dir():
+            log.info("file source %s: dry run: %s does not exist; waiting for it (a dry run does not create it)",
+                     self.config.id, fc.path)
+            while not fc.path.is_dir():
+                await asyncio.sleep(_DRY_RUN_DIR_POLL_S)
+        log.info(
+            "file source %s: dry run: reading %s without its replica lock and without touching any file "
+            "(no lock file, no after_delivery; checkpoints only in the scratch state_dir)", self.config.id, fc.path,
+        )
 
     def _skip_prefix(self) -> str | None:
         """``move_to`` relative to the watched directory when it lies inside it: moved files are not new files."""
@@ -360,7 +396,7 @@ class FileSource:
     async def _ack(self, rel: str, flight: _Flight, version: Version) -> None:
         """after_delivery first (whatever the outcome: a dead letter holds the event), then the checkpoint."""
         gone = flight.version is None
-        if not gone and self._fc.after_delivery != "keep":
+        if not gone and self._after_mode != "keep":
             gone = self._after_delivery(rel, version)
         # Memory is updated in the same step as the unlink/move, so the watcher's report of it finds nothing.
         records: list[tuple[str, str | None]] = [(rel, None if gone else flight.version)]
@@ -380,7 +416,7 @@ class FileSource:
             log.info("file source %s: %s changed since delivery; kept for its next event", self.config.id, src)
             return False
         try:
-            if self._fc.after_delivery == "delete":
+            if self._after_mode == "delete":
                 os.unlink(src)
             else:
                 assert self._fc.move_to is not None
@@ -393,7 +429,7 @@ class FileSource:
         except OSError as exc:
             log.error(
                 "file source %s: cannot %s %s after delivery: %s; it stays and is not delivered again unless "
-                "it changes", self.config.id, self._fc.after_delivery, src, exc,
+                "it changes", self.config.id, self._after_mode, src, exc,
             )
             return False
         return True

@@ -536,6 +536,90 @@ async def test_a_second_bridge_on_the_same_directory_stands_by(
     assert any("this replica is now active" in r.getMessage() for r in caplog.records)
 
 
+# --- dry run ----------------------------------------------------------------------------------------------------
+
+
+def _dry_source(inbox: Path, state: Path, **kw: Any) -> FileSource:
+    return FileSource(make_config(inbox, **kw), state, dry_run=True)
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    """Every entry at or below ``directory`` with its (mtime_ns, size); a directory's own changes whenever an
+    entry is created, removed or renamed in it, so two equal snapshots mean nothing was written."""
+    return {
+        str(p.relative_to(directory)): (p.lstat().st_mtime_ns, p.lstat().st_size)
+        for p in [directory, *directory.rglob("*")]
+    }
+
+
+async def _until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("dry_run_first", [True, False], ids=["dry-run-first", "live-first"])
+async def test_a_dry_run_beside_a_live_replica_takes_no_lock_and_both_see_a_new_file(
+    tmp_path: Path, inbox: Path, caplog: pytest.LogCaptureFixture, dry_run_first: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.sources.file")
+    live, dry = new_sink(), new_sink()
+    starts = [(_source(inbox, tmp_path / "live"), live), (_dry_source(inbox, tmp_path / "scratch"), dry)]
+    async with contextlib.AsyncExitStack() as stack:
+        for source, sink in reversed(starts) if dry_run_first else starts:
+            await stack.enter_async_context(running(source, sink))
+        (inbox / "a.txt").write_text("a")
+        [seen_live] = await live.exactly(1)
+        [seen_dry] = await dry.exactly(1)
+    assert seen_live.id == seen_dry.id
+    assert not any("standing by" in r.getMessage() for r in caplog.records)
+    assert any("dry run: reading" in r.getMessage() and "without its replica lock" in r.getMessage()
+               for r in caplog.records)
+    # Only the live replica provides the trigger type: a dry run must not draw the bindings away from it.
+    assert (live.activations, dry.activations) == (1, 0)
+    assert sorted(p.name for p in inbox.iterdir()) == [".iii-bridge.lock", "a.txt"]  # the live one's lock only
+    assert [json.loads(line)["p"] for line in (tmp_path / "live" / "file" / "inbox.jsonl").read_text().splitlines()
+            ] == ["a.txt"]
+
+
+@pytest.mark.parametrize("after_delivery", ["delete", "move"])
+async def test_a_dry_run_writes_nothing_in_the_watched_directory(
+    inbox: Path, state: Path, after_delivery: str
+) -> None:
+    (inbox / "sub").mkdir()
+    (inbox / "sub" / "old.txt").write_text("old")
+    move_to = inbox / "done" if after_delivery == "move" else None
+    source = _dry_source(inbox, state, after_delivery=after_delivery, move_to=move_to,
+                         changes=("created", "modified", "deleted"))
+    sink = new_sink()
+    async with running(source, sink):
+        (inbox / "new.txt").write_text("new")
+        before = _snapshot(inbox)  # settle_ms has not passed yet: nothing was delivered so far
+        await sink.exactly(2)  # both acknowledged: this is when after_delivery would act
+        assert _snapshot(inbox) == before
+    assert _snapshot(inbox) == before  # no lock file, nothing moved or deleted, move_to not created
+    assert sorted(summary(sink)) == [("new.txt", "created"), ("sub/old.txt", "created")]
+
+
+async def test_a_dry_run_waits_for_a_missing_directory_instead_of_creating_it(
+    tmp_path: Path, state: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.sources.file")
+    monkeypatch.setattr("bridge.sources.file._DRY_RUN_DIR_POLL_S", 0.02)
+    missing = tmp_path / "not" / "yet"
+    sink = new_sink()
+    async with running(_dry_source(missing, state), sink):
+        await _until(lambda: any("does not exist; waiting" in r.getMessage() for r in caplog.records), "waiting")
+        assert not (tmp_path / "not").exists()
+        missing.mkdir(parents=True)
+        await _until(lambda: any("dry run: reading" in r.getMessage() for r in caplog.records), "reading")
+        (missing / "a.txt").write_text("a")
+        await sink.exactly(1)
+    assert summary(sink) == [("a.txt", "created")]
+    assert sorted(p.name for p in missing.iterdir()) == ["a.txt"]
+
+
 def test_the_registry_builds_a_file_source(inbox: Path, state: Path) -> None:
     factory: Callable[..., Any] = REGISTRY["file"]
     assert isinstance(factory(make_config(inbox), state), FileSource)
