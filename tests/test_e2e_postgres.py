@@ -511,6 +511,31 @@ def test_an_outbox_row_that_cannot_be_delivered_goes_to_the_dead_letter_table_an
     assert len(consumer.calls("pg::broken")) == 2
 
 
+def test_a_dry_run_prints_the_outbox_rows_and_leaves_them_in_the_table(
+    tmp_path: Path, pg_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _outbox_config(tmp_path, pg_database)
+    _create_outbox(config, capsys, pg_database)
+    _insert_rows(pg_database, 0, 5)
+
+    def printed() -> list[Any]:
+        return [json.loads(line) for line in proc.stdout().splitlines() if line.strip()]
+
+    # No engine: a dry run never connects to one.
+    with BridgeProcess(config, "ws://127.0.0.1:1", extra_args=("--dry-run",)) as proc:
+        proc.wait_for_log(r"dry run on outbox bridge_outbox .*none is claimed, locked or deleted")
+        wait_for(lambda: len(printed()) >= 5, 10, "5 payloads printed")
+        _insert_rows(pg_database, 5, 3)  # woken by the trigger's NOTIFY while running
+        wait_for(lambda: len(printed()) >= 8, 10, "8 payloads printed")
+        _quiet(0.3)
+        assert proc.stop() == 0
+    lines = printed()
+    assert [line["payload"]["n"] for line in lines] == list(range(8))
+    assert {line["function_id"] for line in lines} == {"dry-run::orders"}
+    assert len({line["payload"]["event_id"] for line in lines}) == 8
+    assert _outbox_rows(pg_database) == 8
+
+
 # ------------------------------------------------------------------------------------------ server restart
 
 

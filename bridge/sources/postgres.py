@@ -16,7 +16,13 @@ it stands by and tries again every second. The lock dies with its session, so wh
 connection dies a standby takes over within about a second (notifications sent in between are lost); two
 replicas never both listen, so none is delivered twice.
 
-outbox (at-least-once): see :mod:`bridge.sources._pgoutbox` (claiming, the wake-up channel, DDL).
+Dry run (listen; `bridge up --dry-run`): it LISTENs without taking the lock and never activates (advertises) the
+trigger type. Postgres sends every NOTIFY to every listener, so it shows what a live bridge delivers while the
+live bridge keeps listening, delivering and providing the trigger type as before.
+
+outbox (at-least-once): see :mod:`bridge.sources._pgoutbox` (claiming, the wake-up channel); the table's DDL and
+check are in :mod:`bridge.sources._pgoutboxtable`; the dry run, which reads rows without claiming or deleting
+them, in :mod:`bridge.sources._pgoutboxpeek`.
 
 The DSN's password never appears in logs (see :func:`bridge.config.redact_dsn`).
 """
@@ -53,7 +59,9 @@ from bridge.sources._pgconn import (
     watch_connection,
 )
 from bridge.sources._pgdeadletter import PostgresDeadLetter
-from bridge.sources._pgoutbox import OutboxMode, outbox_ddl, table_problems, wake_channel
+from bridge.sources._pgoutbox import OutboxMode
+from bridge.sources._pgoutboxpeek import OutboxPeek
+from bridge.sources._pgoutboxtable import outbox_ddl, table_problems, wake_channel
 
 __all__ = [
     "PostgresDeadLetter",
@@ -113,7 +121,8 @@ class _DropLog:
 
 class PostgresSource:
     """One configured postgres source; ``run`` until cancelled. Counters for metrics: ``gaps`` (listen
-    reconnections that may have lost notifications), ``dropped`` (notifications not submitted), ``received``."""
+    reconnections that may have lost notifications), ``dropped`` (notifications not submitted), ``received``.
+    In outbox mode ``outbox`` runs the source, or ``peek`` in a dry run."""
 
     def __init__(
         self,
@@ -127,6 +136,7 @@ class PostgresSource:
             raise TypeError(f"source {config.id} is not a postgres source")
         self.config = config
         self.pc: PostgresSourceConfig = config.kind_config
+        self.dry_run = dry_run
         self.gaps = 0
         self.received = 0
         self.listening = False
@@ -137,10 +147,14 @@ class PostgresSource:
         self._last_ns = 0
         self._lost_at: float | None = None  # wall time the listening connection was lost (a gap is open)
         self.outbox: OutboxMode | None = None
+        self.peek: OutboxPeek | None = None
         if self.pc.mode == "outbox":
             if not self.pc.outbox_table:
                 raise ValueError(f"source {config.id}: mode outbox needs outbox_table")
-            self.outbox = OutboxMode(config, self.pc, shutdown_grace_s)
+            if dry_run:
+                self.peek = OutboxPeek(config, self.pc)
+            else:
+                self.outbox = OutboxMode(config, self.pc, shutdown_grace_s)
 
     @property
     def dropped(self) -> int:
@@ -150,6 +164,15 @@ class PostgresSource:
         if self.outbox is not None:
             await self.outbox.run(sink)
             return
+        if self.peek is not None:
+            await self.peek.run(sink)
+            return
+        if self.dry_run:
+            log.info(
+                "postgres source %s: dry run on %s: listening without the advisory lock and without providing the "
+                "trigger type, so a live bridge keeps listening and delivering (both get every NOTIFY)",
+                self.config.id, ", ".join(self.pc.channels),
+            )
         self._sink = sink
         tasks = [
             asyncio.create_task(self._listen_loop(), name=f"{self.config.id} listener"),
@@ -177,13 +200,14 @@ class PostgresSource:
         pc = self.pc
         backoff = Backoff(pc.reconnect_initial_backoff_ms, pc.reconnect_max_backoff_ms)
         where = redact_dsn(pc.dsn)
+        app_name = application_name(self.config.id, "dry-run listen" if self.dry_run else "listen")
         while True:
             stop_if_cancelled()
             conn = None
             try:
-                conn = await connect(pc.dsn, application_name(self.config.id, "listen"))
+                conn = await connect(pc.dsn, app_name)
                 lost = termination_event(conn)
-                if not await self._take_lock(conn, lost):
+                if not self.dry_run and not await self._take_lock(conn, lost):
                     await asyncio.sleep(backoff.next_delay())  # lost the connection while standing by
                     continue
                 for channel in pc.channels:
@@ -191,7 +215,9 @@ class PostgresSource:
                 backoff.reset()
                 self.listening = True
                 self._log_listening(where)
-                if self._sink is not None:
+                if self._sink is not None and not self.dry_run:
+                    # A dry run is never the active replica: activating would make this bridge provide the
+                    # trigger type (with an engine link), drawing every binding away from the live bridge.
                     self._sink.activate()
                 why = await watch_connection(conn, lost)
                 self._lost_at = time.time()

@@ -275,13 +275,13 @@ async def test_listen_replicas_deliver_each_notification_once_and_fail_over(
             await stop(task)
 
 
-@pytest.mark.parametrize("mode", ["listen", "outbox"])
+@pytest.mark.parametrize("mode", ["listen", "outbox", "outbox dry run"])
 async def test_an_unreachable_server_is_retried_and_the_password_never_logged(
     mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     dsn = "postgresql://app:s3cret-pw@127.0.0.1:1/db"
-    config = outbox_config(dsn) if mode == "outbox" else make_config(dsn, channels=("c",))
-    source, sink = PostgresSource(config, Path()), MemorySink()
+    config = outbox_config(dsn) if mode.startswith("outbox") else make_config(dsn, channels=("c",))
+    source, sink = PostgresSource(config, Path(), dry_run=mode.endswith("dry run")), MemorySink()
     async with running(source, sink) as task:
         await until(lambda: caplog.text.count("retrying in") >= 3, 5, "three retries")
         assert not task.done()
@@ -488,6 +488,104 @@ async def test_listen_survives_a_postgres_restart(throwaway_pg: PostgresServer) 
         assert events[0].fields["payload"] == "after restart"
     finally:
         throwaway_pg.drop_database(dsn)
+
+
+# ------------------------------------------------------------------------------------------------ dry run
+
+
+async def advisory_lock_holders(dsn: str) -> list[str]:
+    """The application names of the sessions holding an advisory lock in this database."""
+    async with db(dsn) as conn:
+        rows = await conn.fetch(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database()"
+        )
+        return sorted(r["application_name"] for r in rows)
+
+
+async def unlocked_rows(dsn: str, table: str = "bridge_outbox") -> int:
+    async with db(dsn) as conn, conn.transaction():
+        return len(await conn.fetch(f"SELECT id FROM {table} FOR UPDATE SKIP LOCKED"))
+
+
+async def test_a_dry_run_listens_beside_a_live_source_and_leaves_it_the_lock(
+    pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.sources.postgres")
+    config = make_config(pg_database, channels=("c",))
+    dry, dry_sink = PostgresSource(config, Path(), dry_run=True), MemorySink()
+    live, live_sink = PostgresSource(config, Path()), MemorySink()
+    async with running(dry, dry_sink):
+        await listening(dry)  # started first, and still the live source below listens rather than standing by
+        assert await advisory_lock_holders(pg_database) == []
+        async with running(live, live_sink):
+            await listening(live)
+            assert await advisory_lock_holders(pg_database) == ["iii-bridge listen signups"]
+            await notify(pg_database, "c", *[json.dumps(i) for i in range(20)])
+            live_events = await live_sink.exactly(20)
+            dry_events = await dry_sink.exactly(20)
+            assert live.listening and await advisory_lock_holders(pg_database) == ["iii-bridge listen signups"]
+    assert [e.fields["payload"] for e in live_events] == list(range(20))
+    assert [e.fields["payload"] for e in dry_events] == list(range(20))
+    assert (live_sink.activations, dry_sink.activations) == (1, 0)  # only the live source provides the type
+    assert "dry run on c: listening without the advisory lock" in caplog.text
+    assert "stands by" not in caplog.text
+
+
+async def test_a_dry_run_shows_outbox_rows_once_each_and_leaves_them_for_a_live_source(
+    pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.sources.postgres")
+    config = outbox_config(pg_database, channels=("orders",), poll_interval_ms=60_000)  # only NOTIFY wakes it
+    await create_outbox(pg_database, config)
+    await insert_rows(pg_database, 5)
+    await insert_rows(pg_database, 1, channel="other")
+    dry, dry_sink = PostgresSource(config, Path(), dry_run=True), MemorySink()
+    async with running(dry, dry_sink):
+        await dry_sink.exactly(5)
+        assert await unlocked_rows(pg_database) == 6
+        await insert_rows(pg_database, 3)  # rows inserted while the dry run runs show up, once each
+        await dry_sink.exactly(8)
+        await insert_rows(pg_database, 2)
+        await dry_sink.exactly(10)
+        assert await unlocked_rows(pg_database) == 11
+    assert dry.outbox is None and dry.peek is not None and dry.peek.shown == 10
+    assert [e.fields["payload"]["n"] for e in dry_sink.events] == [1, 2, 3, 4, 5, 1, 2, 3, 1, 2]
+    ids = [int(e.id.rpartition(":")[2]) for e in dry_sink.events]
+    assert ids == sorted(set(ids)) and dry.peek.last_id == ids[-1]
+    assert {e.fields["channel"] for e in dry_sink.events} == {"orders"}
+    assert await row_count(pg_database) == 11
+    assert "none is claimed, locked or deleted" in caplog.text
+    live, live_sink = PostgresSource(config, Path()), MemorySink()
+    async with running(live, live_sink):
+        await live_sink.exactly(10)
+
+        async def only_the_other_channel_left() -> bool:
+            return await row_count(pg_database) == 1
+
+        await until_async(only_the_other_channel_left, 5, "the delivered rows deleted")
+    assert sorted(live_sink.ids()) == sorted(dry_sink.ids())
+
+
+async def test_a_dry_run_beside_a_live_outbox_source_sees_claimed_rows_and_takes_none(pg_database: str) -> None:
+    config = outbox_config(pg_database)
+    await create_outbox(pg_database, config)
+    await insert_rows(pg_database, 3)
+    live, live_sink = PostgresSource(config, Path()), MemorySink(hold=True)
+    dry, dry_sink = PostgresSource(config, Path(), dry_run=True), MemorySink()
+    async with running(live, live_sink):
+        await live_sink.exactly(3)  # claimed: locked and in flight
+        async with running(dry, dry_sink):
+            await dry_sink.exactly(3)  # plain reads see locked rows and neither wait for nor block them
+            await live_sink.ack_all()
+            await until(lambda: live.outbox is not None and live.outbox.deleted == 3, 5, "3 deletions")
+            await insert_rows(pg_database, 2)
+            await live_sink.exactly(5)
+            await dry_sink.exactly(5)
+            await live_sink.ack_all()
+            await until(lambda: live.outbox is not None and live.outbox.deleted == 5, 5, "5 deletions")
+    assert await row_count(pg_database) == 0
+    assert dry_sink.ids() == live_sink.ids()
 
 
 # ----------------------------------------------------------------------------------------- DDL and checks
