@@ -39,8 +39,18 @@ __all__ = [
     "violations",
 ]
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-"""Where bridge.schema.json and the per-kind source schemas live (``schemas/`` at the project root)."""
+
+def _schema_dir() -> Path:
+    """``bridge/_schemas`` in an installed wheel (the build maps the project's ``schemas/`` there, see
+    pyproject.toml), else ``schemas/`` at the project root: a checkout or an editable install, where the package
+    directory is the source one and has no copy."""
+    package_dir = Path(__file__).resolve().parent
+    installed = package_dir / "_schemas"
+    return installed if installed.is_dir() else package_dir.parent / "schemas"
+
+
+SCHEMA_DIR = _schema_dir()
+"""Where bridge.schema.json and the per-kind source schemas live."""
 
 KINDS = ("kafka", "postgres", "file")
 """Source kinds, in the order they are documented; each has ``schemas/source-<kind>.json``."""
