@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ import asyncpg
 from bridge.config import load_config
 from bridge.sources.postgres import outbox_ddl
 from bridge.testing.process import BridgeProcess
-from bridge.testing.services import PostgresServer
+from bridge.testing.services import PostgresServer, free_port
 
 FUNCTION = "bench::sink"
 LISTEN_TYPE = "bench.listen"
@@ -295,13 +294,6 @@ def _readline(stream: IO[str], timeout_s: float) -> str:
     return result[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _send_notifications(dsn: str, count: int, interval_s: float, first: int) -> None:
     """``count`` NOTIFYs to each relay, alternating channels, one every ``interval_s``; numbered from ``first``."""
     channels = (BRIDGE_CHANNEL, HAND_CHANNEL)
@@ -430,7 +422,7 @@ def _report_listen(name: str, listen: dict[str, Any]) -> str:
 
 
 def _drive(args: argparse.Namespace) -> None:
-    port = _free_port()
+    port = free_port()
     engine = subprocess.Popen(
         [sys.executable, "-m", "bridge.testing.engine", "--port", str(port)], stdout=subprocess.PIPE, text=True
     )

@@ -47,6 +47,7 @@ from bridge.testing._enginestate import (
     WorkerInfo,
 )
 from bridge.testing._routing import Router
+from bridge.testing.waiting import wait_for
 
 __all__ = ["BindingInfo", "Frame", "FunctionInfo", "TestEngine", "TriggerTypeInfo", "WorkerInfo"]
 
@@ -240,15 +241,8 @@ class TestEngine(Router):
 
     def wait_until(self, predicate: Callable[[], _T], timeout: float = 10.0, interval: float = 0.005) -> _T:
         """Poll ``predicate`` until it returns something truthy and return that; AssertionError on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                name = getattr(predicate, "__name__", repr(predicate))
-                raise AssertionError(f"condition not met within {timeout} s: {name}")
-            time.sleep(interval)
+        name = getattr(predicate, "__name__", repr(predicate))
+        return wait_for(predicate, timeout, what=f"condition {name}", interval=interval)
 
     # ------------------------------------------------------------------ server
 

@@ -1,14 +1,15 @@
-"""Small helpers for tests that drive the bridge through real files."""
+"""Small helpers for tests that drive the bridge through real files (``wait_for`` is re-exported from
+:mod:`bridge.testing.waiting` for them)."""
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-_T = TypeVar("_T")
+from bridge.testing.waiting import wait_for
+
+__all__ = ["drop", "read_jsonl", "wait_for"]
 
 
 def drop(inbox: Path, name: str, content: Any) -> Path:
@@ -18,18 +19,6 @@ def drop(inbox: Path, name: str, content: Any) -> Path:
     tmp.write_text(content if isinstance(content, str) else json.dumps(content))
     tmp.rename(path)
     return path
-
-
-def wait_for(predicate: Callable[[], _T], timeout: float = 10.0, what: str = "condition") -> _T:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.02)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -83,7 +83,8 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
         return pool.submit(asyncio.run, coro).result()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS's pick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -162,7 +163,7 @@ class TansuBroker:
         binary = _tansu_binary()
         attempts = 1 if self._requested_port is not None else _PORT_ATTEMPTS
         for attempt in range(attempts):
-            port = self._requested_port if self._requested_port is not None else _free_port()
+            port = self._requested_port if self._requested_port is not None else free_port()
             try:
                 self._launch(binary, port)
                 return self
@@ -327,7 +328,7 @@ class PostgresServer:
         self._init_cluster()
         try:
             for attempt in range(_PORT_ATTEMPTS):
-                self._port = _free_port()
+                self._port = free_port()
                 try:
                     self.start_cluster()
                     break

@@ -21,6 +21,7 @@ from bridge.errors import DecodeError
 from bridge.sources import REGISTRY
 from bridge.sources.file import FileSource
 from bridge.testing.sink import MemorySink
+from bridge.testing.waiting import until
 
 SETTLE_MS = 30
 QUIET_S = 0.4  # how long "nothing more arrives" is watched for
@@ -552,13 +553,6 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-async def _until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("dry_run_first", [True, False], ids=["dry-run-first", "live-first"])
 async def test_a_dry_run_beside_a_live_replica_takes_no_lock_and_both_see_a_new_file(
     tmp_path: Path, inbox: Path, caplog: pytest.LogCaptureFixture, dry_run_first: bool
@@ -610,10 +604,10 @@ async def test_a_dry_run_waits_for_a_missing_directory_instead_of_creating_it(
     missing = tmp_path / "not" / "yet"
     sink = new_sink()
     async with running(_dry_source(missing, state), sink):
-        await _until(lambda: any("does not exist; waiting" in r.getMessage() for r in caplog.records), "waiting")
+        await until(lambda: any("does not exist; waiting" in r.getMessage() for r in caplog.records), 5, "waiting")
         assert not (tmp_path / "not").exists()
         missing.mkdir(parents=True)
-        await _until(lambda: any("dry run: reading" in r.getMessage() for r in caplog.records), "reading")
+        await until(lambda: any("dry run: reading" in r.getMessage() for r in caplog.records), 5, "reading")
         (missing / "a.txt").write_text("a")
         await sink.exactly(1)
     assert summary(sink) == [("a.txt", "created")]

@@ -35,17 +35,10 @@ from bridge.sources.postgres import (
 )
 from bridge.testing.services import PostgresServer
 from bridge.testing.sink import MemorySink
+from bridge.testing.waiting import until
 
 QUIET_S = 0.3
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-async def until(check: Callable[[], bool], timeout: float, what: Callable[[], str] | str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
-        await asyncio.sleep(0.01)
 
 
 def make_config(dsn: str, source_id: str = "signups", max_in_flight: int = 64, **kw: Any) -> SourceConfig:

@@ -20,6 +20,7 @@ from websockets.asyncio.client import connect
 
 from bridge.testing.consumer import Consumer, shutdown_client
 from bridge.testing.engine import TestEngine
+from bridge.testing.waiting import until
 
 ORDERS = "orders.placed"
 
@@ -86,16 +87,6 @@ def make_provider(iii_engine: TestEngine) -> Iterator[Callable[..., _Provider]]:
 @pytest.fixture
 def provider(make_provider: Callable[..., _Provider]) -> _Provider:
     return make_provider()
-
-
-async def _until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Wait without blocking the test's loop (trigger_async tasks run on it)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := predicate()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.005)
-    return value
 
 
 def test_binding_reaches_the_provider_with_config_metadata_and_namespace(
@@ -221,7 +212,7 @@ async def test_consumer_disconnect_unbinds_and_stops_in_flight_calls(
     finally:
         release.set()
     # The SDK reconnects and replays the binding: the provider gets it again, same id.
-    await _until(lambda: len(provider.handler.registered) == 2)
+    await until(lambda: len(provider.handler.registered) == 2)
     assert provider.handler.registered[1].id == binding.id
 
 
@@ -238,7 +229,7 @@ async def test_provider_disconnect_parks_bindings_until_it_registers_again(
     listed = consumer.iii.trigger({"function_id": "engine::registered-triggers::list", "payload": {}})
     assert listed == {"registered_triggers": []}
 
-    await _until(lambda: len(provider.handler.registered) == 2)
+    await until(lambda: len(provider.handler.registered) == 2)
     assert provider.handler.registered[1].id == binding.id
     assert provider.handler.registered[1].config == {"min_total": 5}
     assert [b.parked for b in iii_engine.bindings()] == [False]
@@ -254,10 +245,10 @@ async def test_restart_reconnects_both_sides_and_replays_bindings(
 
     assert iii_engine.port == port
     assert all(not w.connected for w in iii_engine.workers()[:2])
-    await _until(lambda: len(provider.handler.registered) == 2)
+    await until(lambda: len(provider.handler.registered) == 2)
     replayed = provider.handler.registered[1]
     assert (replayed.id, replayed.config, replayed.metadata) == (binding.id, {"min_total": 7}, {"team": "a"})
-    await _until(lambda: iii_engine.has_function("billing::on-order"))
+    await until(lambda: iii_engine.has_function("billing::on-order"))
     assert await provider.call("billing::on-order", {"after": "restart"}) == {"ok": True}
     assert len([w for w in iii_engine.workers() if w.connected]) == 2
 
@@ -268,15 +259,15 @@ async def test_newest_provider_wins(
     old = make_provider("bridge-a")
     consumer.function("billing::on-order")
     binding = consumer.bind(ORDERS, "billing::on-order")
-    await _until(lambda: old.handler.registered)
+    await until(lambda: old.handler.registered)
 
     new = make_provider("bridge-b")
-    await _until(lambda: new.handler.registered)
+    await until(lambda: new.handler.registered)
     assert new.handler.registered[0].id == binding.id
     assert [t.worker_name for t in iii_engine.trigger_types()] == ["bridge-b"]
 
     new.close()  # the older replica is told nothing: the bindings wait for a new registration
-    await _until(lambda: iii_engine.bindings()[0].parked)
+    await until(lambda: iii_engine.bindings()[0].parked)
     assert (len(old.handler.registered), old.handler.unregistered) == (1, [])
     assert len(iii_engine.frames_of("registertrigger", direction="out", worker="bridge-a")) == 1
 
@@ -354,4 +345,4 @@ async def test_wire_basics(iii_engine: TestEngine) -> None:
     with pytest.raises(websockets.InvalidStatus):
         async with connect(iii_engine.url + "/elsewhere"):
             pass
-    await _until(lambda: iii_engine.otel_frames == 1)
+    await until(lambda: iii_engine.otel_frames == 1)
