@@ -5,6 +5,7 @@ created by the admin client) and consumer group, and kills every bridge it start
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import time
@@ -91,9 +92,9 @@ def _message(n: int) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
 
 
 async def _produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes, list[tuple[str, bytes]]]],
-                   partition: int | None = None) -> list[tuple[int, int]]:
+                   partition: int | None = None, max_request_size: int = 1048576) -> list[tuple[int, int]]:
     """Send ``items`` (key, value, headers); returns (partition, offset) of each, in order."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=max_request_size)
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=key, headers=headers, partition=partition)
@@ -162,15 +163,17 @@ def write_config(workdir: Path, topic: Topic, *, dead_letter: str = "{file: dead
 
 
 @pytest.fixture
-def bridges(tmp_path: Path, iii_engine: TestEngine) -> Iterator[Callable[[], BridgeProcess]]:
-    """Factory: a started `bridge up` on ``tmp_path/bridge.yaml`` (write it first); every one is killed after."""
+def bridges(tmp_path: Path, iii_engine: TestEngine) -> Iterator[Callable[..., BridgeProcess]]:
+    """Factory: a started `bridge up` (``dry_run=True``: `bridge up --dry-run`) on ``tmp_path/bridge.yaml`` (write
+    it first); every one is killed after."""
     started: list[BridgeProcess] = []
 
-    def start() -> BridgeProcess:
-        proc = BridgeProcess(tmp_path / "bridge.yaml", iii_engine.url)
+    def start(*, dry_run: bool = False) -> BridgeProcess:
+        proc = BridgeProcess(tmp_path / "bridge.yaml", iii_engine.url, extra_args=("--dry-run",) if dry_run else ())
         started.append(proc)
         proc.start()
-        proc.wait_for_log(r"connected to the iii engine")
+        if not dry_run:
+            proc.wait_for_log(r"connected to the iii engine")
         return proc
 
     yield start
@@ -225,7 +228,7 @@ def iso(timestamp_ms: int) -> str:
 
 
 def test_2000_keyed_messages_each_once_in_partition_order_with_every_template_field(
-    tmp_path: Path, topic: Topic, bridges: Callable[[], BridgeProcess], consumer: Consumer
+    tmp_path: Path, topic: Topic, bridges: Callable[..., BridgeProcess], consumer: Consumer
 ) -> None:
     write_config(tmp_path, topic)
     bridge = bridges()
@@ -257,7 +260,7 @@ def test_2000_keyed_messages_each_once_in_partition_order_with_every_template_fi
 
 
 def test_kill_9_mid_stream_redelivers_only_what_was_not_committed(
-    tmp_path: Path, topic: Topic, bridges: Callable[[], BridgeProcess], consumer: Consumer
+    tmp_path: Path, topic: Topic, bridges: Callable[..., BridgeProcess], consumer: Consumer
 ) -> None:
     """Bound on duplicates: the restarted bridge resumes exactly at the committed offsets, so a message is
     delivered twice only if the first bridge had not committed it: it was in flight (at most one per partition
@@ -315,7 +318,7 @@ def test_kill_9_mid_stream_redelivers_only_what_was_not_committed(
 
 
 def test_an_always_failing_function_is_dead_lettered_to_a_file_and_offsets_advance(
-    tmp_path: Path, topic: Topic, bridges: Callable[[], BridgeProcess], consumer: Consumer
+    tmp_path: Path, topic: Topic, bridges: Callable[..., BridgeProcess], consumer: Consumer
 ) -> None:
     def broken(payload: Any) -> Any:
         raise RuntimeError("warehouse is down")
@@ -344,7 +347,7 @@ def test_an_always_failing_function_is_dead_lettered_to_a_file_and_offsets_advan
 
 
 def test_an_always_failing_function_is_dead_lettered_to_a_kafka_topic_and_offsets_advance(
-    tmp_path: Path, topic: Topic, bridges: Callable[[], BridgeProcess], consumer: Consumer
+    tmp_path: Path, topic: Topic, bridges: Callable[..., BridgeProcess], consumer: Consumer
 ) -> None:
     dlq = f"{topic.name}-dlq"
     asyncio.run(_create_topics(topic.bootstrap, dlq))
@@ -376,7 +379,7 @@ def test_an_always_failing_function_is_dead_lettered_to_a_kafka_topic_and_offset
 
 
 def test_poison_messages_are_dead_lettered_without_a_binding_and_the_stream_goes_on(
-    tmp_path: Path, topic: Topic, bridges: Callable[[], BridgeProcess], consumer: Consumer
+    tmp_path: Path, topic: Topic, bridges: Callable[..., BridgeProcess], consumer: Consumer
 ) -> None:
     write_config(tmp_path, topic)
     bridge = bridges()
@@ -400,7 +403,7 @@ def test_poison_messages_are_dead_lettered_without_a_binding_and_the_stream_goes
 
 
 def test_two_replicas_split_the_partitions_and_one_takes_over_without_loss(
-    tmp_path: Path, topic: Topic, bridges: Callable[[], BridgeProcess], consumer: Consumer
+    tmp_path: Path, topic: Topic, bridges: Callable[..., BridgeProcess], consumer: Consumer
 ) -> None:
     write_config(tmp_path, topic)
     bind(consumer, "shop::on-order")
@@ -433,7 +436,7 @@ def test_two_replicas_split_the_partitions_and_one_takes_over_without_loss(
 
 
 def test_nothing_is_consumed_or_committed_until_a_function_is_bound(
-    tmp_path: Path, topic: Topic, bridges: Callable[[], BridgeProcess], consumer: Consumer
+    tmp_path: Path, topic: Topic, bridges: Callable[..., BridgeProcess], consumer: Consumer
 ) -> None:
     write_config(tmp_path, topic)
     bridge = bridges()
@@ -450,3 +453,75 @@ def test_nothing_is_consumed_or_committed_until_a_function_is_bound(
     assert by_partition(calls) == {p: list(range(ends[p])) for p in ends}  # from the start: earliest
     assert bridge.stop() == 0
     assert committed(topic) == dict(ends)
+
+
+def test_an_oversized_event_that_fails_is_dead_lettered_to_kafka_cut_to_fit_and_its_partition_goes_on(
+    tmp_path: Path, topic: Topic, bridges: Callable[..., BridgeProcess], consumer: Consumer
+) -> None:
+    dlq = f"{topic.name}-dlq"
+    asyncio.run(_create_topics(topic.bootstrap, dlq))
+    write_config(tmp_path, topic, dead_letter=f"{{kafka_topic: {dlq}}}")
+
+    def picky(payload: Any) -> Any:
+        if payload["n"] == 0:
+            raise RuntimeError("cannot take the big one")
+        return {"ok": True}
+
+    bridge = bridges()
+    bind(consumer, "shop::picky", picky)
+    big = json.dumps({"n": 0, "blob": "x" * 2_000_000}).encode()  # twice what a Kafka message may hold by default
+    items = [(b"order-0", big, [("trace", b"t0")]), *(_message(n) for n in range(1, 6))]
+    asyncio.run(_produce(topic.bootstrap, topic.name, items, partition=0, max_request_size=4 * len(big)))
+    # Two attempts at the big one, its dead letter, then the rest of the partition (without the fix it stalled).
+    calls = wait_count(consumer, "shop::picky", 7, timeout=JOIN_S)
+    assert [c["n"] for c in calls] == [0, 0, 1, 2, 3, 4, 5]
+    [message] = asyncio.run(_read_all(topic.bootstrap, dlq, 1, timeout=JOIN_S))
+    assert len(message.value) < 1_000_000
+    assert message.key == b"order-0"
+    record = json.loads(message.value)
+    assert record["truncated"] == ["event.value"]
+    assert record["event"]["value"] == {"truncated": True, "original_bytes": len(big),
+                                        "sha256": hashlib.sha256(big).hexdigest()}
+    assert (record["event"]["id"], record["event"]["partition"], record["event"]["offset"]) == (
+        f"kafka:{topic.name}:0:0", 0, 0)
+    assert record["event"]["key"] == "order-0" and record["event"]["headers"] == {"trace": "t0"}
+    assert record["binding"]["function_id"] == "shop::picky" and record["payload"]["n"] == 0
+    assert record["error"]["code"] == "invocation_failed" and "cannot take the big one" in record["error"]["message"]
+    assert re.search(rf"dead letter of event kafka:{re.escape(topic.name)}:0:0: event.value cut", bridge.log())
+    assert bridge.stop() == 0
+    assert committed(topic)[0] == 6
+
+
+def test_a_dry_run_beside_a_live_bridge_prints_what_is_not_committed_and_takes_nothing(
+    tmp_path: Path, topic: Topic, bridges: Callable[..., BridgeProcess], consumer: Consumer
+) -> None:
+    write_config(tmp_path, topic)
+    live = bridges()
+    consumer.function("shop::on-order")
+    binding = consumer.bind("orders", "shop::on-order")
+    first = produce(topic, range(40))
+    wait_count(consumer, "shop::on-order", 40, timeout=JOIN_S)
+    ends = Counter(p for p, _ in first.values())
+    wait_for(lambda: committed(topic) == dict(ends), JOIN_S, "the live bridge committing all it delivered")
+    # Unbound, the live bridge stays in the group with its partitions paused: what comes now waits for it.
+    binding.unregister()
+    live.wait_for_log(r"no function is bound any more", timeout=JOIN_S)
+    later = produce(topic, range(40, 60))
+    later_ids = sorted(f"kafka:{topic.name}:{p}:{o}" for p, o in later.values())
+
+    dry = bridges(dry_run=True)
+    dry.wait_for_log(rf"dry run: reading .* without joining group {topic.group} or committing", timeout=JOIN_S)
+    wait_for(lambda: len(dry.stdout().splitlines()) >= 20, JOIN_S, "the dry run printing 20 payloads")
+    assert dry.stop() == 0
+    printed = [json.loads(line) for line in dry.stdout().splitlines()]
+    assert sorted(p["payload"]["id"] for p in printed) == later_ids
+    assert {p["function_id"] for p in printed} == {"dry-run::orders"}
+    assert committed(topic) == dict(ends)
+    assert "partitions revoked" not in live.log()
+
+    # Nothing the dry run showed is lost for the live bridge.
+    consumer.bind("orders", "shop::on-order")
+    calls = wait_count(consumer, "shop::on-order", 60, timeout=JOIN_S)
+    assert sorted(c["id"] for c in calls[40:]) == later_ids
+    assert live.stop() == 0
+    assert committed(topic) == dict(Counter(p for p, _ in (first | later).values()))

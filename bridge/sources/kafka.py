@@ -1,5 +1,6 @@
-"""The ``kafka`` source (a consumer group's records become events) and the Kafka dead-letter destination.
-aiokafka is imported only here.
+"""The ``kafka`` source: a consumer group's records become events. aiokafka is imported only in the kafka modules:
+this one, ``_kafkaassign`` (group membership or the dry run's manual assignment), ``_kafkadl`` (the dead-letter
+destination) and ``_kafkaconn`` (client settings).
 
 Flow: nothing joins the group until a function is bound. Then a *fetch* task polls ``getmany`` into a small
 per-partition buffer and a *submit* task hands buffered records to the sink, round-robin over partitions, each
@@ -7,14 +8,13 @@ partition in offset order. Once an event is done its offset counts as done; a *c
 ``commit_interval_ms`` the lowest offset of each partition that is not done (see
 :mod:`bridge.sources._kafkaoffsets`), so a commit never passes an unfinished event: at-least-once.
 
-Back-pressure without head-of-line blocking: each partition gets a share of the in-flight window
-(``max_in_flight`` / assigned partitions; with ordering none / partitions that have work), so a partition stuck
-on retries holds at most its share while the others go on. A partition may hold at most its share +
-max(share, 256) outstanding records (buffered + in flight); near that cap it is left out of the polls until it
-drained some, and the client keeps at most one fetched batch of it meanwhile, so memory stays bounded whatever
-the backlog. The fetch task never waits on the sink, so the member keeps polling and heartbeating however slow
-delivery is. With no binding every partition is paused (the member stays in the group) and nothing is
-committed for events nobody received.
+Back-pressure without head-of-line blocking: each partition gets a share of the in-flight window, so a partition
+stuck on retries holds at most its share while the others go on, and a cap of outstanding records (buffered + in
+flight; see :mod:`bridge.sources._kafkaflow`); near that cap it is left out of the polls until it drained some,
+and the client keeps at most one fetched batch of it meanwhile, so memory stays bounded whatever the backlog. The
+fetch task never waits on the sink, so the member keeps polling and heartbeating however slow delivery is. With no
+binding every partition is paused (the member stays in the group) and nothing is committed for events nobody
+received.
 
 Ordering: ``partition`` gives every event of a partition the order key (topic, partition), ``key`` the key
 (topic, partition, key bytes) (a null key falls back to the partition), ``none`` none; the runtime then runs
@@ -25,80 +25,44 @@ events abandoned (their acknowledgement changes nothing: the partition's track i
 partition next resumes from the committed offset, so abandoned events may be delivered twice, never lost.
 Cancellation stops intake at once, waits up to ``shutdown_grace_s`` for in-flight events, commits what is done,
 leaves the group and closes the consumer.
+
+Dry run (``bridge up --dry-run``): the source reads every partition of its topics without joining the group,
+from the group's committed offsets on, and never commits (see :mod:`~bridge.sources._kafkaassign`), so live
+bridges keep their partitions and lose nothing the dry run shows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-import weakref
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.helpers import create_ssl_context
 
-from bridge.config import DeadLetterConfig, KafkaSourceConfig, SourceConfig
-from bridge.errors import DeadLetterError
+from bridge.config import KafkaSourceConfig, SourceConfig
 from bridge.sources import SHUTDOWN_GRACE_S, Outcome, Sink
+from bridge.sources._kafkaassign import DryRunAssignment, GroupListener, subscribe, topics_text
+from bridge.sources._kafkaconn import at_most, connection_options, consumer_options, tp_text
 from bridge.sources._kafkadecode import record_event
+from bridge.sources._kafkadl import KafkaDeadLetter, kafka_dead_letter, track_raw_keys
+from bridge.sources._kafkaflow import Shares
 from bridge.sources._kafkaoffsets import PartitionTrack
+
+__all__ = ["KafkaDeadLetter", "KafkaSource", "connection_options", "kafka_dead_letter"]
 
 log = logging.getLogger("bridge.sources.kafka")
 
 _FETCH_WAIT_MS = 1000  # longest wait of one poll; arriving data ends it at once
 _SHORT_FETCH_WAIT_MS = 10  # the same while a partition at its cap waits to be polled again
-_MAX_FETCH_RECORDS = 500  # most records taken from the client per poll
-_MIN_BUFFER = 256  # records a partition may hold beyond its share of the window
 _IDLE_WAIT_S = 1.0  # while nothing may be polled: how often the fetch loop looks around anyway
 _LIVENESS_POLL_S = 10.0  # ... and how often it polls all the same, which keeps the member in the group
 _COMMIT_TIMEOUT_S = 5.0  # a commit on revoke or shutdown gives up after this long (the next owner redelivers)
 _CLOSE_TIMEOUT_S = 10.0
-
-# Live sources by trigger type id, so the dead-letter destination can key a record with the bytes the original
-# record carried (templates only see the decoded key).
-_LIVE: weakref.WeakValueDictionary[str, KafkaSource] = weakref.WeakValueDictionary()
-
-
-def connection_options(kc: KafkaSourceConfig) -> dict[str, Any]:
-    """aiokafka connection and security options shared by the consumer and the dead-letter producer.
-    They hold secrets: never log them."""
-    security = kc.security
-    options: dict[str, Any] = {"bootstrap_servers": kc.bootstrap_servers, "security_protocol": security.protocol}
-    if security.protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = create_ssl_context(
-            cafile=security.ca_file, certfile=security.cert_file, keyfile=security.key_file
-        )
-    if security.protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
-        options["sasl_mechanism"] = security.sasl_mechanism or "PLAIN"
-        options["sasl_plain_username"] = security.username
-        options["sasl_plain_password"] = security.password
-    return options
-
-
-async def _at_most(wait: Awaitable[Any], timeout_s: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(wait, timeout_s)
-
-
-def _tp_text(keys: Iterable[tuple[str, int]]) -> str:
-    return ", ".join(f"{t}/{p}" for t, p in sorted(keys)) or "none"
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information
-    def __init__(self, source: KafkaSource) -> None:
-        self._source = source
-
-    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
-        await self._source._on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[Any]) -> None:
-        self._source._on_assigned(assigned)
 
 
 class KafkaSource:
@@ -117,11 +81,13 @@ class KafkaSource:
         self.config = config
         self._kc: KafkaSourceConfig = config.kind_config
         self._grace_s = shutdown_grace_s
+        self._dry_run = dry_run
+        self._shares = Shares(config.max_in_flight, self._kc.ordering)
         self._consumer: Any = None
         self._parts: dict[tuple[str, int], PartitionTrack] = {}
         self._sink: Sink | None = None
         self._wake = asyncio.Event()  # something to submit may be there: records fetched, an event done
-        self._room = asyncio.Event()  # an event finished, so a partition at its cap may take records again
+        self._room = asyncio.Event()  # a partition left out of the polls (at its cap) may be polled again
         self._idle = asyncio.Event()  # set at shutdown once no event is in flight
         self._held = False  # every partition paused because nothing is bound
         self._stopping = False
@@ -171,36 +137,34 @@ class KafkaSource:
         kc = self._kc
         self._sink = sink
         if not sink.has_bindings():
-            log.info("kafka source %s: no function is bound; joining group %s once one is",
-                     self.config.id, kc.group_id)
+            log.info("kafka source %s: no function is bound; %s once one is", self.config.id,
+                     "reading (dry run)" if self._dry_run else f"joining group {kc.group_id}")
             await sink.wait_for_bindings()
-        options = {
-            **kc.client_options,
-            **connection_options(kc),
-            "group_id": kc.group_id,
-            "enable_auto_commit": False,
-            "auto_offset_reset": kc.start_from,
-        }
-        consumer = self._consumer = AIOKafkaConsumer(**options)
-        _LIVE[self.config.id] = self
+        consumer = self._consumer = AIOKafkaConsumer(**consumer_options(kc))
         tasks: list[asyncio.Task[None]] = []
+        dry_run: DryRunAssignment | None = None
         subscribed = False
         try:
             await consumer.start()
-            listener = _Rebalance(self)
-            if kc.topic_pattern is not None:
-                consumer.subscribe(pattern=kc.topic_pattern, listener=listener)
-                what = f"topics matching {kc.topic_pattern!r}"
+            if self._dry_run:
+                dry_run = DryRunAssignment(consumer, self.config.id, kc, self._parts, on_revoked=self._on_revoked,
+                                           on_assigned=self._on_assigned)
+                log.info("kafka source %s: dry run: reading %s on %s without joining group %s or committing, from "
+                         "the group's committed offsets (start_from %s where it has none)", self.config.id,
+                         topics_text(kc), kc.bootstrap_servers, kc.group_id, kc.start_from)
+                await dry_run.start()
+                tasks.append(asyncio.create_task(dry_run.run(), name=f"{self.config.id} discover"))
             else:
-                consumer.subscribe(topics=list(kc.topics), listener=listener)
-                what = "topic(s) " + ", ".join(kc.topics)
-            log.info("kafka source %s: subscribed to %s on %s as group %s (start_from %s, ordering %s)",
-                     self.config.id, what, kc.bootstrap_servers, kc.group_id, kc.start_from, kc.ordering)
-            subscribed = True
-            tasks = [
+                track_raw_keys(self.config.id, self)
+                subscribe(consumer, kc, GroupListener(self._on_revoked, self._on_assigned))
+                log.info("kafka source %s: subscribed to %s on %s as group %s (start_from %s, ordering %s)",
+                         self.config.id, topics_text(kc), kc.bootstrap_servers, kc.group_id, kc.start_from,
+                         kc.ordering)
+                subscribed = True
+                tasks.append(asyncio.create_task(self._commit_loop(), name=f"{self.config.id} commit"))
+            tasks += [
                 asyncio.create_task(self._fetch_loop(sink), name=f"{self.config.id} fetch"),
                 asyncio.create_task(self._submit_loop(sink), name=f"{self.config.id} submit"),
-                asyncio.create_task(self._commit_loop(), name=f"{self.config.id} commit"),
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -211,7 +175,11 @@ class KafkaSource:
                       "security settings; the source is started again", self.config.id, exc, kc.bootstrap_servers)
             raise
         finally:
-            await self._shut_down(consumer, tasks, subscribed)
+            try:
+                await self._shut_down(consumer, tasks, subscribed)
+            finally:
+                if dry_run is not None:
+                    await dry_run.close()
 
     async def _shut_down(self, consumer: Any, tasks: list[asyncio.Task[None]], subscribed: bool) -> None:
         self._stopping = True
@@ -239,7 +207,9 @@ class KafkaSource:
                 await asyncio.wait_for(consumer.stop(), _CLOSE_TIMEOUT_S)
             except (TimeoutError, KafkaError) as exc:
                 log.warning("kafka source %s: closing the consumer failed: %r", self.config.id, exc)
-            if left:
+            if self._dry_run:
+                log.info("kafka source %s: dry run stopped; nothing was committed", self.config.id)
+            elif left:
                 log.info("kafka source %s: stopped with %d event(s) in flight; they were not committed and come "
                          "back on the next start", self.config.id, left)
             elif subscribed:
@@ -260,13 +230,13 @@ class KafkaSource:
             part.current = False
         await self._commit(parts, "revoke", timeout_s=_COMMIT_TIMEOUT_S)
         log.info("kafka source %s: partitions revoked: %s (%d in-flight event(s) abandoned; they come back from "
-                 "the committed offset)", self.config.id, _tp_text(p.key for p in parts), abandoned)
+                 "the committed offset)", self.config.id, tp_text(p.key for p in parts), abandoned)
 
     def _on_assigned(self, assigned: set[Any]) -> None:
         for tp in assigned:
             self._track(tp)
         log.info("kafka source %s: partitions assigned: %s", self.config.id,
-                 _tp_text((tp.topic, tp.partition) for tp in assigned))
+                 tp_text((tp.topic, tp.partition) for tp in assigned))
         if self._sink is not None and not self._stopping:
             self._apply_hold(self._sink)
         self._room.set()  # new partitions may be polled at once
@@ -289,17 +259,6 @@ class KafkaSource:
         if tps:
             (consumer.pause if paused else consumer.resume)(*tps)
 
-    def _share(self, partitions_with_work: int) -> int:
-        """How many events of one partition may be in flight. With ordering partition or key a stuck event
-        holds every later event of its partition or key in the window, so each assigned partition gets a fixed
-        share; with ordering none events never wait on one another and the window is split between the
-        partitions that have work."""
-        if self._kc.ordering == "none":
-            parts = partitions_with_work
-        else:
-            parts = len(self._consumer.assignment()) if self._consumer is not None else 1
-        return max(1, self.config.max_in_flight // max(1, parts))
-
     def _apply_hold(self, sink: Sink) -> bool:
         """Pause every partition while nothing is bound, resume them when a binding is back."""
         held = not sink.has_bindings()
@@ -313,27 +272,8 @@ class KafkaSource:
         self._set_paused([p for p in self._parts.values() if p.paused != held], held)
         return held
 
-    def _fetchable(self) -> tuple[list[Any], int, bool]:
-        """The assigned partitions to poll, how many records one poll may take, and whether some partition is
-        left out. A partition's cap of outstanding records is its share + max(share, 256); it is polled while
-        at least half of that buffer allowance is free, and a poll takes no more than the least free room of
-        the polled partitions, so no partition ever passes its cap and polls stay reasonably large."""
-        assigned = self._consumer.assignment()
-        if not assigned:
-            return [], _MIN_BUFFER, False  # (re)joining: records of new partitions may come first
-        with_work = sum(1 for p in self._parts.values() if p.outstanding)
-        fetchable: list[Any] = []
-        least_room = _MAX_FETCH_RECORDS
-        for tp in assigned:
-            part = self._parts.get((tp.topic, tp.partition))
-            outstanding = part.outstanding if part is not None else 0
-            share = self._share(with_work + (0 if outstanding else 1))
-            allowance = max(share, _MIN_BUFFER)
-            room = share + allowance - outstanding
-            if room >= allowance // 2:
-                fetchable.append(tp)
-                least_room = min(least_room, room)
-        return fetchable, least_room, len(fetchable) < len(assigned)
+    def _assigned_count(self) -> int:
+        return len(self._consumer.assignment()) if self._consumer is not None else 1
 
     # --- fetching ---------------------------------------------------------------------------------------------
 
@@ -345,10 +285,11 @@ class KafkaSource:
         last_poll = time.monotonic()
         while True:
             held = self._apply_hold(sink)
-            fetchable, limit, capped = self._fetchable() if not held else ([], 0, True)
+            fetchable, limit, capped = ([], 0, True) if held else self._shares.fetchable(consumer.assignment(),
+                                                                                          self._parts)
             if held or (capped and not fetchable):
                 self._room.clear()
-                await _at_most(self._room.wait() if not held else sink.wait_for_bindings(), _IDLE_WAIT_S)
+                await at_most(self._room.wait() if not held else sink.wait_for_bindings(), _IDLE_WAIT_S)
                 if time.monotonic() - last_poll < _LIVENESS_POLL_S:
                     continue
                 # aiokafka leaves the group after max_poll_interval_ms without a poll: show the member is alive.
@@ -391,7 +332,7 @@ class KafkaSource:
         parts = [p for p in self._parts.values() if p.buffer]
         if not parts:
             return False
-        share = self._share(sum(1 for p in self._parts.values() if p.outstanding))
+        share = self._shares.share(self._assigned_count(), sum(1 for p in self._parts.values() if p.outstanding))
         start = self._round % len(parts)
         self._round += 1
         progressed = False
@@ -428,9 +369,12 @@ class KafkaSource:
             return  # abandoned at a revoke: the partition's next owner starts from the committed offset
         part.done(offset)
         self._wake.set()
-        self._room.set()
-        if self._stopping and not any(p.undone for p in self._parts.values()):
-            self._idle.set()
+        if self._stopping:
+            self._room.set()
+            if not any(p.undone for p in self._parts.values()):
+                self._idle.set()
+        elif self._shares.pollable_again(part, self._parts, self._assigned_count()):
+            self._room.set()
 
     # --- committing -------------------------------------------------------------------------------------------
 
@@ -441,6 +385,8 @@ class KafkaSource:
             await self._commit(list(self._parts.values()), "periodic")
 
     async def _commit(self, parts: list[PartitionTrack], why: str, timeout_s: float | None = None) -> bool:
+        if self._dry_run:
+            return True  # a dry run never moves the group's offsets: the live bridges would lose what it showed
         due = [(part, pos) for part in parts if (pos := part.commit_due()) is not None]
         if not due or self._consumer is None:
             return True
@@ -451,7 +397,7 @@ class KafkaSource:
         except (KafkaError, TimeoutError) as exc:
             log.warning("kafka source %s: %s commit of %s failed: %r; done offsets are committed at the next "
                         "attempt (or redelivered by the partition's next owner)", self.config.id, why,
-                        _tp_text(part.key for part, _ in due), exc)
+                        tp_text(part.key for part, _ in due), exc)
             return False
         for part, pos in due:
             part.committed = pos
@@ -459,74 +405,3 @@ class KafkaSource:
         log.debug("kafka source %s: %s commit: %s", self.config.id, why,
                   ", ".join(f"{p.topic}/{p.partition}@{pos}" for p, pos in due))
         return True
-
-
-# --- dead letters --------------------------------------------------------------------------------------------
-
-
-class KafkaDeadLetter:
-    """Produces each dead-letter record as a JSON value to a topic (``acks=all``); ``write`` returns once the
-    broker acknowledged it. Key: the original record's key bytes when known, else the event id; headers
-    ``error_code`` and ``source``."""
-
-    def __init__(self, kc: KafkaSourceConfig, topic: str) -> None:
-        self.topic = topic
-        self._bootstrap = kc.bootstrap_servers
-        self._options = connection_options(kc)
-        self._producer: Any = None
-        self._starting: asyncio.Lock | None = None
-
-    def describe(self) -> str:
-        return f"kafka topic {self.topic} on {self._bootstrap}"
-
-    async def _started(self) -> Any:
-        if self._starting is None:
-            self._starting = asyncio.Lock()
-        async with self._starting:
-            if self._producer is None:
-                producer = AIOKafkaProducer(**self._options, acks="all")
-                try:
-                    await producer.start()
-                except BaseException:
-                    await producer.stop()
-                    raise
-                self._producer = producer
-        return self._producer
-
-    async def write(self, record: dict[str, Any]) -> None:
-        value = json.dumps(record, ensure_ascii=False, default=str).encode("utf-8")
-        error = record.get("error") or {}
-        headers = [
-            ("error_code", str(error.get("code", "")).encode("utf-8")),
-            ("source", str(record.get("source", "")).encode("utf-8")),
-        ]
-        try:
-            producer = await self._started()
-            await producer.send_and_wait(self.topic, value, key=_dead_letter_key(record), headers=headers)
-        except KafkaError as exc:
-            raise DeadLetterError(f"cannot write a dead letter to Kafka topic {self.topic}: {exc!r}") from exc
-
-    async def close(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
-
-
-def _dead_letter_key(record: dict[str, Any]) -> bytes:
-    event = record.get("event") if isinstance(record.get("event"), dict) else None
-    event_id = str(event.get("id", "")) if event else ""
-    source = _LIVE.get(str(record.get("source")))
-    raw = source.raw_key(event_id) if source is not None else None
-    return raw if raw is not None else event_id.encode("utf-8")
-
-
-def kafka_dead_letter(config: DeadLetterConfig, source: SourceConfig) -> KafkaDeadLetter:
-    """The ``dead_letter.kafka_topic`` destination of ``source``, on the source's own cluster and security."""
-    if config.kafka_topic is None:
-        raise DeadLetterError(f"source {source.id!r}: dead_letter has no kafka_topic")
-    if not isinstance(source.kind_config, KafkaSourceConfig):
-        raise DeadLetterError(
-            f"source {source.id!r}: dead_letter.kafka_topic needs a kafka source (it uses the source's cluster); "
-            f"a {source.kind} source has none"
-        )
-    return KafkaDeadLetter(source.kind_config, config.kafka_topic)

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -26,6 +27,8 @@ from bridge.config import DeadLetterConfig, DeliveryConfig, KafkaSecurity, Kafka
 from bridge.errors import DeadLetterError, DecodeError
 from bridge.sources import Event
 from bridge.sources._kafkadecode import decode
+from bridge.sources._kafkadl import MAX_REQUEST_BYTES, fit_record, truncation_marker
+from bridge.sources._kafkaflow import Shares
 from bridge.sources._kafkaoffsets import PartitionTrack
 from bridge.sources.kafka import KafkaDeadLetter, KafkaSource, connection_options, kafka_dead_letter
 from bridge.testing.sink import MemorySink
@@ -150,8 +153,8 @@ async def stop(task: asyncio.Task[None]) -> None:
         await asyncio.wait_for(task, timeout=20)
 
 
-def source_for(config: SourceConfig, tmp_path: Any, grace_s: float = 0.5) -> KafkaSource:
-    return KafkaSource(config, tmp_path, shutdown_grace_s=grace_s)
+def source_for(config: SourceConfig, tmp_path: Any, grace_s: float = 0.5, *, dry_run: bool = False) -> KafkaSource:
+    return KafkaSource(config, tmp_path, shutdown_grace_s=grace_s, dry_run=dry_run)
 
 
 # --- events ---------------------------------------------------------------------------------------------------
@@ -256,6 +259,32 @@ def test_partition_track_position_never_passes_an_undone_offset() -> None:
     assert track.commit_due() == 8
     track.committed = 8
     assert track.commit_due() is None
+
+
+def test_a_partition_at_its_cap_is_polled_again_once_half_its_buffer_allowance_is_free() -> None:
+    class Rec:
+        def __init__(self, offset: int) -> None:
+            self.offset = offset
+
+    shares = Shares(8, "partition")  # 4 assigned partitions: a share of 2, allowance 256, cap 258
+    assigned = [TopicPartition("t", p) for p in range(4)]
+    track = PartitionTrack("t", 0)
+    track.add_fetched([Rec(o) for o in range(131)])
+    parts = {track.key: track}
+    assert shares.share(4, 1) == 2
+    assert shares.free_room(131, 4, 1) == (127, False)
+    assert shares.free_room(130, 4, 1) == (128, True)
+    assert shares.fetchable(assigned, parts) == (assigned[1:], 258, True)
+    first = track.take()
+    assert not shares.pollable_again(track, parts, 4)  # still 131 outstanding: no reason to wake the fetch loop
+    track.done(first.offset)
+    assert shares.pollable_again(track, parts, 4)  # 130: half the allowance is free, as fetchable says too
+    assert shares.fetchable(assigned, parts) == (assigned, 128, False)
+    # Ordering none: a partition that runs empty enlarges the others' shares, so the fetch loop looks again.
+    track = PartitionTrack("t", 1)
+    track.add_fetched([Rec(0)])
+    track.done(track.take().offset)
+    assert Shares(64, "none").pollable_again(track, {track.key: track}, 4)
 
 
 async def test_poison_value_becomes_an_error_event_and_the_stream_goes_on(kafka_broker: str, topic: str,
@@ -489,6 +518,76 @@ async def test_an_event_abandoned_at_a_revoke_commits_nothing_when_it_finishes(k
         await wait_until(lambda: source.committed_positions()[(topic, 0)] == 2, 5)
 
 
+# --- dry runs -------------------------------------------------------------------------------------------------
+
+
+async def test_a_dry_run_reads_from_the_committed_offsets_and_commits_nothing(kafka_broker: str, topic: str,
+                                                                             tmp_path: Any, caplog: Any) -> None:
+    config = make_config(kafka_broker, topic)
+    await produce(kafka_broker, topic, orders(20))  # offsets 0..4 of each partition
+    live = source_for(config, tmp_path)
+    async with running(live, new_sink()):
+        await wait_until(lambda: live.committed_positions() == {(topic, p): 5 for p in range(4)}, JOIN_S,
+                         lambda: str(live.committed_positions()))
+    await produce(kafka_broker, topic, orders(20))  # offsets 5..9
+    assert await committed(kafka_broker, group_of(config), topic) == dict.fromkeys(range(4), 5)
+    sink = new_sink()
+    dry = source_for(config, tmp_path, dry_run=True)
+    with caplog.at_level(logging.INFO, logger="bridge.sources.kafka"):
+        async with running(dry, sink):
+            await sink.exactly(20)  # quiet for longer than a commit interval
+    assert by_partition(sink) == {p: list(range(5, 10)) for p in range(4)}
+    assert dry.committed_positions() == {}
+    assert await committed(kafka_broker, group_of(config), topic) == dict.fromkeys(range(4), 5)
+    assert any(f"without joining group {group_of(config)} or committing" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_dry_run_beside_a_live_member_takes_none_of_its_partitions(kafka_broker: str, topic: str,
+                                                                          tmp_path: Any, caplog: Any) -> None:
+    config = make_config(kafka_broker, topic)
+    await produce(kafka_broker, topic, orders(8))
+    # The live member holds what comes later, so the group's offsets stay where the dry run starts from.
+    live_sink = new_sink(hold=lambda e: e.fields["offset"] >= 2)
+    live, dry, dry_sink = source_for(config, tmp_path), source_for(config, tmp_path, dry_run=True), new_sink()
+    with caplog.at_level(logging.INFO, logger="bridge.sources.kafka"):
+        async with running(live, live_sink):
+            await live_sink.wait_for(8)
+            await wait_until(lambda: live.committed_positions() == {(topic, p): 2 for p in range(4)}, 5)
+            async with running(dry, dry_sink):
+                await wait_until(lambda: len(dry.assigned()) == 4, JOIN_S)
+                await produce(kafka_broker, topic, orders(8))
+                await dry_sink.exactly(8)
+                await live_sink.wait_for(16)
+                assert live.assigned() == {(topic, p) for p in range(4)}
+            await live_sink.ack_all()
+            await wait_until(lambda: live.committed_positions() == {(topic, p): 4 for p in range(4)}, 5)
+    assert sorted(dry_sink.ids()) == sorted(f"kafka:{topic}:{p}:{o}" for p in range(4) for o in (2, 3))
+    assert not [r.getMessage() for r in caplog.records if "partitions revoked" in r.getMessage()]
+    assert await committed(kafka_broker, group_of(config), topic) == dict.fromkeys(range(4), 4)
+
+
+async def test_a_dry_run_follows_pattern_topics_created_while_it_runs(kafka_broker: str, topic: str,
+                                                                     tmp_path: Any) -> None:
+    config = make_config(kafka_broker, topic, client_options={"metadata_max_age_ms": 300})
+    assert isinstance(config.kind_config, KafkaSourceConfig)
+    by_pattern = dataclasses.replace(config.kind_config, topics=(), topic_pattern=re.escape(topic) + "(-more)?$")
+    config = dataclasses.replace(config, kind_config=by_pattern)
+    await produce(kafka_broker, topic, orders(8))
+    sink = new_sink()
+    dry = source_for(config, tmp_path, dry_run=True)
+    async with running(dry, sink):
+        await sink.wait_for(8)  # the group has no offsets: start_from earliest
+        await create_topic(kafka_broker, f"{topic}-more")
+        await wait_until(lambda: len(dry.assigned()) == 8, JOIN_S, lambda: str(dry.assigned()))
+        await produce(kafka_broker, f"{topic}-more", orders(4))
+        await produce(kafka_broker, topic, orders(4))
+        # The partitions it read before the new assignment go on where they were, nothing comes twice.
+        await sink.exactly(16)
+    assert sorted(sink.ids()) == sorted([f"kafka:{topic}:{p}:{o}" for p in range(4) for o in range(3)]
+                                        + [f"kafka:{topic}-more:{p}:0" for p in range(4)])
+    assert await committed(kafka_broker, group_of(config), topic) == dict.fromkeys(range(4))
+
+
 # --- dead letters ---------------------------------------------------------------------------------------------
 
 
@@ -554,3 +653,86 @@ async def test_dead_letter_failures_and_wrong_source_kinds(tmp_path: Any) -> Non
     with pytest.raises(DeadLetterError, match="dlq"):
         await dead.write({"source": "x", "event": {"id": "e"}, "error": {"code": "c"}})
     await dead.close()
+
+
+def test_a_dead_letter_too_large_for_kafka_loses_its_biggest_values_to_markers() -> None:
+    value = {"text": "é" * 600_000}  # 1.2 MB of JSON
+    payload = "p" * 700_000
+    record = {"source": "orders", "event": {"id": "kafka:t:0:7", "topic": "t", "partition": 0, "offset": 7,
+                                            "key": "k", "value": value, "headers": {"h": "v"}},
+              "binding": {"id": "b1", "function_id": "shop::f", "namespace": None, "config": {}},
+              "payload": payload, "error": {"code": "invocation_failed", "message": "boom"}, "attempts": 2,
+              "first_attempt_at": None, "last_attempt_at": None}
+    whole = json.dumps(record, ensure_ascii=False).encode()
+    assert fit_record(record, len(whole)) == (whole, [])
+
+    encoded, cut = fit_record(record, 1_000_000)
+    fitted = json.loads(encoded)
+    value_json = json.dumps(value, ensure_ascii=False).encode()
+    assert cut == fitted["truncated"] == ["event.value"]
+    assert fitted["event"]["value"] == {"truncated": True, "original_bytes": len(value_json),
+                                        "sha256": hashlib.sha256(value_json).hexdigest()}
+    assert {k: v for k, v in fitted["event"].items() if k != "value"} == {
+        k: v for k, v in record["event"].items() if k != "value"}
+    assert {k: v for k, v in fitted.items() if k not in ("event", "truncated")} == {
+        k: v for k, v in record.items() if k != "event"}
+    assert record["event"]["value"] is value and "truncated" not in record  # the caller's record is left alone
+
+    encoded, cut = fit_record(record, 100_000)
+    assert cut == ["event.value", "payload"] and len(encoded) < 1000
+    assert json.loads(encoded)["payload"] == truncation_marker(payload)
+    assert truncation_marker(payload)["sha256"] == hashlib.sha256(payload.encode()).hexdigest()  # text: its bytes
+
+    # What describes the failure goes last, and only as far as needed.
+    long_error = {**record, "error": {"code": "invocation_failed", "message": "m" * 50_000}}
+    encoded, cut = fit_record(long_error, 10_000)
+    assert cut == ["event.value", "payload", "error.message"]
+    assert json.loads(encoded)["error"]["code"] == "invocation_failed"
+
+
+async def test_an_oversized_dead_letter_is_cut_to_fit_before_sending_and_after_a_refusal(
+        kafka_broker: str, topic: str, tmp_path: Any, caplog: Any) -> None:
+    dlq = f"dlq-{uuid.uuid4().hex[:8]}"
+    config = make_config(kafka_broker, topic)
+    big = "x" * 2_000_000
+
+    def dead_letter_of(offset: int, payload: Any) -> dict[str, Any]:
+        return {"source": "orders", "event": {"id": f"kafka:{topic}:0:{offset}", "topic": topic, "partition": 0,
+                                              "offset": offset, "key": None, "value": big, "headers": {}},
+                "binding": {"id": "b1", "function_id": "shop::f", "namespace": None, "config": {}},
+                "payload": payload, "error": {"code": "invocation_failed", "message": "boom"}, "attempts": 2,
+                "first_attempt_at": None, "last_attempt_at": None}
+
+    dead = kafka_dead_letter(DeadLetterConfig(kafka_topic=dlq), config)
+    try:
+        with caplog.at_level(logging.WARNING, logger="bridge.sources.kafka"):
+            await dead.write(dead_letter_of(0, {"raw": big}))  # 4 MB: cut before it is sent
+            # As if the limit were higher than it is (a broker with a lower one than the producer's): the first
+            # attempt is refused as too large, the limit lowered and the record cut.
+            dead._limit = 4 * MAX_REQUEST_BYTES
+            await dead.write(dead_letter_of(1, None))
+    finally:
+        await dead.close()
+    assert dead._limit < MAX_REQUEST_BYTES
+    assert any("refused a" in r.getMessage() and "too large" in r.getMessage() for r in caplog.records)
+    consumer = AIOKafkaConsumer(dlq, bootstrap_servers=kafka_broker, auto_offset_reset="earliest")
+    await consumer.start()
+    messages: list[Any] = []
+    try:
+        async with asyncio.timeout(10):
+            while len(messages) < 2:
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    messages.extend(batch)
+    finally:
+        await consumer.stop()
+    # Their keys differ, so they may be on different partitions: the event's offset tells them apart.
+    first, second = sorted((json.loads(m.value) for m in messages), key=lambda r: r["event"]["offset"])
+    assert all(len(m.value) < MAX_REQUEST_BYTES for m in messages)
+    assert first["truncated"] == ["payload", "event.value"]  # the largest first
+    assert first["payload"] == truncation_marker({"raw": big})
+    assert first["event"]["value"] == second["event"]["value"] == {
+        "truncated": True, "original_bytes": len(big), "sha256": hashlib.sha256(big.encode()).hexdigest()}
+    assert second["truncated"] == ["event.value"] and second["payload"] is None
+    assert sorted(m.key for m in messages) == [f"kafka:{topic}:0:0".encode(), f"kafka:{topic}:0:1".encode()]
+    assert first["event"]["offset"] == 0 and first["error"] == {"code": "invocation_failed", "message": "boom"}
+    assert first["binding"]["function_id"] == "shop::f"
