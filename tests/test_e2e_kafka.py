@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from bridge.testing.files import read_jsonl, wait_for
 from bridge.testing.process import BridgeProcess
+from bridge.testing.services import committed_offsets, read_topic
 
 PARTITIONS = 4
 JOIN_S = 30.0  # bound on waits that include a group join or a rebalance (Tansu takes seconds)
@@ -111,33 +112,8 @@ def produce(topic: Topic, numbers: range) -> dict[int, tuple[int, int]]:
     return dict(zip(numbers, placed, strict=True))
 
 
-async def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
-    # A consumer that never subscribes does not join the group: it only reads the group's offsets.
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(PARTITIONS)}
-    finally:
-        await consumer.stop()
-
-
 def committed(topic: Topic) -> dict[int, int | None]:
-    return asyncio.run(_committed(topic.bootstrap, topic.group, topic.name))
-
-
-async def _read_all(bootstrap: str, topic: str, count: int, timeout: float) -> list[Any]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    records: list[Any] = []
-    try:
-        deadline = time.monotonic() + timeout
-        while len(records) < count and time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            for part in batch.values():
-                records.extend(part)
-    finally:
-        await consumer.stop()
-    return records
+    return asyncio.run(committed_offsets(topic.bootstrap, topic.group, topic.name, PARTITIONS))
 
 
 # --- fixtures ------------------------------------------------------------------------------------------------
@@ -359,7 +335,7 @@ def test_an_always_failing_function_is_dead_lettered_to_a_kafka_topic_and_offset
     bridge = bridges()
     bind(consumer, "shop::broken", broken)
     placed = produce(topic, range(40))
-    messages = asyncio.run(_read_all(topic.bootstrap, dlq, 40, timeout=JOIN_S))
+    messages = asyncio.run(read_topic(topic.bootstrap, dlq, 40, timeout_s=JOIN_S))
     assert len(messages) == 40
     seen: set[str] = set()
     for message in messages:
@@ -475,7 +451,7 @@ def test_an_oversized_event_that_fails_is_dead_lettered_to_kafka_cut_to_fit_and_
     # Two attempts at the big one, its dead letter, then the rest of the partition (without the fix it stalled).
     calls = wait_count(consumer, "shop::picky", 7, timeout=JOIN_S)
     assert [c["n"] for c in calls] == [0, 0, 1, 2, 3, 4, 5]
-    [message] = asyncio.run(_read_all(topic.bootstrap, dlq, 1, timeout=JOIN_S))
+    [message] = asyncio.run(read_topic(topic.bootstrap, dlq, 1, timeout_s=JOIN_S))
     assert len(message.value) < 1_000_000
     assert message.key == b"order-0"
     record = json.loads(message.value)

@@ -26,9 +26,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bridge.testing._pgserver import PostgresServer
@@ -47,11 +48,13 @@ __all__ = [
     "PostgresServer",
     "ServiceStartError",
     "TansuBroker",
+    "committed_offsets",
     "free_port",
     "kafka_bootstrap_from_env",
     "kafka_broker",
     "pg_database",
     "pg_server",
+    "read_topic",
 ]
 
 KAFKA_ENV = "BRIDGE_TEST_KAFKA"
@@ -169,6 +172,33 @@ class TansuBroker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
+    """The offsets ``group`` committed for partitions 0..partitions-1 of ``topic`` (None: nothing committed), read
+    by a consumer that never subscribes, so it does not join the group."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        await consumer.stop()
+
+
+async def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 10.0) -> list[Any]:
+    """Records of ``topic`` from its beginning, read until ``count`` arrived (a last fetch may add more) or
+    ``timeout_s`` passed: fewer than ``count`` means they did not come."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(records) < count and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
 
 
 # ------------------------------------------------------------------------------------ pytest fixtures

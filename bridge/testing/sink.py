@@ -13,16 +13,17 @@ written).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from bridge._window import Window
-from bridge.sources import Event, OnDone, Outcome
+from bridge.sources import Event, OnDone, Outcome, Source
 
 if TYPE_CHECKING:
     from bridge.sources import Sink
 
-__all__ = ["MemorySink"]
+__all__ = ["MemorySink", "running", "stop_source", "wait_ended"]
 
 _IDS_SHOWN = 20  # how many event ids a failure message lists
 
@@ -208,3 +209,32 @@ class MemorySink:
 
 if TYPE_CHECKING:
     _conforms: type[Sink] = MemorySink  # mypy checks that MemorySink implements the whole Sink protocol
+
+
+# running a source under test ------------------------------------------------------------------------------------
+
+
+async def wait_ended(task: asyncio.Task[None], timeout_s: float) -> None:
+    """Wait for a source's cancelled ``run`` task to end, at most ``timeout_s``, without cancelling it again (that
+    would cut its shutdown short); re-raise what it raised other than the cancellation."""
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    assert done, f"the source did not stop within {timeout_s} s of its cancellation"
+    error = None if task.cancelled() else task.exception()
+    if error is not None:
+        raise error
+
+
+async def stop_source(task: asyncio.Task[None], timeout_s: float = 10.0) -> None:
+    """Cancel a source's ``run`` task and wait for it to end (see :func:`wait_ended`)."""
+    task.cancel()
+    await wait_ended(task, timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def running(source: Source, sink: Sink, *, stop_timeout_s: float = 10.0) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``source`` into ``sink`` for the block; stop it at the end (:func:`stop_source`)."""
+    task = asyncio.create_task(source.run(sink))
+    try:
+        yield task
+    finally:
+        await stop_source(task, stop_timeout_s)

@@ -37,7 +37,7 @@ from bridge.errors import DecodeError
 from bridge.sources import REGISTRY, Event, Outcome, Source
 from bridge.sources.kafka import KafkaSource
 from bridge.sources.postgres import PostgresSource, outbox_ddl
-from bridge.testing.sink import MemorySink
+from bridge.testing.sink import MemorySink, wait_ended
 from bridge.testing.waiting import until
 
 QUIET_S = 0.5  # how long "nothing (more) arrives" is watched for
@@ -314,10 +314,8 @@ async def stop(task: asyncio.Task[None]) -> float:
 async def ended(task: asyncio.Task[None]) -> None:
     """Wait for a cancelled run to end, within STOP_S, by cancellation. (Cancelling it once more would interrupt
     its shutdown: the grace wait, the final commit.)"""
-    done, _ = await asyncio.wait({task}, timeout=STOP_S)
-    assert done, f"run() did not return within {STOP_S} s of its cancellation"
-    if not task.cancelled():
-        raise AssertionError(f"run() ended otherwise than cancelled: {task.exception()!r}")
+    await wait_ended(task, STOP_S)
+    assert task.cancelled(), "run() ended otherwise than cancelled"
 
 
 @contextlib.asynccontextmanager

@@ -21,6 +21,7 @@ from bridge.errors import DecodeError
 from bridge.sources import REGISTRY
 from bridge.sources.file import FileSource
 from bridge.testing.sink import MemorySink
+from bridge.testing.sink import running as run_source
 from bridge.testing.waiting import until
 
 SETTLE_MS = 30
@@ -55,14 +56,9 @@ def make_config(path: Path, source_id: str = "inbox", **kw: Any) -> SourceConfig
 
 @contextlib.asynccontextmanager
 async def running(source: FileSource, sink: MemorySink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(source.run(sink))
-    try:
+    async with run_source(source, sink, stop_timeout_s=5) as task:
         await asyncio.sleep(0.05)  # let the watcher start
         yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, timeout=5)
 
 
 @pytest.fixture

@@ -14,12 +14,12 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge._clock import iso_ms
@@ -31,10 +31,13 @@ from bridge.sources._kafkadl import MAX_REQUEST_BYTES, fit_record, truncation_ma
 from bridge.sources._kafkaflow import Shares
 from bridge.sources._kafkaoffsets import PartitionTrack
 from bridge.sources.kafka import KafkaDeadLetter, KafkaSource, connection_options, kafka_dead_letter
-from bridge.testing.sink import MemorySink
+from bridge.testing.services import committed_offsets, read_topic
+from bridge.testing.sink import MemorySink, stop_source
+from bridge.testing.sink import running as run_source
 
 PARTITIONS = 4
 GROUP_TIMINGS = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 500, "rebalance_timeout_ms": 3000}
+STOP_S = 20.0  # a cancelled source leaves its group and commits: within this
 JOIN_S = 15.0  # bound on waits that include a group join or a rebalance (Tansu takes seconds)
 
 
@@ -129,28 +132,15 @@ def orders(count: int) -> list[Message]:
 
 
 async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
-    """The group's committed offsets, read by a separate consumer that does not join the group."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(PARTITIONS)}
-    finally:
-        await consumer.stop()
+    return await committed_offsets(bootstrap, group, topic, PARTITIONS)
 
 
-@contextlib.asynccontextmanager
-async def running(source: KafkaSource, sink: MemorySink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(source.run(sink))
-    try:
-        yield task
-    finally:
-        await stop(task)
+def running(source: KafkaSource, sink: MemorySink) -> contextlib.AbstractAsyncContextManager[asyncio.Task[None]]:
+    return run_source(source, sink, stop_timeout_s=STOP_S)
 
 
 async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.wait_for(task, timeout=20)
+    await stop_source(task, STOP_S)
 
 
 def source_for(config: SourceConfig, tmp_path: Any, grace_s: float = 0.5, *, dry_run: bool = False) -> KafkaSource:
@@ -604,12 +594,7 @@ async def test_kafka_dead_letter_is_readable_with_key_and_headers(kafka_broker: 
         await dead.write(record)
     finally:
         await dead.close()
-    consumer = AIOKafkaConsumer(dlq, bootstrap_servers=kafka_broker, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        message = await asyncio.wait_for(consumer.getone(), 10)
-    finally:
-        await consumer.stop()
+    [message] = await read_topic(kafka_broker, dlq, 1)
     assert json.loads(message.value) == record
     assert message.key == f"kafka:{topic}:1:4".encode()  # the source is not running: the id is the key
     assert dict(message.headers) == {"error_code": b"decode_error", "source": b"orders"}
@@ -630,12 +615,7 @@ async def test_dead_letter_of_a_live_source_keeps_the_original_key_bytes(kafka_b
                               "error": {"code": "decode_error", "message": str(event.error)}})
     finally:
         await dead.close()
-    consumer = AIOKafkaConsumer(dlq, bootstrap_servers=kafka_broker, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        message = await asyncio.wait_for(consumer.getone(), 10)
-    finally:
-        await consumer.stop()
+    [message] = await read_topic(kafka_broker, dlq, 1)
     assert message.key == raw_key
 
 
@@ -715,16 +695,7 @@ async def test_an_oversized_dead_letter_is_cut_to_fit_before_sending_and_after_a
         await dead.close()
     assert dead._limit < MAX_REQUEST_BYTES
     assert any("refused a" in r.getMessage() and "too large" in r.getMessage() for r in caplog.records)
-    consumer = AIOKafkaConsumer(dlq, bootstrap_servers=kafka_broker, auto_offset_reset="earliest")
-    await consumer.start()
-    messages: list[Any] = []
-    try:
-        async with asyncio.timeout(10):
-            while len(messages) < 2:
-                for batch in (await consumer.getmany(timeout_ms=200)).values():
-                    messages.extend(batch)
-    finally:
-        await consumer.stop()
+    messages = await read_topic(kafka_broker, dlq, 2)
     # Their keys differ, so they may be on different partitions: the event's offset tells them apart.
     first, second = sorted((json.loads(m.value) for m in messages), key=lambda r: r["event"]["offset"])
     assert all(len(m.value) < MAX_REQUEST_BYTES for m in messages)

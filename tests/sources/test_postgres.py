@@ -34,7 +34,7 @@ from bridge.sources.postgres import (
     postgres_dead_letter,
 )
 from bridge.testing.services import PostgresServer
-from bridge.testing.sink import MemorySink
+from bridge.testing.sink import MemorySink, running, stop_source
 from bridge.testing.waiting import until
 
 QUIET_S = 0.3
@@ -61,23 +61,6 @@ def make_config(dsn: str, source_id: str = "signups", max_in_flight: int = 64, *
 def outbox_config(dsn: str, **kw: Any) -> SourceConfig:
     kw.setdefault("poll_interval_ms", 200)
     return make_config(dsn, "outbox", mode="outbox", outbox_table=kw.pop("outbox_table", "bridge_outbox"), **kw)
-
-
-@contextlib.asynccontextmanager
-async def running(source: PostgresSource, sink: MemorySink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(source.run(sink))
-    try:
-        yield task
-    finally:
-        await stop(task)
-
-
-async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=10)
-    assert done, "the source did not stop within 10 s of its cancellation"
-    if not task.cancelled() and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
 
 
 @contextlib.asynccontextmanager
@@ -255,7 +238,7 @@ async def test_listen_replicas_deliver_each_notification_once_and_fail_over(
         holder = next(i for i, (source, _) in enumerate(replicas) if source.listening)
         standby, standby_sink = replicas[1 - holder]
         started = time.monotonic()
-        await stop(tasks[holder])
+        await stop_source(tasks[holder])
         await listening(standby, timeout=5)
         assert time.monotonic() - started < 3
         assert standby_sink.events == []  # it never listened before
@@ -265,7 +248,7 @@ async def test_listen_replicas_deliver_each_notification_once_and_fail_over(
         assert "this one listens now" in caplog.text
     finally:
         for task in tasks:
-            await stop(task)
+            await stop_source(task)
 
 
 @pytest.mark.parametrize("mode", ["listen", "outbox", "outbox dry run"])
@@ -345,7 +328,7 @@ async def test_outbox_shutdown_waits_briefly_for_rows_in_flight(pg_database: str
     assert not task.done()  # waiting for the two events in flight, within the grace period
     started = time.monotonic()
     await sink.ack_all()
-    await stop(task)
+    await stop_source(task)
     assert time.monotonic() - started < 1
     assert await row_count(pg_database) == 3  # the two done rows are deleted; the rest wait, unlocked
     async with db(pg_database) as conn, conn.transaction():
@@ -373,7 +356,7 @@ async def test_outbox_crash_mid_stream_loses_no_row(pg_database: str) -> None:
         # A crash: the sessions end without committing, so their deletions and locks vanish with them.
         assert await terminate(pg_database, "iii-bridge outbox") >= 1
     finally:
-        await stop(task)
+        await stop_source(task)
     left = await row_count(pg_database)
     assert 0 < left < 2000
     second_sink = MemorySink()

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from bridge.sources import Event, OnDone, Outcome
-from bridge.testing.sink import MemorySink
+from bridge.sources import Event, OnDone, Outcome, Sink
+from bridge.testing.sink import MemorySink, running, stop_source
 
 
 class Hooks:
@@ -188,3 +188,34 @@ def test_activate_counts_and_a_window_must_hold_an_event() -> None:
     assert sink.activations == 2
     with pytest.raises(ValueError, match="a window holds at least 1 event"):
         MemorySink(window=0)
+
+
+class _Source:
+    """A source whose run() fails, ignores its cancellation for a while, or ends by cancellation."""
+
+    def __init__(self, *, fail: bool = False, linger_s: float = 0.0) -> None:
+        self.fail = fail
+        self.linger_s = linger_s
+
+    async def run(self, sink: Sink) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if self.fail:
+                raise RuntimeError("broken on the way out") from None
+            await asyncio.shield(asyncio.sleep(self.linger_s))
+            raise
+
+
+async def test_running_stops_the_source_and_reports_what_went_wrong() -> None:
+    async with running(_Source(), MemorySink()) as task:
+        assert not task.done()
+    assert task.cancelled()
+    with pytest.raises(RuntimeError, match="broken on the way out"):
+        async with running(_Source(fail=True), MemorySink()):
+            await asyncio.sleep(0)  # let run() start, so that its cancellation reaches it
+    slow = asyncio.create_task(_Source(linger_s=0.5).run(MemorySink()))
+    await asyncio.sleep(0)
+    with pytest.raises(AssertionError, match=r"did not stop within 0.1 s"):
+        await stop_source(slow, 0.1)
+    await asyncio.gather(slow, return_exceptions=True)
