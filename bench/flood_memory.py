@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from bridge.bindings import Binding, BindingTable
-from bridge.config import DeadLetterConfig, DeliveryConfig, FileSourceConfig, SourceConfig
+from bridge.config import DeadLetterConfig, DeliveryConfig, FileSourceConfig
 from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
+from bridge.testing.configs import source_config
 
 
 class _Invoker:
@@ -40,16 +41,12 @@ class _Invoker:
 
 
 async def _flood(events: int, window: int, scratch: Path) -> float:
-    source = SourceConfig(
-        id="flood",
-        kind="file",
+    source = source_config(
+        "flood",
+        FileSourceConfig(path=scratch),
         description="synthetic flood",
-        kind_config=FileSourceConfig(path=scratch),
         delivery=DeliveryConfig(dead_letter=DeadLetterConfig(file=scratch / "dl.jsonl")),
         max_in_flight=window,
-        bind_schema=None,
-        payload_schema=None,
-        when=None,
         payload={"n": "{{ event.n }}", "name": "{{ event.name }}", "blob": "{{ event.blob }}"},
     )
     table = BindingTable(source.id)

@@ -21,6 +21,7 @@ from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher, backoff_s
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
+from bridge.testing.configs import source_config
 
 
 class _Invoker:
@@ -52,16 +53,12 @@ class _Invoker:
 
 
 def _source(tmp_path: Path, max_in_flight: int, payload: Any = None) -> SourceConfig:
-    return SourceConfig(
-        id="synthetic",
-        kind="file",
+    return source_config(
+        "synthetic",
+        FileSourceConfig(path=tmp_path),
         description="synthetic",
-        kind_config=FileSourceConfig(path=tmp_path),
         delivery=DeliveryConfig(retry=RetryConfig(max_attempts=1), dead_letter=DeadLetterConfig(file=tmp_path / "dl")),
         max_in_flight=max_in_flight,
-        bind_schema=None,
-        payload_schema=None,
-        when=None,
         payload=payload,
     )
 

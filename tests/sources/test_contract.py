@@ -26,40 +26,22 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge.config import (
-    DeliveryConfig,
     FileSourceConfig,
     KafkaSourceConfig,
     PostgresSourceConfig,
     SourceConfig,
-    SourceKind,
 )
 from bridge.errors import DecodeError
 from bridge.sources import REGISTRY, Event, Outcome, Source
 from bridge.sources.kafka import KafkaSource
 from bridge.sources.postgres import PostgresSource, outbox_ddl
+from bridge.testing.configs import source_config
 from bridge.testing.sink import MemorySink, wait_ended
 from bridge.testing.waiting import until
 
 QUIET_S = 0.5  # how long "nothing (more) arrives" is watched for
 STOP_S = 10.0  # a cancelled run() must have returned within this
 ABANDON_GRACE_S = 0.2  # shutdown grace of a source that abandons an event in flight (see Harness.build)
-
-
-def source_config(
-    source_id: str, kind: SourceKind, kind_config: FileSourceConfig | KafkaSourceConfig | PostgresSourceConfig
-) -> SourceConfig:
-    return SourceConfig(
-        id=source_id,
-        kind=kind,
-        description="contract test",
-        kind_config=kind_config,
-        delivery=DeliveryConfig(),
-        max_in_flight=64,
-        bind_schema=None,
-        payload_schema=None,
-        when=None,
-        payload=None,
-    )
 
 
 # --- harnesses --------------------------------------------------------------------------------------------------
@@ -120,7 +102,7 @@ class FileHarness(Harness):
     def __init__(self, tmp_path: Path) -> None:
         self.inbox = tmp_path / "inbox"
         self.inbox.mkdir()
-        config = source_config("inbox", "file", FileSourceConfig(path=self.inbox, content="json", settle_ms=30))
+        config = source_config("inbox", FileSourceConfig(path=self.inbox, content="json", settle_ms=30))
         super().__init__(config, tmp_path / "state")
         self._made = 0
 
@@ -160,7 +142,7 @@ class KafkaHarness(Harness):
             # Tansu makes a restarted member wait for the previous one's session to expire: keep it short.
             client_options={"session_timeout_ms": 1500, "heartbeat_interval_ms": 500, "rebalance_timeout_ms": 1500},
         )
-        super().__init__(source_config("orders", "kafka", kc), tmp_path / "state")
+        super().__init__(source_config("orders", kc), tmp_path / "state")
         self.bootstrap = bootstrap
         self.topic = topic
         self.id_pattern = re.compile(rf"kafka:{re.escape(topic)}:0:\d+")
@@ -231,7 +213,7 @@ class ListenHarness(PostgresHarness):
     def __init__(self, dsn: str, tmp_path: Path) -> None:
         pc = PostgresSourceConfig(dsn=dsn, channels=("signup",), payload_format="json", mode="listen",
                                   reconnect_initial_backoff_ms=50, reconnect_max_backoff_ms=500)
-        super().__init__(dsn, source_config("signups", "postgres", pc), tmp_path)
+        super().__init__(dsn, source_config("signups", pc), tmp_path)
 
     async def ready(self, source: Source, sink: MemorySink) -> None:
         assert isinstance(source, PostgresSource)
@@ -262,7 +244,7 @@ class OutboxHarness(PostgresHarness):
     def __init__(self, dsn: str, tmp_path: Path) -> None:
         pc = PostgresSourceConfig(dsn=dsn, mode="outbox", outbox_table="bridge_outbox", poll_interval_ms=200,
                                   reconnect_initial_backoff_ms=50, reconnect_max_backoff_ms=500)
-        super().__init__(dsn, source_config("outbox", "postgres", pc), tmp_path)
+        super().__init__(dsn, source_config("outbox", pc), tmp_path)
 
     @classmethod
     async def create(cls, dsn: str, tmp_path: Path) -> OutboxHarness:

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
-from bridge.config import DeliveryConfig, FileSourceConfig, SourceConfig
+from bridge.config import FileSourceConfig, SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import REGISTRY
 from bridge.sources.file import FileSource
+from bridge.testing.configs import source_config
 from bridge.testing.sink import MemorySink
 from bridge.testing.sink import running as run_source
 from bridge.testing.waiting import until
@@ -40,18 +41,7 @@ def summary(sink: MemorySink) -> list[tuple[str, str]]:
 
 def make_config(path: Path, source_id: str = "inbox", **kw: Any) -> SourceConfig:
     kw.setdefault("settle_ms", SETTLE_MS)
-    return SourceConfig(
-        id=source_id,
-        kind="file",
-        description="test",
-        kind_config=FileSourceConfig(path=path, **kw),
-        delivery=DeliveryConfig(),
-        max_in_flight=64,
-        bind_schema=None,
-        payload_schema=None,
-        when=None,
-        payload=None,
-    )
+    return source_config(source_id, FileSourceConfig(path=path, **kw))
 
 
 @contextlib.asynccontextmanager

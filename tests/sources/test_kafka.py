@@ -31,6 +31,7 @@ from bridge.sources._kafkadl import MAX_REQUEST_BYTES, fit_record, truncation_ma
 from bridge.sources._kafkaflow import Shares
 from bridge.sources._kafkaoffsets import PartitionTrack
 from bridge.sources.kafka import KafkaDeadLetter, KafkaSource, connection_options, kafka_dead_letter
+from bridge.testing.configs import source_config
 from bridge.testing.services import committed_offsets, read_topic
 from bridge.testing.sink import MemorySink, stop_source
 from bridge.testing.sink import running as run_source
@@ -87,18 +88,8 @@ def make_config(bootstrap: str, topic: str, *, source_id: str = "orders", max_in
     kw.setdefault("group_id", f"g-{uuid.uuid4().hex[:12]}")
     kw.setdefault("commit_interval_ms", 200)
     kw["client_options"] = {**GROUP_TIMINGS, **kw.get("client_options", {})}
-    return SourceConfig(
-        id=source_id,
-        kind="kafka",
-        description="test",
-        kind_config=KafkaSourceConfig(bootstrap_servers=bootstrap, topics=(topic,), **kw),
-        delivery=DeliveryConfig(),
-        max_in_flight=max_in_flight,
-        bind_schema=None,
-        payload_schema=None,
-        when=None,
-        payload=None,
-    )
+    kc = KafkaSourceConfig(bootstrap_servers=bootstrap, topics=(topic,), **kw)
+    return source_config(source_id, kc, max_in_flight=max_in_flight)
 
 
 def group_of(config: SourceConfig) -> str:

@@ -19,7 +19,6 @@ import pytest
 
 from bridge.config import (
     DeadLetterConfig,
-    DeliveryConfig,
     FileSourceConfig,
     PostgresSourceConfig,
     SourceConfig,
@@ -33,6 +32,7 @@ from bridge.sources.postgres import (
     outbox_ddl,
     postgres_dead_letter,
 )
+from bridge.testing.configs import source_config
 from bridge.testing.services import PostgresServer
 from bridge.testing.sink import MemorySink, running, stop_source
 from bridge.testing.waiting import until
@@ -44,18 +44,7 @@ ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 def make_config(dsn: str, source_id: str = "signups", max_in_flight: int = 64, **kw: Any) -> SourceConfig:
     kw.setdefault("reconnect_initial_backoff_ms", 50)
     kw.setdefault("reconnect_max_backoff_ms", 500)
-    return SourceConfig(
-        id=source_id,
-        kind="postgres",
-        description="test",
-        kind_config=PostgresSourceConfig(dsn=dsn, **kw),
-        delivery=DeliveryConfig(),
-        max_in_flight=max_in_flight,
-        bind_schema=None,
-        payload_schema=None,
-        when=None,
-        payload=None,
-    )
+    return source_config(source_id, PostgresSourceConfig(dsn=dsn, **kw), max_in_flight=max_in_flight)
 
 
 def outbox_config(dsn: str, **kw: Any) -> SourceConfig:
@@ -652,9 +641,6 @@ async def test_postgres_dead_letter_failures_raise_dead_letter_error(tmp_path: P
         await sink.write({"source": "s", "event": {}, "error": {"code": "x", "message": "y"}})
     assert "pw" not in str(info.value).replace("postgres", "")
     await sink.close()
-    file_source = SourceConfig(
-        id="inbox", kind="file", description="", kind_config=FileSourceConfig(path=tmp_path),
-        delivery=DeliveryConfig(), max_in_flight=1, bind_schema=None, payload_schema=None, when=None, payload=None,
-    )
+    file_source = source_config("inbox", FileSourceConfig(path=tmp_path), description="", max_in_flight=1)
     with pytest.raises(DeadLetterError, match="needs a postgres source"):
         postgres_dead_letter(DeadLetterConfig(postgres_table="dead"), file_source)

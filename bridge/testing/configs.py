@@ -1,0 +1,47 @@
+"""Source configurations for tests and benchmarks, built directly (no bridge.yaml): a source's kind config plus
+the runtime-wide fields, with the defaults a loaded bridge.yaml would give where a test does not care."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge.config import (
+    DeliveryConfig,
+    FileSourceConfig,
+    KafkaSourceConfig,
+    PostgresSourceConfig,
+    SourceConfig,
+    SourceKind,
+)
+
+__all__ = ["source_config"]
+
+
+def source_config(
+    source_id: str,
+    kind_config: FileSourceConfig | KafkaSourceConfig | PostgresSourceConfig,
+    *,
+    description: str = "test",
+    delivery: DeliveryConfig | None = None,
+    max_in_flight: int = 64,
+    payload: Any = None,
+) -> SourceConfig:
+    """The SourceConfig of a ``source_id`` source of ``kind_config``'s kind: no schemas, no ``when``, and by
+    default the whole event as payload and the default delivery settings."""
+    kind: SourceKind = "postgres"
+    if isinstance(kind_config, FileSourceConfig):
+        kind = "file"
+    elif isinstance(kind_config, KafkaSourceConfig):
+        kind = "kafka"
+    return SourceConfig(
+        id=source_id,
+        kind=kind,
+        description=description,
+        kind_config=kind_config,
+        delivery=delivery or DeliveryConfig(),
+        max_in_flight=max_in_flight,
+        bind_schema=None,
+        payload_schema=None,
+        when=None,
+        payload=payload,
+    )
