@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from bridge._window import Window
 from bridge.bindings import Binding, BindingTable
-from bridge.config import BridgeConfig, DeadLetterConfig, FileSourceConfig, SourceConfig, redact_dsn
+from bridge.config import BridgeConfig, DeadLetterConfig, SourceConfig, redact_dsn
 from bridge.deadletter import DeadLetterSink, destination_key, open_destination
 from bridge.dispatch import Dispatcher, Invoker, Stats
 from bridge.errors import BindConfigError
@@ -391,15 +391,13 @@ class Runtime:
 
 
 def _dry_run_config(config: BridgeConfig, scratch: Path) -> BridgeConfig:
-    """A dry run changes nothing on disk: scratch state, dead letters in scratch, files kept in place."""
+    """A dry run changes nothing: scratch state, dead letters in scratch. What each source must not touch (locks,
+    offsets, rows, files) it leaves alone itself, told by the ``dry_run`` flag (see ``SourceFactory``)."""
     sources = []
     for s in config.sources:
-        kind_config = s.kind_config
-        if isinstance(kind_config, FileSourceConfig):
-            kind_config = dataclasses.replace(kind_config, after_delivery="keep")  # move_to kept: its folder is skipped
         dead_letter = DeadLetterConfig(file=scratch / "dead-letters.jsonl")
         delivery = dataclasses.replace(s.delivery, dead_letter=dead_letter, mode="sync")
-        sources.append(dataclasses.replace(s, kind_config=kind_config, delivery=delivery))
+        sources.append(dataclasses.replace(s, delivery=delivery))
     return dataclasses.replace(config, state_dir=scratch, sources=tuple(sources))
 
 

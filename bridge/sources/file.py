@@ -95,7 +95,7 @@ class FileSource:
         self._dry_run = dry_run
         self._log = CheckpointLog(state_dir / "file" / f"{name}.jsonl")
         self._lock = None if dry_run else DirLock(self._fc.path, state_dir / "file" / f"{name}.lock", config.id)
-        # The runtime already forces keep for a dry run; the source does not rely on it to leave files in place.
+        # A dry run leaves every file in place, whatever after_delivery says.
         self._after_mode: Literal["keep", "delete", "move"] = "keep" if dry_run else self._fc.after_delivery
         self._settle_s = self._fc.settle_ms / 1000
         self._tree: Tree | None = None
