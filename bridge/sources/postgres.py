@@ -142,7 +142,7 @@ class PostgresSource:
         self.listening = False
         self._drops = _DropLog(config.id)
         self._lock_key = listen_lock_key(config.id)
-        self._queue: asyncio.Queue[tuple[str, int, str, int]] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self._sink: Sink | None = None
         self._last_ns = 0
         self._lost_at: float | None = None  # wall time the listening connection was lost (a gap is open)
@@ -287,23 +287,24 @@ class PostgresSource:
         if sink is None or not sink.has_bindings():
             self._drops.drop("no function is bound to this source", warn=False)
             return
-        if self._queue.empty() and sink.offer(self._event(channel, pid, payload, ns), _nothing_to_acknowledge):
-            return  # the usual case: delivery starts now, with no hop through the submit loop
-        try:
-            self._queue.put_nowait((channel, pid, payload, ns))
-        except asyncio.QueueFull:
+        if self._queue.full():
             self._drops.drop(f"{QUEUE_SIZE} notifications already wait for delivery (deliveries are slower than "
                              "NOTIFYs arrive)", warn=True)
+            return
+        event = self._event(channel, pid, payload, ns)  # decoded once, whichever way it goes on
+        if self._queue.empty() and sink.offer(event, _nothing_to_acknowledge):
+            return  # the usual case: delivery starts now, with no hop through the submit loop
+        self._queue.put_nowait(event)  # room checked above; nothing else puts on this loop meanwhile
 
     # --- submitting -------------------------------------------------------------------------------------------
 
     async def _submit_loop(self, sink: Sink) -> None:
         while True:
-            channel, pid, payload, ns = await self._queue.get()
+            event = await self._queue.get()
             if not sink.has_bindings():
                 self._drops.drop("no function is bound to this source", warn=False)
                 continue
-            await sink.submit(self._event(channel, pid, payload, ns), _nothing_to_acknowledge)
+            await sink.submit(event, _nothing_to_acknowledge)
 
     def _event(self, channel: str, pid: int, payload: str, ns: int) -> Event:
         value: Any = payload
