@@ -18,7 +18,6 @@ import re
 import shutil
 import stat
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,6 @@ __all__ = [
     "Version",
     "decode",
     "inside",
-    "iso_mtime",
     "move_aside",
     "parse_version",
     "read_content",
@@ -51,13 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("bridge.sources.file")
-
-
-def iso_mtime(mtime_ns: int) -> str:
-    """ISO-8601 UTC with milliseconds and ``Z``, computed from integer nanoseconds (no float rounding)."""
-    seconds, rest = divmod(mtime_ns, 1_000_000_000)
-    stamp = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{rest // 1_000_000:03d}Z"
 
 
 def safe_name(source_id: str) -> str:

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from watchfiles import Change, awatch
 
+from bridge._clock import iso_from_ns
 from bridge.config import FileSourceConfig, SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import Event, Outcome, Sink
@@ -52,7 +53,6 @@ from bridge.sources._filestate import (
     Tree,
     Version,
     inside,
-    iso_mtime,
     move_aside,
     parse_version,
     read_content,
@@ -365,7 +365,7 @@ class FileSource:
                 "name": rel.rpartition("/")[2],
                 "change": change,
                 "size": size,
-                "mtime": iso_mtime(mtime_ns),
+                "mtime": iso_from_ns(mtime_ns),
                 "content": content,
             },
             error=error,
