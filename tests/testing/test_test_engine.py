@@ -170,16 +170,17 @@ async def test_provider_invokes_consumer_functions(
     assert await provider.call("billing::notify", {"n": 1}, action=TriggerAction.Void()) is None
     assert await asyncio.to_thread(consumer.wait_calls, "billing::notify", 1) == [{"n": 1}]
     void_frame = iii_engine.frames_of("invokefunction", direction="out", worker=consumer.worker_name)[-1]
-    assert "invocation_id" not in void_frame
+    assert void_frame["function_id"] == "billing::notify" and void_frame["invocation_id"]  # void gets an id too
 
     with pytest.raises(InvocationError) as missing:
         await provider.call("billing::nope", {})
     assert missing.value.code == "function_not_found"
-    # The caller's invocation id travels back; the target saw an engine-made one.
+    # The caller's invocation id is the one the target sees and the one that travels back.
     [relayed] = [f for f in iii_engine.frames_of("invocationresult", "in") if f["function_id"] == "billing::double"]
     [answer] = [f for f in iii_engine.frames_of("invocationresult", "out") if f["function_id"] == "billing::double"]
     [call] = [f for f in iii_engine.frames_of("invokefunction", "in") if f["function_id"] == "billing::double"]
-    assert answer["invocation_id"] == call["invocation_id"] != relayed["invocation_id"]
+    [sent] = [f for f in iii_engine.frames_of("invokefunction", "out") if f["function_id"] == "billing::double"]
+    assert answer["invocation_id"] == call["invocation_id"] == sent["invocation_id"] == relayed["invocation_id"]
 
 
 async def test_namespaces_route_calls(
