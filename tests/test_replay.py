@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,35 @@ def test_two_concurrent_replays_deliver_each_record_exactly_once(
     assert sum(delivered) == 8, results
     marks = (Path(config).parent / "state" / "dead-letters.jsonl.replayed").read_text().splitlines()
     assert len(marks) == 8
+
+
+def test_each_mark_is_durable_as_soon_as_its_delivery_succeeded(
+    config: str, consumer: Consumer, iii_engine: TestEngine
+) -> None:
+    """kill -9 while the second record is being delivered: the first one's mark is already on disk, so the next
+    replay delivers only the second (the one whose fate the crash left open)."""
+    release = threading.Event()
+
+    def second_hangs(payload: Any) -> Any:
+        if payload["n"] == 2:
+            release.wait(30)
+        return {"ok": True}
+
+    consumer.function("t::f", second_hangs)
+    _write(config, _record(1), _record(2))
+    env = {**os.environ, "III_URL": iii_engine.url}
+    proc = subprocess.Popen([sys.executable, "-m", "bridge", "deadletters", "-c", config, "replay", "--all"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        consumer.wait_calls("t::f", 2, timeout=30)
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    marks = [json.loads(line) for line in (Path(config).parent / "state" / "dead-letters.jsonl.replayed")
+             .read_text().splitlines()]
+    assert [m["event_id"] for m in marks] == [_record(1)["event"]["id"]]
+    assert main(["deadletters", "-c", config, "replay", "--all"]) == 0
+    assert [p["n"] for p in consumer.calls("t::f")] == [1, 2, 2]

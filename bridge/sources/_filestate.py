@@ -241,7 +241,7 @@ def read_content(
                 return None
             if st.st_size > max_bytes:
                 return None, f"{path}: {st.st_size} bytes is more than max_content_bytes ({max_bytes})"
-            data = fh.read(max_bytes + 1)
+            data = fh.read(st.st_size + 1)  # one byte more shows a file still growing; max_bytes would allocate
             st = os.fstat(fh.fileno())
             if (st.st_mtime_ns, st.st_size) != expected or len(data) != expected[1]:
                 return None
