@@ -728,3 +728,19 @@ async def test_move_to_swapped_for_a_symlink_is_refused_and_logged(
     assert list(outside.iterdir()) == []
     assert (inbox / "a.txt").read_text() == "a"
     assert any("cannot move" in r.getMessage() and "symlink" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_lock_file_swapped_for_a_symlink_or_hard_link_writes_nothing_outside(
+    tmp_path: Path, inbox: Path, state: Path
+) -> None:
+    sentinel = tmp_path / "sentinel"
+    sentinel.write_text("keep me")
+    (inbox / ".iii-bridge.lock").symlink_to(sentinel)
+    task = asyncio.create_task(_source(inbox, state).run(new_sink()))
+    with pytest.raises(OSError, match="is a symlink; the bridge does not follow it"):
+        await asyncio.wait_for(task, 5)
+    (inbox / ".iii-bridge.lock").unlink()
+    os.link(sentinel, inbox / ".iii-bridge.lock")
+    async with running(_source(inbox, state), new_sink()):
+        pass
+    assert sentinel.read_text() == "keep me"
