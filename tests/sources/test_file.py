@@ -22,6 +22,7 @@ from bridge.config import FileSourceConfig, SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import REGISTRY
 from bridge.sources._filefs import Refused, RootDir
+from bridge.sources._filestate import read_content
 from bridge.sources.file import FileSource
 from bridge.testing.configs import source_config
 from bridge.testing.sink import MemorySink
@@ -704,6 +705,8 @@ def test_no_operation_follows_a_symlink_on_the_path(tmp_path: Path, inbox: Path)
         with pytest.raises(Refused):  # a destination below a symlinked directory is refused too
             root.move("real/r.json", root.fd, "d/sub/r.json")
         assert root.stat("in.json").st_size == len("inside")
+        os.mkfifo(inbox / "pipe.json")  # a file swapped for a FIFO after its stat: the read must not block
+        assert read_content(root, "pipe.json", "json", 100, (0, 0)) is None
         fd = root.open_file("in.json")
         with open(fd, "rb") as fh:
             assert fh.read() == b"inside"
