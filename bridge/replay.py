@@ -27,7 +27,7 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from bridge._clock import iso_now
 from bridge.bindings import Binding, BindingTable
@@ -36,6 +36,9 @@ from bridge.deadletter import read_records
 from bridge.dispatch import Dispatcher
 from bridge.errors import BridgeError
 from bridge.sources import Event
+
+if TYPE_CHECKING:
+    from bridge.engine import EngineLink  # the iii SDK: imported only when a replay connects
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,6 @@ async def replay(
     """Deliver each record again through its source's dispatcher; return how many were not delivered. A record
     already replayed is refused (counted) unless ``force``; with ``every`` (``--all``) one that another replay
     delivered meanwhile is skipped quietly instead (it was chosen as not replayed yet)."""
-    from bridge.engine import EngineLink
-
     if not letters:
         return 0
     with ExitStack() as locks:
@@ -147,15 +148,9 @@ async def replay(
             locks.enter_context(await _ReplayLock.take(path))
             # Read again under the lock: a replay that held it may have marked records since `load`.
             marks[path] = _marks(path, {line: record_key(rec) for line, rec in read_records(path)})
-        link = EngineLink(config.engine)
-        link.start([])
-        replayer = _Replayer(config, link, out)
+        replayer = _Replayer(config, out, connect_timeout_s)
         failures = 0
         try:
-            try:
-                await asyncio.wait_for(link.wait_connected(), connect_timeout_s)
-            except TimeoutError:
-                raise BridgeError(f"the iii engine at {config.engine.url} is unreachable") from None
             for letter in letters:
                 at = marks[letter.file].get(letter.key)
                 if at is not None and not force:
@@ -172,7 +167,7 @@ async def replay(
                 else:
                     failures += 1
         finally:
-            await link.close()
+            await replayer.close()
     return failures
 
 
@@ -229,13 +224,31 @@ class _Captured:
 
 
 class _Replayer:
-    """One dispatcher per source, each with a one-binding table that holds the record being replayed."""
+    """One dispatcher per source, each with a one-binding table that holds the record being replayed. The engine
+    link is made when the first record needs it (refusing records needs no engine)."""
 
-    def __init__(self, config: BridgeConfig, link: Any, out: TextIO) -> None:
+    def __init__(self, config: BridgeConfig, out: TextIO, connect_timeout_s: float) -> None:
         self._config = config
-        self._link = link
         self._out = out
+        self._connect_timeout_s = connect_timeout_s
+        self._link: EngineLink | None = None
         self._dispatchers: dict[str, tuple[Dispatcher, BindingTable, _Captured]] = {}
+
+    async def _connected(self) -> EngineLink:
+        from bridge.engine import EngineLink
+
+        if self._link is None:
+            self._link = EngineLink(self._config.engine)
+            self._link.start([])
+            try:
+                await asyncio.wait_for(self._link.wait_connected(), self._connect_timeout_s)
+            except TimeoutError:
+                raise BridgeError(f"the iii engine at {self._config.engine.url} is unreachable") from None
+        return self._link
+
+    async def close(self) -> None:
+        if self._link is not None:
+            await self._link.close()
 
     async def replay_one(self, letter: DeadLetter) -> bool:
         rec = letter.record
@@ -255,7 +268,7 @@ class _Replayer:
         except (KeyError, TypeError, ValueError) as exc:
             self._out.write(f"{ref}: skipped: the record is incomplete ({type(exc).__name__}: {exc})\n")
             return False
-        dispatcher, table, captured = self._dispatcher(source)
+        dispatcher, table, captured = self._dispatcher(source, await self._connected())
         for old in table.snapshot():
             table.remove(old.id)
         table.upsert(bound)
@@ -271,10 +284,10 @@ class _Replayer:
         self._out.write(f"{ref}: replay failed: {_err(captured.records[-1]) if captured.records else outcome}\n")
         return False
 
-    def _dispatcher(self, source: SourceConfig) -> tuple[Dispatcher, BindingTable, _Captured]:
+    def _dispatcher(self, source: SourceConfig, link: EngineLink) -> tuple[Dispatcher, BindingTable, _Captured]:
         if source.id not in self._dispatchers:
             table, captured = BindingTable(source.id), _Captured()
-            self._dispatchers[source.id] = (Dispatcher(source, table, self._link, captured), table, captured)
+            self._dispatchers[source.id] = (Dispatcher(source, table, link, captured), table, captured)
         return self._dispatchers[source.id]
 
 

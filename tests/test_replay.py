@@ -222,3 +222,18 @@ def test_each_mark_is_durable_as_soon_as_its_delivery_succeeded(
     assert [m["event_id"] for m in marks] == [_record(1)["event"]["id"]]
     assert main(["deadletters", "-c", config, "replay", "--all"]) == 0
     assert [p["n"] for p in consumer.calls("t::f")] == [1, 2, 2]
+
+
+def test_marks_of_earlier_versions_by_line_are_honoured_and_refusing_needs_no_engine(
+    config: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(config, _record(1), _record(2))
+    path.with_name(path.name + ".replayed").write_text(
+        json.dumps({"line": 2, "event_id": _record(2)["event"]["id"], "at": "2026-01-01T00:00:00.000Z"}) + "\n"
+    )
+    monkeypatch.setenv("III_URL", "ws://127.0.0.1:9")  # nothing listens: a replay that connects would fail
+    listing = _run(config, capsys, "list")[1].splitlines()[1:]
+    assert ["(replayed)" in line for line in listing] == [False, True]
+    code, out = _run(config, capsys, "replay", "2")
+    assert (code, out) == (1, "2: already replayed at 2026-01-01T00:00:00.000Z; not delivered again "
+                              "(--force delivers it again)\n")
