@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import posixpath
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -118,19 +119,42 @@ class RootDir:
         with dirs as fd:
             os.unlink(name, dir_fd=fd)
 
+    def resolve(self, rel: str) -> str:
+        """``rel`` itself, or for a symlink leaf the inside path it leads to (Refused when that is outside)."""
+        for _ in range(_MAX_LINK_HOPS + 1):
+            dirs, name = self.parent(rel)
+            with dirs as fd:
+                try:
+                    target = os.readlink(name, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:  # not a symlink
+                        return rel
+                    raise
+            rel = self._follow(rel, target)
+        raise Refused(errno.ELOOP, f"{rel}: more than {_MAX_LINK_HOPS} symlinks in a row")
+
     def move(self, rel: str, dest_fd: int, dest_rel: str) -> str:
         """Move ``rel`` to ``dest_rel`` below the directory ``dest_fd`` (creating directories, never following a
         symlink there either), never replacing an existing file: when the name is taken, ``name.1.ext``,
-        ``name.2.ext``, ... are tried. Returns the relative path it went to."""
+        ``name.2.ext``, ... are tried. A symlink leaf moves the file it leads to inside (as its content was the
+        event's) and is removed. Returns the relative path it went to."""
         *dest_dirs, dest_name = _parts(dest_rel)
         stem, ext = posixpath.splitext(dest_name)
-        src_dirs, name = self.parent(rel)
-        with src_dirs as src_fd, OpenDirs(dest_fd, dest_dirs, create=True) as dir_fd:
+        target = self.resolve(rel)
+        with contextlib.ExitStack() as stack:
+            link_dirs, name = self.parent(rel)
+            link_fd = stack.enter_context(link_dirs)
+            if target == rel:
+                src_fd, src_name = link_fd, name
+            else:
+                src_dirs, src_name = self.parent(target)
+                src_fd = stack.enter_context(src_dirs)
+            dir_fd = stack.enter_context(OpenDirs(dest_fd, dest_dirs, create=True))
             candidate, n = dest_name, 0
             while True:
                 try:
                     # link() refuses an existing target atomically, which rename() would silently replace.
-                    os.link(name, candidate, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                    os.link(src_name, candidate, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
                 except FileExistsError:
                     n += 1
                     candidate = f"{stem}.{n}{ext}"
@@ -139,33 +163,13 @@ class RootDir:
                     if exc.errno not in _MOVE_FALLBACK_ERRNOS:
                         raise
                     try:
-                        self._copy_exclusive(rel, dir_fd, candidate)
+                        _copy_exclusive(src_fd, src_name, dir_fd, candidate)
                     except FileExistsError:
                         n += 1
                         candidate = f"{stem}.{n}{ext}"
                         continue
-                os.unlink(name, dir_fd=src_fd)
+                os.unlink(name, dir_fd=link_fd)
                 return posixpath.join(*dest_dirs, candidate)
-
-    def _copy_exclusive(self, rel: str, dir_fd: int, name: str) -> None:
-        """Across file systems: copy into a file that must not exist yet, make it durable, keep mode and mtime."""
-        src = self.open_file(rel)
-        try:
-            st = os.fstat(src)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, f"{rel} is not a regular file")
-            dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                          dir_fd=dir_fd)
-            try:
-                while chunk := os.read(src, 1 << 20):
-                    os.write(dst, chunk)
-                os.fchmod(dst, stat.S_IMODE(st.st_mode))
-                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-                os.fsync(dst)
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
 
     # --- telling the operator ---------------------------------------------------------------------------------
 
@@ -214,6 +218,21 @@ class OpenDirs:
         for fd in self._opened:
             os.close(fd)
         self._opened.clear()
+
+
+def _copy_exclusive(src_dir_fd: int, src_name: str, dst_dir_fd: int, dst_name: str) -> None:
+    """Across file systems: copy into a file that must not exist yet, make it durable, keep mode and mtime."""
+    with open(os.open(src_name, _FILE_FLAGS, dir_fd=src_dir_fd), "rb") as fin:
+        st = os.fstat(fin.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{src_name} is not a regular file")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with open(os.open(dst_name, flags, 0o600, dir_fd=dst_dir_fd), "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+            fout.flush()
+            os.fchmod(fout.fileno(), stat.S_IMODE(st.st_mode))
+            os.utime(fout.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fsync(fout.fileno())
 
 
 def open_base(path: Path | str) -> int:

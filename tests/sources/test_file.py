@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -705,11 +706,15 @@ def test_no_operation_follows_a_symlink_on_the_path(tmp_path: Path, inbox: Path)
         with pytest.raises(Refused):  # a destination below a symlinked directory is refused too
             root.move("real/r.json", root.fd, "d/sub/r.json")
         assert root.stat("in.json").st_size == len("inside")
-        os.mkfifo(inbox / "pipe.json")  # a file swapped for a FIFO after its stat: the read must not block
-        assert read_content(root, "pipe.json", "json", 100, (0, 0)) is None
         fd = root.open_file("in.json")
         with open(fd, "rb") as fh:
             assert fh.read() == b"inside"
+        # A symlink leaf moves the file it leads to (its content was the event's); the link itself goes.
+        assert root.move("in.json", root.fd, "moved/in.json") == "moved/in.json"
+        assert (inbox / "moved" / "in.json").read_text() == "inside"
+        assert not (inbox / "in.json").is_symlink()
+        os.mkfifo(inbox / "pipe.json")  # a file swapped for a FIFO after its stat: the read must not block
+        assert read_content(root, "pipe.json", "json", 100, (0, 0)) is None
     finally:
         root.close()
     assert (outside / "x.json").read_text() == "secret"
@@ -747,3 +752,29 @@ async def test_a_lock_file_swapped_for_a_symlink_or_hard_link_writes_nothing_out
     async with running(_source(inbox, state), new_sink()):
         pass
     assert sentinel.read_text() == "keep me"
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second file system (tmpfs at /dev/shm)")
+def test_a_move_across_file_systems_copies_without_replacing(inbox: Path) -> None:
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        if other.stat().st_dev == inbox.stat().st_dev:
+            pytest.skip("/dev/shm is on the same file system here")
+        (inbox / "sub").mkdir()
+        (inbox / "sub" / "a.json").write_text("new")
+        os.utime(inbox / "sub" / "a.json", ns=(1, 1_600_000_000_000_000_000))
+        (other / "sub").mkdir()
+        (other / "sub" / "a.json").write_text("earlier")
+        root = RootDir(inbox)
+        base = os.open(other, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert root.move("sub/a.json", base, "sub/a.json") == "sub/a.1.json"
+        finally:
+            os.close(base)
+            root.close()
+        assert (other / "sub" / "a.json").read_text() == "earlier"
+        assert (other / "sub" / "a.1.json").read_text() == "new"
+        assert (other / "sub" / "a.1.json").stat().st_mtime_ns == 1_600_000_000_000_000_000
+        assert not (inbox / "sub" / "a.json").exists()
+    finally:
+        shutil.rmtree(other)
