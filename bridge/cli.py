@@ -224,6 +224,13 @@ def _configure_deadletters(parser: argparse.ArgumentParser) -> None:
     replay.add_argument("refs", nargs="*", metavar="REF", help="as printed by `list`")
     replay.add_argument("--all", action="store_true", help="every dead letter not replayed yet")
     replay.add_argument("--source", help="with --all: only this trigger type")
+    replay.add_argument("--force", action="store_true",
+                        help="deliver records already replayed again (with --all: every record, replayed or not)")
+    replay.epilog = ("Each record goes through its source's when, payload template, payload_schema, condition "
+                     "function and delivery mode, as in `bridge up`. A record already replayed is refused (exit 1) "
+                     "unless --force; concurrent replays wait for each other. Exit 0: every chosen record was "
+                     "delivered; 1: some were refused, filtered or failed again, or the engine is unreachable; "
+                     "2: usage error.")
 
 
 def _run_deadletters(args: argparse.Namespace) -> int:
@@ -247,8 +254,11 @@ def _run_deadletters(args: argparse.Namespace) -> int:
         if args.all == bool(args.refs):
             _print_error("replay takes either REF... or --all")
             return EXIT_USAGE
-        chosen = [d for d in letters if d.replayed_at is None] if args.all else replay.select(letters, args.refs)
-        failures = asyncio.run(replay.replay(loaded, chosen, sys.stdout))
+        if args.all:
+            chosen = letters if args.force else [d for d in letters if d.replayed_at is None]
+        else:
+            chosen = replay.select(letters, args.refs)
+        failures = asyncio.run(replay.replay(loaded, chosen, sys.stdout, force=args.force, every=args.all))
     except BridgeError as exc:
         _print_error(str(exc))
         return EXIT_INVALID

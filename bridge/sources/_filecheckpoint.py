@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -227,15 +228,24 @@ class DirLock:
         if waited:
             log.info("file source %s: got %s; this replica is now active", self._source_id, path)
         with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)
+            st = os.fstat(self._fd)
+            # A lock file hard-linked to some other file must not have that file truncated.
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)
 
     def _open(self) -> Path:
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        # O_NOFOLLOW: a lock file replaced by a symlink must not make the bridge create or write a file elsewhere.
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             self._fd = os.open(self._watched, flags, 0o644)
             return self._watched
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(
+                    exc.errno, f"{self._watched} is a symlink; the bridge does not follow it (remove it to let "
+                    "the source start)"
+                ) from None
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             log.warning(

@@ -8,14 +8,12 @@ lock are in ``_filecheckpoint.py``; they are re-exported here so that ``file.py`
 from __future__ import annotations
 
 import base64
-import errno
 import fnmatch
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +28,7 @@ from bridge.sources._filecheckpoint import (
     parse_version,
     version_text,
 )
+from bridge.sources._filefs import Refused, RootDir
 
 __all__ = [
     "LOCK_NAME",
@@ -37,11 +36,12 @@ __all__ = [
     "CheckpointLog",
     "DirLock",
     "PathFilter",
+    "Refused",
+    "RootDir",
     "Tree",
     "Version",
     "decode",
     "inside",
-    "move_aside",
     "parse_version",
     "read_content",
     "safe_name",
@@ -122,21 +122,28 @@ class Tree:
     Relative paths are canonical: no directory in them is a symlink (the kernel reports events in a directory
     under whichever path watched it last, possibly through a symlink). A symlink to a file inside the tree is a
     file under the link's own name; symlinks resolving outside, and symlinked directories (their target is
-    watched at its real path already, and following them could loop), are ignored.
+    watched at its real path already, and following them could loop), are ignored. Every stat, listing and read
+    goes through :class:`~bridge.sources._filefs.RootDir`, which never follows a symlink on the way, so a
+    directory swapped for a symlink at any moment cannot lead outside. ``close`` releases the directory.
     """
 
     def __init__(self, root: Path, recursive: bool, path_filter: PathFilter) -> None:
         self.root = root
-        self.real_root = os.path.realpath(root)
+        self.dir = RootDir(root)
+        self.real_root = self.dir.real
         self.recursive = recursive
         self.filter = path_filter
+
+    def close(self) -> None:
+        self.dir.close()
 
     def absolute(self, rel: str) -> str:
         return os.path.join(self.root, rel)
 
     def relative(self, reported: str, real_dirs: dict[str, str] | None = None) -> str | None:
         """The canonical relative path of a path the watcher reported, or None when it is outside the tree.
-        ``real_dirs`` caches resolved parents within one batch of changes (many share a directory)."""
+        ``real_dirs`` caches resolved parents within one batch of changes (many share a directory). A path
+        only names a file here: every operation on it walks it again from the watched directory."""
         parent, name = os.path.split(reported)
         if real_dirs is None:
             real_parent = os.path.realpath(parent)
@@ -152,15 +159,18 @@ class Tree:
 
     def stat(self, rel: str) -> Version | None:
         """The version of a regular file (through an inside symlink), or None (missing, directory, outside)."""
-        path = os.path.join(self.real_root, rel)
         try:
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                real = os.path.realpath(path)
-                if not inside(real, self.real_root):
-                    log.debug("ignoring %s: symlink to %s, outside the watched directory", path, real)
-                    return None
-                st = os.stat(path)
+            return self.version(rel)
+        except Refused as exc:
+            self.dir.note_refused(exc)
+            return None
+
+    def version(self, rel: str) -> Version | None:
+        """:meth:`stat`, but a path that leads through a symlink raises :class:`Refused` instead of None."""
+        try:
+            st = self.dir.stat(rel)
+        except Refused:
+            raise
         except OSError:
             return None
         if not stat.S_ISREG(st.st_mode):
@@ -170,7 +180,7 @@ class Tree:
     def is_dir(self, rel: str) -> bool:
         """A real directory (not a symlink to one)."""
         try:
-            return stat.S_ISDIR(os.lstat(os.path.join(self.real_root, rel)).st_mode)
+            return stat.S_ISDIR(self.dir.lstat(rel).st_mode)
         except OSError:
             return False
 
@@ -182,24 +192,25 @@ class Tree:
         while stack:
             rel_dir = stack.pop()
             try:
-                entries = list(os.scandir(os.path.join(self.real_root, rel_dir)))
+                with self.dir.directory(rel_dir) as fd:
+                    entries = list(os.scandir(fd))
+            except Refused as exc:
+                self.dir.note_refused(exc)
+                continue
             except OSError as exc:
-                log.debug("cannot list %s: %s", os.path.join(self.real_root, rel_dir), exc)
+                log.debug("cannot list %s: %s", os.path.join(self.root, rel_dir), exc)
                 continue
             for entry in entries:
                 rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                 try:
-                    is_link = entry.is_symlink()
-                    is_dir = not is_link and entry.is_dir(follow_symlinks=False)
+                    is_dir = not entry.is_symlink() and entry.is_dir(follow_symlinks=False)
                 except OSError:
                     continue
                 if is_dir:
                     if self.recursive and not self.filter.dir_excluded(rel):
                         stack.append(rel)
                     continue
-                if is_link and os.path.isdir(entry.path):
-                    log.debug("not following directory symlink %s", entry.path)
-                    continue
+                # A symlink leaf is a file when it resolves to one inside; a directory symlink is not followed.
                 if self.filter.matches_file(rel):
                     v = self.stat(rel)
                     if v is not None:
@@ -207,22 +218,33 @@ class Tree:
         return found
 
 
-def read_content(path: str, mode: str, max_bytes: int, expected: Version) -> tuple[Any, str | None] | None:
+def read_content(
+    root: RootDir, rel: str, mode: str, max_bytes: int, expected: Version
+) -> tuple[Any, str | None] | None:
     """Read and decode one file version. Returns (content, None), (None, reason) for a decode error, or None
-    when the file is no longer ``expected`` (changed or vanished: the settle loop takes it again)."""
+    when the file is no longer ``expected`` (changed, vanished or reachable only through a symlink: the settle
+    loop takes it again)."""
+    path = os.path.join(root.path, rel)
     try:
-        with open(path, "rb") as fh:
+        fd = root.open_file(rel)
+    except FileNotFoundError:
+        return None
+    except Refused as exc:
+        root.note_refused(exc)
+        return None
+    except OSError as exc:
+        return None, f"{path}: cannot read the file: {exc.strerror or exc}"
+    try:
+        with open(fd, "rb") as fh:
             st = os.fstat(fh.fileno())
-            if (st.st_mtime_ns, st.st_size) != expected:
+            if not stat.S_ISREG(st.st_mode) or (st.st_mtime_ns, st.st_size) != expected:
                 return None
             if st.st_size > max_bytes:
                 return None, f"{path}: {st.st_size} bytes is more than max_content_bytes ({max_bytes})"
-            data = fh.read(max_bytes + 1)
+            data = fh.read(st.st_size + 1)  # one byte more shows a file still growing; max_bytes would allocate
             st = os.fstat(fh.fileno())
             if (st.st_mtime_ns, st.st_size) != expected or len(data) != expected[1]:
                 return None
-    except FileNotFoundError:
-        return None
     except OSError as exc:
         return None, f"{path}: cannot read the file: {exc.strerror or exc}"
     return decode(path, data, mode)
@@ -246,39 +268,3 @@ def decode(path: str, data: bytes, mode: str) -> tuple[Any, str | None]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def move_aside(src: str, dst: str) -> str:
-    """Move ``src`` to ``dst`` (creating directories) without ever replacing an existing file: when ``dst``
-    exists, ``name.1.ext``, ``name.2.ext``, ... are tried. Returns where the file went."""
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    stem, ext = os.path.splitext(dst)
-    candidate, n = dst, 0
-    while True:
-        try:
-            # link() refuses an existing target atomically, which rename() would silently replace.
-            os.link(src, candidate)
-        except FileExistsError:
-            n += 1
-            candidate = f"{stem}.{n}{ext}"
-            continue
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise
-            try:
-                _copy_exclusive(src, candidate)
-            except FileExistsError:
-                n += 1
-                candidate = f"{stem}.{n}{ext}"
-                continue
-        os.unlink(src)
-        return candidate
-
-
-def _copy_exclusive(src: str, dst: str) -> None:
-    """Across file systems: copy into a file that must not exist yet, make it durable, keep the mtime."""
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        shutil.copyfileobj(fin, fout)
-        fout.flush()
-        os.fsync(fout.fileno())
-    shutil.copystat(src, dst)

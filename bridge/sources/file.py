@@ -16,6 +16,12 @@ Paths: ``include``/``exclude`` globs are tried on the file name and on the POSIX
 :class:`~bridge.sources._filestate.PathFilter`). Symlinks to files inside the directory are files under the
 link's name; symlinks resolving outside it, and directory symlinks, are ignored.
 
+Containment: a file is stat'ed, read, deleted or moved only through the watched directory's descriptor, opened
+once, walking each relative path one component at a time without following symlinks
+(:mod:`bridge.sources._filefs`). A directory on the path swapped for a symlink at any moment makes that one
+operation fail (a warning is logged, the file is skipped until its path is real again, a refused after_delivery
+leaves the file in place), so nothing outside the directory is ever read into an event, moved or deleted.
+
 Replicas: one active bridge per watched directory, through an exclusive ``flock`` on ``.iii-bridge.lock`` in
 that directory (excluded from events). A second bridge stands by and retries every second.
 
@@ -45,6 +51,7 @@ from bridge._clock import iso_from_ns
 from bridge.config import FileSourceConfig, SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import Event, Outcome, Sink
+from bridge.sources._filefs import open_base
 from bridge.sources._filestate import (
     Checkpoint,
     CheckpointLog,
@@ -53,7 +60,6 @@ from bridge.sources._filestate import (
     Tree,
     Version,
     inside,
-    move_aside,
     parse_version,
     read_content,
     safe_name,
@@ -99,6 +105,8 @@ class FileSource:
         self._after_mode: Literal["keep", "delete", "move"] = "keep" if dry_run else self._fc.after_delivery
         self._settle_s = self._fc.settle_ms / 1000
         self._tree: Tree | None = None
+        self._stopped = False  # run() is over; acknowledgements of events in flight may still arrive
+        self._move_rel: str | None = None  # move_to relative to the watched directory, when inside it (at start)
         self._cp = Checkpoint()
         self._pending: OrderedDict[str, tuple[float, Version | None]] = OrderedDict()  # rel → (due, stat seen)
         self._ready: OrderedDict[str, Version | None] = OrderedDict()  # rel → settled stat
@@ -110,6 +118,7 @@ class FileSource:
 
     async def run(self, sink: Sink) -> None:
         fc = self._fc
+        self._stopped = False
         if self._dry_run:
             await self._start_dry_run()
         else:
@@ -117,7 +126,8 @@ class FileSource:
         stop = asyncio.Event()
         tasks: list[asyncio.Task[None]] = []
         try:
-            tree = self._tree = Tree(fc.path, fc.recursive, PathFilter(fc.include, fc.exclude, self._skip_prefix()))
+            self._move_rel = self._skip_prefix()
+            tree = self._tree = Tree(fc.path, fc.recursive, PathFilter(fc.include, fc.exclude, self._move_rel))
             self._cp = await asyncio.to_thread(self._log.load)
             tasks.append(asyncio.create_task(self._watch(stop), name=f"{self.config.id} watcher"))
             # The watcher's first step sets up its inotify watches synchronously; scanning after it means a
@@ -148,6 +158,8 @@ class FileSource:
             finally:
                 if self._lock is not None:
                     self._lock.release()
+                self._stopped = True
+                self._close_tree_when_idle()
 
     async def _become_active(self, sink: Sink) -> None:
         """Create the watched directory if needed, take its lock (standing by while another bridge holds it),
@@ -335,8 +347,7 @@ class FileSource:
         content: Any = None
         error: DecodeError | None = None
         if self._fc.content != "none":
-            path = self._tree.absolute(rel)
-            args = (path, self._fc.content, self._fc.max_content_bytes, cur)
+            args = (self._tree.dir, rel, self._fc.content, self._fc.max_content_bytes, cur)
             result = read_content(*args) if cur[1] <= _READ_INLINE_BYTES else await asyncio.to_thread(
                 read_content, *args
             )
@@ -405,34 +416,55 @@ class FileSource:
             records.append((rel, flights.pop(0).version))
         if not flights:
             self._in_flight.pop(rel, None)
+        self._close_tree_when_idle()
         await asyncio.shield(self._apply(records))
+
+    def _close_tree_when_idle(self) -> None:
+        """Events in flight at shutdown are still acknowledged (after_delivery included) after run() ended: the
+        watched directory's descriptor is released once the last of them is."""
+        if self._stopped and not self._in_flight and self._tree is not None:
+            self._tree.close()
 
     def _after_delivery(self, rel: str, version: Version) -> bool:
         """Delete or move the delivered file; True when it is gone. A file changed since is a newer version
-        with its own event: it is kept. Runs without awaiting (see _ack)."""
+        with its own event: it is kept. Both walk the path from the watched directory's descriptor, so a
+        directory swapped for a symlink meanwhile fails the operation instead of reaching outside. Runs without
+        awaiting (see _ack)."""
         assert self._tree is not None
         src = self._tree.absolute(rel)
-        if self._tree.stat(rel) != version:
-            log.info("file source %s: %s changed since delivery; kept for its next event", self.config.id, src)
-            return False
         try:
+            if self._tree.version(rel) != version:
+                log.info("file source %s: %s changed since delivery; kept for its next event", self.config.id, src)
+                return False
             if self._after_mode == "delete":
-                os.unlink(src)
+                self._tree.dir.unlink(rel)
             else:
-                assert self._fc.move_to is not None
-                moved = move_aside(src, os.path.join(self._fc.move_to, rel))
-                if moved != os.path.join(self._fc.move_to, rel):
-                    log.info("file source %s: %s existed; moved %s to %s", self.config.id,
-                             os.path.join(self._fc.move_to, rel), src, moved)
+                self._move(rel)
         except FileNotFoundError:
             return True
         except OSError as exc:
             log.error(
                 "file source %s: cannot %s %s after delivery: %s; it stays and is not delivered again unless "
-                "it changes", self.config.id, self._after_mode, src, exc,
+                "it changes", self.config.id, self._after_mode, src, exc.strerror or exc,
             )
             return False
         return True
+
+    def _move(self, rel: str) -> None:
+        """Move ``rel`` below ``move_to``, keeping its relative path; ``move_to`` inside the watched directory is
+        reached like any path in it (no symlink followed), one outside is the operator's path as configured."""
+        assert self._tree is not None and self._fc.move_to is not None
+        with contextlib.ExitStack() as stack:
+            if self._move_rel is not None:
+                base = stack.enter_context(self._tree.dir.directory(self._move_rel, create=True))
+            else:
+                base = open_base(self._fc.move_to)
+                stack.callback(os.close, base)
+            moved = self._tree.dir.move(rel, base, rel)
+        if moved != rel:
+            log.info("file source %s: %s existed; moved %s to %s", self.config.id,
+                     os.path.join(self._fc.move_to, rel), self._tree.absolute(rel),
+                     os.path.join(self._fc.move_to, moved))
 
     def _record_quietly(self, rel: str, version: str | None) -> None:
         """Record a version (None: forget the path) that is not delivered, after what is in flight for it."""

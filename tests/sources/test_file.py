@@ -8,7 +8,10 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
+import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,6 +22,8 @@ import pytest
 from bridge.config import FileSourceConfig, SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import REGISTRY
+from bridge.sources._filefs import Refused, RootDir
+from bridge.sources._filestate import read_content
 from bridge.sources.file import FileSource
 from bridge.testing.configs import source_config
 from bridge.testing.sink import MemorySink
@@ -604,3 +609,172 @@ def test_the_registry_builds_a_file_source(inbox: Path, state: Path) -> None:
     factory: Callable[..., Any] = REGISTRY["file"]
     assert isinstance(factory(make_config(inbox), state), FileSource)
 
+
+
+# --- containment ----------------------------------------------------------------------------------------------
+
+_SWAPS = 200
+_SAME_MTIME_NS = 1_700_000_000_123_456_789  # inside and sentinel files share it, so version checks cannot tell
+
+
+def _write_at(dir_fd: int, name: str, data: bytes) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dir_fd)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.utime(name, ns=(_SAME_MTIME_NS, _SAME_MTIME_NS), dir_fd=dir_fd)
+
+
+async def test_a_directory_swapped_for_a_symlink_never_leads_outside(
+    tmp_path: Path, inbox: Path, state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The adversary: while a writer drops files into inbox/d, d is swapped 200 times for a symlink to a directory
+    outside holding same-named sentinel files with the same size and mtime. No sentinel is ever read into an
+    event or deleted by after_delivery: delete, and every inside file is still delivered."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret, inner = b'{"who": "sentinel"}', b'{"who": "inside!!"}'
+    assert len(secret) == len(inner)
+    names = [f"f{i:03d}.json" for i in range(_SWAPS)]
+    for name in names:
+        (outside / name).write_bytes(secret)
+        os.utime(outside / name, ns=(_SAME_MTIME_NS, _SAME_MTIME_NS))
+    (inbox / "d").mkdir()
+    dir_fd = os.open(inbox / "d", os.O_RDONLY | os.O_DIRECTORY)
+    rng = random.Random(7)
+    writing = threading.Event()
+
+    def writer() -> None:
+        for name in names:  # through the directory's fd: it lands inside whatever name d has right now
+            _write_at(dir_fd, name, inner)
+            time.sleep(rng.uniform(0, 0.02))
+        writing.set()
+
+    def swapper() -> None:
+        while not writing.is_set():
+            os.rename(inbox / "d", inbox / "d.old")
+            os.symlink(outside, inbox / "d")
+            time.sleep(rng.uniform(0, 0.03))
+            os.unlink(inbox / "d")
+            os.rename(inbox / "d.old", inbox / "d")
+            time.sleep(rng.uniform(0, 0.01))
+
+    sink = new_sink()
+    source = _source(inbox, state, content="json", after_delivery="delete")
+    try:
+        async with running(source, sink):
+            await asyncio.gather(asyncio.to_thread(writer), asyncio.to_thread(swapper))
+            delivered = lambda: {e.fields["name"] for e in sink.events}  # noqa: E731
+            await until(lambda: delivered() >= set(names), 20, lambda: f"{len(delivered())} of {_SWAPS} delivered")
+            await asyncio.sleep(QUIET_S)
+    finally:
+        os.close(dir_fd)
+    assert [e.fields["content"] for e in sink.events if e.fields["content"] != {"who": "inside!!"}] == []
+    assert sorted(p.name for p in outside.iterdir()) == names
+    assert {p.read_bytes() for p in outside.iterdir()} == {secret}
+    # A delete refused because d was a symlink at that moment leaves the delivered file in place, and says so.
+    refused = {r.getMessage() for r in caplog.records if "cannot delete" in r.getMessage()}
+    for left in (inbox / "d").iterdir():
+        assert any(f"d/{left.name} after delivery" in line for line in refused), (left.name, refused)
+
+
+def test_no_operation_follows_a_symlink_on_the_path(tmp_path: Path, inbox: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "x.json").write_text("secret")
+    (inbox / "d").symlink_to(outside)
+    (inbox / "real").mkdir()
+    (inbox / "real" / "r.json").write_text("inside")
+    (inbox / "up.json").symlink_to("../outside/x.json")  # relative, climbing out
+    (inbox / "abs.json").symlink_to(outside / "x.json")
+    (inbox / "in.json").symlink_to("real/r.json")
+    (inbox / "via.json").symlink_to("d/x.json")  # inside by its text, but through a directory symlink
+    root = RootDir(inbox)
+    try:
+        for rel in ("d/x.json", "up.json", "abs.json", "via.json", "../outside/x.json", "real/../d/x.json"):
+            with pytest.raises(Refused):
+                root.stat(rel)
+            with pytest.raises(Refused):
+                os.close(root.open_file(rel))
+        with pytest.raises(Refused):
+            root.unlink("d/x.json")
+        with pytest.raises(Refused):
+            root.move("d/x.json", root.fd, "moved.json")
+        with pytest.raises(Refused), root.directory("d"):
+            pass
+        with pytest.raises(Refused):  # a destination below a symlinked directory is refused too
+            root.move("real/r.json", root.fd, "d/sub/r.json")
+        assert root.stat("in.json").st_size == len("inside")
+        fd = root.open_file("in.json")
+        with open(fd, "rb") as fh:
+            assert fh.read() == b"inside"
+        # A symlink leaf moves the file it leads to (its content was the event's); the link itself goes.
+        assert root.move("in.json", root.fd, "moved/in.json") == "moved/in.json"
+        assert (inbox / "moved" / "in.json").read_text() == "inside"
+        assert not (inbox / "in.json").is_symlink()
+        os.mkfifo(inbox / "pipe.json")  # a file swapped for a FIFO after its stat: the read must not block
+        assert read_content(root, "pipe.json", "json", 100, (0, 0)) is None
+    finally:
+        root.close()
+    assert (outside / "x.json").read_text() == "secret"
+    assert sorted(p.name for p in outside.rglob("*")) == ["sub", "x.json"]
+    assert (inbox / "real" / "r.json").read_text() == "inside"
+
+
+async def test_move_to_swapped_for_a_symlink_is_refused_and_logged(
+    tmp_path: Path, inbox: Path, state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    sink = new_sink(hold=True)
+    async with running(_source(inbox, state, after_delivery="move", move_to=inbox / "done"), sink):
+        (inbox / "a.txt").write_text("a")
+        await sink.exactly(1)
+        (inbox / "done").symlink_to(outside)  # after the event, before its acknowledgement moves it
+        await sink.ack_all()
+    assert list(outside.iterdir()) == []
+    assert (inbox / "a.txt").read_text() == "a"
+    assert any("cannot move" in r.getMessage() and "symlink" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_lock_file_swapped_for_a_symlink_or_hard_link_writes_nothing_outside(
+    tmp_path: Path, inbox: Path, state: Path
+) -> None:
+    sentinel = tmp_path / "sentinel"
+    sentinel.write_text("keep me")
+    (inbox / ".iii-bridge.lock").symlink_to(sentinel)
+    task = asyncio.create_task(_source(inbox, state).run(new_sink()))
+    with pytest.raises(OSError, match="is a symlink; the bridge does not follow it"):
+        await asyncio.wait_for(task, 5)
+    (inbox / ".iii-bridge.lock").unlink()
+    os.link(sentinel, inbox / ".iii-bridge.lock")
+    async with running(_source(inbox, state), new_sink()):
+        pass
+    assert sentinel.read_text() == "keep me"
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second file system (tmpfs at /dev/shm)")
+def test_a_move_across_file_systems_copies_without_replacing(inbox: Path) -> None:
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        if other.stat().st_dev == inbox.stat().st_dev:
+            pytest.skip("/dev/shm is on the same file system here")
+        (inbox / "sub").mkdir()
+        (inbox / "sub" / "a.json").write_text("new")
+        os.utime(inbox / "sub" / "a.json", ns=(1, 1_600_000_000_000_000_000))
+        (other / "sub").mkdir()
+        (other / "sub" / "a.json").write_text("earlier")
+        root = RootDir(inbox)
+        base = os.open(other, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert root.move("sub/a.json", base, "sub/a.json") == "sub/a.1.json"
+        finally:
+            os.close(base)
+            root.close()
+        assert (other / "sub" / "a.json").read_text() == "earlier"
+        assert (other / "sub" / "a.1.json").read_text() == "new"
+        assert (other / "sub" / "a.1.json").stat().st_mtime_ns == 1_600_000_000_000_000_000
+        assert not (inbox / "sub" / "a.json").exists()
+    finally:
+        shutil.rmtree(other)
