@@ -3,6 +3,7 @@ promise that no input makes the checks themselves fail or take quadratic time.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -167,8 +168,6 @@ def test_invalid_json_says_where(raw: str | bytes, expected: str) -> None:
 )
 def test_checks_stay_linear_on_adversarial_text(raw: str) -> None:
     started = time.perf_counter()
-    try:
+    with contextlib.suppress(Undecodable):
         loads(raw)
-    except Undecodable:
-        pass
     assert time.perf_counter() - started < 1.0  # quadratic behaviour would take minutes at these sizes
