@@ -706,6 +706,21 @@ def test_a_dead_letter_too_large_for_kafka_loses_its_biggest_values_to_markers()
     assert json.loads(encoded)["error"]["code"] == "invocation_failed"
 
 
+def test_an_undecodable_value_carried_as_base64_is_cut_from_an_oversized_dead_letter() -> None:
+    raw = bytes(range(256)) * 4096  # 1 MiB that is not UTF-8: event.raw_b64 holds 1.4 MB of base64
+    config = make_config("127.0.0.1:9", "t")
+    assert isinstance(config.kind_config, KafkaSourceConfig)
+    event = record_event("orders", config.kind_config, _Record(b"\xfe" * 300_000, raw))
+    assert {"raw_b64", "key_raw_b64"} <= set(event.fields)  # key_format text: \xfe is not UTF-8 either
+    record = {"source": "orders", "event": event.template_view(), "binding": None, "payload": None,
+              "error": {"code": "decode_error", "message": str(event.error)}, "attempts": 0}
+    encoded, cut = fit_record(record, MAX_REQUEST_BYTES)
+    assert cut == ["event.raw_b64"] and len(encoded) <= MAX_REQUEST_BYTES
+    assert json.loads(encoded)["event"]["raw_b64"] == truncation_marker(event.fields["raw_b64"])
+    encoded, cut = fit_record(record, 100_000)
+    assert cut == ["event.raw_b64", "event.key_raw_b64"] and len(encoded) <= 100_000
+
+
 async def test_an_oversized_dead_letter_is_cut_to_fit_before_sending_and_after_a_refusal(
         kafka_broker: str, topic: str, tmp_path: Any, caplog: Any) -> None:
     dlq = f"dlq-{uuid.uuid4().hex[:8]}"
