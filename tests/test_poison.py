@@ -53,10 +53,12 @@ sources:
     description: Good events and poison
 <kind>
     payload:
+<payload>
+"""
+PAYLOAD = """\
       n: "{{ event.<field>.n }}"
       text: "{{ event.<field>.text }}"
-      id: "{{ event.id }}"
-"""
+      id: "{{ event.id }}\""""
 
 # Poison every kind can carry as text, and what only bytes can carry.
 DEEP_600 = b"[" * 600 + b"]" * 600
@@ -90,12 +92,14 @@ def interleave(poison: list[bytes]) -> tuple[list[bytes], list[int]]:
 
 
 @pytest.fixture
-def start_bridge(tmp_path: Path, iii_engine: TestEngine) -> Iterator[Callable[[str, str], BridgeProcess]]:
-    """Factory: write bridge.yaml for a source block and its content field, start `bridge up`; killed after."""
+def start_bridge(tmp_path: Path, iii_engine: TestEngine) -> Iterator[Callable[..., BridgeProcess]]:
+    """Factory: write bridge.yaml for a source block and its content field (and a payload block), start `bridge
+    up`; killed after."""
     started: list[BridgeProcess] = []
 
-    def start(kind_block: str, field: str) -> BridgeProcess:
-        (tmp_path / "bridge.yaml").write_text(CONFIG.replace("<kind>", kind_block).replace("<field>", field))
+    def start(kind_block: str, field: str, payload: str = PAYLOAD) -> BridgeProcess:
+        text = CONFIG.replace("<kind>", kind_block).replace("<payload>", payload).replace("<field>", field)
+        (tmp_path / "bridge.yaml").write_text(text)
         proc = BridgeProcess(tmp_path / "bridge.yaml", iii_engine.url)
         started.append(proc)
         proc.start()
@@ -170,7 +174,7 @@ FILE_BLOCK = """\
       max_content_bytes: 100000"""
 
 
-def test_file_poison(tmp_path: Path, start_bridge: Callable[[str, str], BridgeProcess],
+def test_file_poison(tmp_path: Path, start_bridge: Callable[..., BridgeProcess],
                      consumer: Consumer) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -192,6 +196,27 @@ def test_file_poison(tmp_path: Path, start_bridge: Callable[[str, str], BridgePr
     assert "Traceback" not in again.log()
 
 
+def test_a_file_nested_exactly_512_deep_is_delivered(tmp_path: Path, start_bridge: Callable[..., BridgeProcess],
+                                                     consumer: Consumer) -> None:
+    """The limit's valid side end to end: decoded, rendered, sent, received, and dead-lettered for the failing
+    binding (a record nesting it two levels deeper still writes)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    bridge = start_bridge(FILE_BLOCK, "content", payload='      deep: "{{ event.content }}"')
+    bind_both(consumer, bridge)
+    deep: Any = []
+    for _ in range(511):
+        deep = [deep]
+    (inbox / ".deep.tmp").write_text(json.dumps(deep))
+    (inbox / ".deep.tmp").rename(inbox / "deep.json")
+    wait_for(lambda: len(raw_lines(tmp_path)) >= 1, WAIT_S, "the failing binding's dead letter")
+    [call] = consumer.wait_calls("poison::ok", 1)
+    assert call == {"deep": deep}
+    [record] = [json.loads(line) for line in raw_lines(tmp_path)]
+    assert record["binding"]["function_id"] == "poison::broken" and record["event"]["content"] == deep
+    assert "Traceback" not in bridge.log()
+
+
 # --- kafka --------------------------------------------------------------------------------------------------------
 
 
@@ -211,7 +236,7 @@ async def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
         await producer.stop()
 
 
-def test_kafka_poison(tmp_path: Path, start_bridge: Callable[[str, str], BridgeProcess], consumer: Consumer,
+def test_kafka_poison(tmp_path: Path, start_bridge: Callable[..., BridgeProcess], consumer: Consumer,
                       kafka_broker: str) -> None:
     suffix = uuid.uuid4().hex[:12]
     topic, group = f"poison-{suffix}", f"bridge-{suffix}"
@@ -280,7 +305,7 @@ def _outbox_rows(dsn: str) -> int:
 LISTEN_POISON = [DEEP_600, b"[" * 3999 + b"]" * 3999, *TEXT_POISON[2:], b""]
 
 
-def test_listen_poison(tmp_path: Path, start_bridge: Callable[[str, str], BridgeProcess], consumer: Consumer,
+def test_listen_poison(tmp_path: Path, start_bridge: Callable[..., BridgeProcess], consumer: Consumer,
                        pg_database: str) -> None:
     block = f"""\
     postgres:
@@ -301,7 +326,7 @@ def test_listen_poison(tmp_path: Path, start_bridge: Callable[[str, str], Bridge
 OUTBOX_POISON = [p for p in TEXT_POISON if b"NaN" not in p]
 
 
-def test_outbox_poison(tmp_path: Path, start_bridge: Callable[[str, str], BridgeProcess], consumer: Consumer,
+def test_outbox_poison(tmp_path: Path, start_bridge: Callable[..., BridgeProcess], consumer: Consumer,
                        pg_database: str) -> None:
     _run_sql(pg_database, "CREATE TABLE bridge_outbox (id bigserial PRIMARY KEY, channel text NOT NULL,"
                           " payload json NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
