@@ -6,10 +6,11 @@ ValueError past 4,300 integer digits and RecursionError past about a thousand le
 would break a later step (rendering, sending, dead-letter writing) instead of failing here, where the event can
 still be dead-lettered as undecodable. :func:`loads` is the one decoder; :class:`Undecodable` carries the reason.
 
-The checks are cheap on the usual value: C-level scans (a bracket count bounds the depth; no ``\\u`` in
-the text means no surrogate escape; no run of 4,301 digits means no integer too long) before any Python-level
-work; only float literals get a Python-level check (for overflow) as they are parsed. The depth scan that runs
-when the bracket count is high never recurses.
+The checks are cheap on the usual value: C-level scans before any Python-level work (a bracket count bounds the
+depth; no ``\\u`` in the text means no surrogate escape; at the interpreter's default limit it refuses integers
+over 4,300 digits itself, else a linear scan looks for a run of 4,301 digits). Only float literals get a
+Python-level check (for overflow) as they are parsed. The depth scan that runs when the bracket count is high
+never recurses.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from itertools import accumulate
 from typing import Any
 
@@ -112,17 +114,32 @@ def _lone(match: re.Match[str]) -> str:
 def loads(raw: str | bytes) -> Any:
     """Decode ``raw`` (bytes: UTF-8) as strict JSON; raises :class:`Undecodable` with the reason otherwise."""
     text = utf8(raw) if isinstance(raw, bytes) else raw
+    size = len(text)
     # Each check first asks what is cheapest: a text shorter than the limit cannot break it.
-    if len(text) > MAX_DEPTH and text.count("[") + text.count("{") > MAX_DEPTH and _depth(text) > MAX_DEPTH:
+    if size > MAX_DEPTH and text.count("[") + text.count("{") > MAX_DEPTH and _depth(text) > MAX_DEPTH:
         raise Undecodable(f"nested deeper than {MAX_DEPTH} levels")
     if "\\u" in text and (lone := _lone_surrogate(text)) is not None:
         raise Undecodable(lone)
-    decoder = _CHECKING if len(text) > MAX_INT_DIGITS and _LONG_DIGITS.search(text) else _FAST
+    decoder = _FAST
+    # No integer can be too long, or the interpreter refuses one itself (a ValueError, said our way by _failed).
+    if size > MAX_INT_DIGITS and sys.get_int_max_str_digits() != MAX_INT_DIGITS and _LONG_DIGITS.search(text):
+        decoder = _CHECKING
     try:
         return decoder.decode(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
+        return _failed(decoder, text, exc)
+
+
+def _failed(decoder: json.JSONDecoder, text: str, exc: ValueError | RecursionError) -> Any:
+    """Undecodable for what a decoder raised, or the value when decoding again with every check says it is fine."""
+    if isinstance(exc, Undecodable):
+        raise exc
+    if isinstance(exc, json.JSONDecodeError):
         raise Undecodable(f"{exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}") from None
-    except Undecodable:
-        raise
-    except (ValueError, RecursionError) as exc:  # not expected past the checks above; never let one escape
-        raise Undecodable(f"not decodable: {exc}") from None
+    if isinstance(exc, ValueError) and decoder is _FAST:
+        # The interpreter's own integer limit: decode again, checking every integer, to say which one.
+        try:
+            return _CHECKING.decode(text)
+        except (ValueError, RecursionError) as again:
+            return _failed(_CHECKING, text, again)
+    raise Undecodable(f"not decodable: {exc}") from None  # not expected past the checks; never let one escape
