@@ -12,6 +12,10 @@ Deviations from plain Jinja, chosen for JSON events:
 - The environment is the immutable sandbox: templates cannot call ``append``/``update``/``pop`` on the
   event, which is shared by every binding of a fan-out and kept for dead letters.
 - ``map``/``select``/dict views returned by a lone expression become lists (Jinja returns generators).
+- Renders are bounded (``bridge._bounds``): operators and calls that could build a huge result are checked
+  before they run, loops share a budget of iterations per render, ``lipsum`` is not offered, and any error
+  inside a render is a RenderError. The checked operators are intercepted, which also keeps Jinja from
+  folding them at compile time, so compiling never evaluates one.
 """
 
 from __future__ import annotations
@@ -21,9 +25,21 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, Undefined, meta, nodes
+from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, Undefined, nodes
+from jinja2.runtime import Context, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import pass_context
 
+from bridge._bounds import (
+    BOUNDED_FILTERS,
+    CHECKED_BINOPS,
+    MAX_OUTPUT,
+    LimitError,
+    bounded_join,
+    check_binop,
+    check_call,
+    check_result,
+)
 from bridge._filters import FILTERS, SEQUENCES, FilterError
 from bridge.errors import RenderError
 
@@ -80,6 +96,8 @@ def _format_path(path: Path) -> str:
 
 
 class _BridgeEnvironment(ImmutableSandboxedEnvironment):
+    intercepted_binops = CHECKED_BINOPS
+
     def getattr(self, obj: Any, attribute: str) -> Any:
         # Event data wins over dict methods (see the module docstring); it is also the fast path, as the
         # sandbox's getattr only reaches the key after a failed attribute lookup.
@@ -90,17 +108,67 @@ class _BridgeEnvironment(ImmutableSandboxedEnvironment):
                 pass
         return super().getattr(obj, attribute)
 
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        check_binop(operator, left, right)
+        result = super().call_binop(context, operator, left, right)
+        return check_result(operator, result) if operator == "%" else result
 
-_ENV = _BridgeEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        args = check_call(__obj, args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+LOOP_BUDGET = 1_000_000
+"""Loop iterations one render may run, all loops together (nested loops multiply)."""
+_LOOP_FILTER = "_bridge_loop_budget"
+
+
+@pass_context
+def _loop_budget(context: Context, iterable: Any) -> Any:
+    """Wraps the iterable of every ``{% for %}``: counts the iterations of the render ``context`` belongs to."""
+    spent = getattr(context, "_bridge_loop_steps", 0)
+    for item in iterable:
+        spent = getattr(context, "_bridge_loop_steps", spent) + 1
+        if spent > LOOP_BUDGET:
+            raise LimitError(f"the loops of this template ran over the limit of {LOOP_BUDGET} iterations")
+        context._bridge_loop_steps = spent  # type: ignore[attr-defined]
+        yield item
+
+
+# optimized=False: no constant folding at compile time. Besides the intercepted operators, folding would run
+# filters on constants at compile time, and its pass is cubic in the length of an attribute chain.
+_ENV = _BridgeEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True, optimized=False)
+_ENV.filters.update(BOUNDED_FILTERS)
 _ENV.filters.update(FILTERS)
+_ENV.filters[_LOOP_FILTER] = _loop_budget
+_ENV.globals.pop("lipsum", None)
+_ENV.concat = bounded_join(_ENV.concat)  # type: ignore[method-assign]
 _GLOBAL_VALUES = dict(_ENV.globals)
 _GLOBALS = frozenset(_GLOBAL_VALUES)
+_BOUNDED_JOINS = {"str_join": bounded_join(str_join), "markup_join": bounded_join(markup_join)}
+
+
+def _bounded_loops(ast: nodes.Template) -> None:
+    for loop in ast.find_all(nodes.For):
+        loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.iter.lineno)
+
+
+def _bounded_template(template: Template) -> Template:
+    # `~` compiles to the runtime's str_join/markup_join, looked up in the template's module namespace.
+    template.root_render_func.__globals__.update(_BOUNDED_JOINS)
+    return template
 
 
 def _describe(exc: Exception) -> str:
     if isinstance(exc, (TemplateError, FilterError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _compile_failure(exc: Exception) -> str:
+    if isinstance(exc, (RecursionError, MemoryError, SyntaxError)):  # IndentationError is a SyntaxError
+        return f"the template is nested too deeply to compile ({type(exc).__name__}); simplify it"
+    return f"the template does not compile: {type(exc).__name__}: {exc}"
 
 
 def _render_error(path: str, message: str) -> RenderError:
@@ -223,7 +291,13 @@ class _Refs:
         self.event_fields: set[str] = set()
 
     def add(self, ast: nodes.Template) -> None:
-        self.names |= meta.find_undeclared_variables(ast) - _GLOBALS
+        # Not meta.find_undeclared_variables: it runs Jinja's optimizer, cubic in an attribute chain's length.
+        names = ast.find_all(nodes.Name)
+        loaded: set[str] = set()
+        stored: set[str] = set()
+        for name in names:
+            (loaded if name.ctx == "load" else stored).add(name.name)
+        self.names |= loaded - stored - _GLOBALS
         for attr in ast.find_all(nodes.Getattr):
             if _is_event(attr.node):
                 self.event_fields.add(attr.attr)
@@ -244,16 +318,22 @@ def _compile_string(
         ast = _ENV.parse(source)
         expression = _lone_expression(ast)
         refs.add(ast)  # before compiling: the optimizer may rewrite nodes in place
+        _bounded_loops(ast)
         if expression is not None:
             # What Environment.compile_expression builds, from the node already parsed: the expression's
             # value lands in the context as `result` instead of being printed, so it keeps its type.
             body = nodes.Template([nodes.Assign(nodes.Name("result", "store"), expression, lineno=1)], lineno=1)
             body.set_environment(_ENV)
-            template = _ENV.from_string(body)
+            template = _bounded_template(_ENV.from_string(body))
         else:
-            template = _ENV.from_string(ast)
+            template = _bounded_template(_ENV.from_string(ast))
     except TemplateSyntaxError as exc:  # also TemplateAssertionError: an unknown filter or test
         problems.append(TemplateSyntaxProblem(path, exc.lineno, exc.message or str(exc)))
+        return None
+    except Exception as exc:
+        # Jinja's parser and Python's compiler give up on deep nesting in their own ways (RecursionError,
+        # MemoryError, a SyntaxError or IndentationError from the generated code): still a template problem.
+        problems.append(TemplateSyntaxProblem(path, 1, _compile_failure(exc)))
         return None
     # Contexts are made per render from a scope that already holds the globals (CompiledTree.render); the
     # default ChainMap of template and environment globals is slow to copy for every context.
@@ -264,8 +344,15 @@ def _compile_string(
 
     def render_string(scope: dict[str, Any]) -> Any:
         try:
-            return "".join(template.root_render_func(template.new_context(scope, shared=True)))
-        except Exception as exc:
+            parts = []
+            size = 0
+            for part in template.root_render_func(template.new_context(scope, shared=True)):
+                size += len(part)
+                if size > MAX_OUTPUT:
+                    raise LimitError(f"the rendered text is over the template limit of {MAX_OUTPUT} characters")
+                parts.append(part)
+            return "".join(parts)
+        except Exception as exc:  # any failure of a render is the event's render error, never an escape
             raise _render_error(label, _describe(exc)) from exc
 
     return render_string
@@ -334,6 +421,8 @@ def _expression_renderer(
             return _plain(value)
         except _NotPlain as exc:
             raise _render_error(_format_path((*path, *reversed(exc.where))), exc.reason) from None
+        except Exception as exc:  # too deep for the copy (RecursionError), out of memory: a render error
+            raise _render_error(label, _describe(exc)) from exc
 
     return render_expression
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import fnmatch
 import hashlib
-import json
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bridge import strictjson
 from bridge.sources._filecheckpoint import (
     LOCK_NAME,
     Checkpoint,
@@ -218,12 +218,13 @@ class Tree:
         return found
 
 
-def read_content(
-    root: RootDir, rel: str, mode: str, max_bytes: int, expected: Version
-) -> tuple[Any, str | None] | None:
-    """Read and decode one file version. Returns (content, None), (None, reason) for a decode error, or None
-    when the file is no longer ``expected`` (changed, vanished or reachable only through a symlink: the settle
-    loop takes it again)."""
+Decoded = tuple[Any, str | None, str | None]
+"""``(content, None, None)``, or ``(raw text or None, reason, raw bytes as base64 or None)`` for a decode error."""
+
+
+def read_content(root: RootDir, rel: str, mode: str, max_bytes: int, expected: Version) -> Decoded | None:
+    """Read and decode one file version (see :data:`Decoded`), or None when the file is no longer ``expected``
+    (changed, vanished or reachable only through a symlink: the settle loop takes it again)."""
     path = os.path.join(root.path, rel)
     try:
         fd = root.open_file(rel)
@@ -233,38 +234,37 @@ def read_content(
         root.note_refused(exc)
         return None
     except OSError as exc:
-        return None, f"{path}: cannot read the file: {exc.strerror or exc}"
+        return None, f"{path}: cannot read the file: {exc.strerror or exc}", None
     try:
         with open(fd, "rb") as fh:
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode) or (st.st_mtime_ns, st.st_size) != expected:
                 return None
             if st.st_size > max_bytes:
-                return None, f"{path}: {st.st_size} bytes is more than max_content_bytes ({max_bytes})"
+                return None, f"{path}: {st.st_size} bytes is more than max_content_bytes ({max_bytes})", None
             data = fh.read(st.st_size + 1)  # one byte more shows a file still growing; max_bytes would allocate
             st = os.fstat(fh.fileno())
             if (st.st_mtime_ns, st.st_size) != expected or len(data) != expected[1]:
                 return None
     except OSError as exc:
-        return None, f"{path}: cannot read the file: {exc.strerror or exc}"
+        return None, f"{path}: cannot read the file: {exc.strerror or exc}", None
     return decode(path, data, mode)
 
 
-def decode(path: str, data: bytes, mode: str) -> tuple[Any, str | None]:
+def decode(path: str, data: bytes, mode: str) -> Decoded:
+    """``data`` as ``mode`` wants it (see :data:`Decoded`): undecodable content is carried raw, as the file's text
+    when it is UTF-8, else as base64."""
     if mode == "bytes":
-        return base64.b64encode(data).decode("ascii"), None
-    if mode == "text":
-        try:
-            return data.decode("utf-8"), None
-        except UnicodeDecodeError as exc:
-            return None, f"{path}: not UTF-8 text (content: text): invalid byte at offset {exc.start}"
+        return base64.b64encode(data).decode("ascii"), None, None
     try:
-        return json.loads(data, parse_constant=_reject_constant), None
-    except json.JSONDecodeError as exc:
-        return None, f"{path}: invalid JSON (content: json): {exc.msg} at line {exc.lineno} column {exc.colno}"
-    except (ValueError, RecursionError) as exc:
-        return None, f"{path}: invalid JSON (content: json): {exc}"
+        text = strictjson.utf8(data)
+    except strictjson.Undecodable as exc:
+        where = exc.reason.removeprefix("not UTF-8: ")
+        return None, f"{path}: not UTF-8 text (content: {mode}): {where}", base64.b64encode(data).decode("ascii")
+    if mode == "text":
+        return text, None, None
+    try:
+        return strictjson.loads(text), None, None
+    except strictjson.Undecodable as exc:
+        return text, f"{path}: invalid JSON (content: json): {exc.reason}", None
 
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")

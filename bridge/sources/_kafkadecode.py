@@ -7,9 +7,9 @@ headers, timestamp); no client library is imported here.
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any, Protocol
 
+from bridge import strictjson
 from bridge._clock import iso_ms
 from bridge.config import KafkaSourceConfig
 from bridge.errors import DecodeError
@@ -37,34 +37,24 @@ def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _no_constants(name: str) -> Any:
-    # NaN and Infinity are Python extensions, not JSON; a payload holding them could not be sent on as JSON.
-    raise ValueError(f"{name} is not valid JSON")
-
-
-_JSON = json.JSONDecoder(parse_constant=_no_constants)  # one decoder: json.loads with options builds one per call
-
-
 def decode(raw: bytes | None, fmt: str) -> tuple[Any, str | None]:
-    """``(decoded, None)``, or ``(base64 of raw, reason)`` when ``raw`` does not decode as ``fmt``.
-    A null key or value stays None in every format."""
+    """``(decoded, None)``, or ``(raw content, reason)`` when ``raw`` does not decode as ``fmt``: the raw content
+    is the raw text when ``raw`` is UTF-8, else None (the caller then carries it as base64). A null key or value
+    stays None in every format."""
     if raw is None:
         return None, None
     if fmt == "bytes":
         return b64(raw), None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        utf8 = f"not UTF-8: {exc.reason} at byte {exc.start}"
-        return b64(raw), f"not valid JSON ({utf8})" if fmt == "json" else utf8
+        text = strictjson.utf8(raw)
+    except strictjson.Undecodable as exc:
+        return None, f"not valid JSON ({exc.reason})" if fmt == "json" else exc.reason
     if fmt == "text":
         return text, None
     try:
-        return _JSON.decode(text), None
-    except ValueError as exc:  # JSONDecodeError is a ValueError
-        return b64(raw), f"not valid JSON ({exc})"
-    except RecursionError:
-        return b64(raw), "not decodable JSON (nested too deeply)"
+        return strictjson.loads(text), None
+    except strictjson.Undecodable as exc:
+        return text, f"not valid JSON ({exc.reason})"
 
 
 def headers_text(headers: Any) -> dict[str, str | None]:
@@ -84,19 +74,27 @@ def order_key(record: KafkaRecord, ordering: str) -> Any:
 
 
 def record_event(source_id: str, kc: KafkaSourceConfig, record: KafkaRecord) -> Event:
-    """The event of one record. A key or value that does not decode in its format makes an event with
-    ``error`` set (dead-lettered, not retried) whose undecodable part holds the raw bytes as base64 text."""
+    """The event of one record. A key or value that does not decode in its format makes an event with ``error``
+    set (dead-lettered with ``binding: null``, not retried) that carries the undecodable part raw: as text in
+    ``key``/``value`` when it is UTF-8, else as base64 in ``key_raw_b64``/``raw_b64`` (the part itself None)."""
     topic, partition, offset = record.topic, record.partition, record.offset
     key, key_problem = decode(record.key, kc.key_format)
     value, value_problem = decode(record.value, kc.value_format)
     error: DecodeError | None = None
+    raw: dict[str, str] = {}
     problems = []
-    if key_problem is not None:
-        problems.append(f"key is {key_problem} for key_format {kc.key_format}; event.key holds the raw key as base64")
-    if value_problem is not None:
-        problems.append(
-            f"value is {value_problem} for value_format {kc.value_format}; event.value holds the raw value as base64"
-        )
+    for part, field, problem, decoded, fmt, data in (
+        ("key", "key_raw_b64", key_problem, key, kc.key_format, record.key),
+        ("value", "raw_b64", value_problem, value, kc.value_format, record.value),
+    ):
+        if problem is None:
+            continue
+        if decoded is None and data is not None:
+            raw[field] = b64(bytes(data))
+            held = f"event.{field} holds the raw {part} as base64"
+        else:
+            held = f"event.{part} holds the raw {part} as text"
+        problems.append(f"{part} is {problem} for {part}_format {fmt}; {held}")
     if problems:
         error = DecodeError(f"kafka record {topic}/{partition}@{offset}: " + "; ".join(problems))
     timestamp = record.timestamp
@@ -113,6 +111,7 @@ def record_event(source_id: str, kc: KafkaSourceConfig, record: KafkaRecord) -> 
             "headers": headers_text(record.headers),
             "timestamp": timestamp if has_time else None,
             "timestamp_iso": iso_ms(timestamp) if has_time else None,
+            **raw,
         },
         error=error,
         order_key=order_key(record, kc.ordering),

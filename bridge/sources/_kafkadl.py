@@ -3,7 +3,7 @@
 A message has a size limit (the producer's ``max_request_size``, 1 MiB; a broker or topic may set a lower one),
 and a dead letter that is over it would fail at every attempt: the dispatcher would hold the event, and with it
 its partition, forever. So a record is made to fit before it is sent: its biggest values (the event's value or
-content, the rendered payload; then, if still needed, the key, headers, bind config and error message) are
+content, raw or not, the rendered payload; then, if still needed, the key, headers, bind config and error message) are
 replaced, largest first, by a marker ``{"truncated": true, "original_bytes": n, "sha256": hex}`` (a string is
 measured and hashed as its UTF-8 text, anything else as its JSON text) until it fits, and the record lists what
 it lost under ``truncated``. What identifies the event and says what went wrong stays: source, event id, topic,
@@ -35,9 +35,12 @@ _MIN_LIMIT_BYTES = 16_384  # a broker that refuses this much refuses the smalles
 _MARKER_BYTES = 120  # about what a marker takes: smaller values are not worth replacing
 
 # Replaced in this order of groups, the largest of a group first: the bulk of an event before what describes it.
-_BULK_FIELDS: tuple[tuple[str, ...], ...] = (("event", "value"), ("event", "content"), ("payload",))
+# An undecodable value that is not UTF-8 is carried as base64 in event.raw_b64 (a key in event.key_raw_b64).
+_BULK_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("event", "value"), ("event", "raw_b64"), ("event", "content"), ("payload",),
+)
 _OTHER_FIELDS: tuple[tuple[str, ...], ...] = (
-    ("event", "key"), ("event", "headers"), ("binding", "config"), ("error", "message"),
+    ("event", "key"), ("event", "key_raw_b64"), ("event", "headers"), ("binding", "config"), ("error", "message"),
 )
 
 

@@ -7,10 +7,11 @@ Both readers of the table use these: the live claiming loop (:mod:`bridge.source
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
+from bridge import strictjson
 from bridge.config import PostgresSourceConfig, SourceConfig
+from bridge.errors import DecodeError
 from bridge.sources import Event
 from bridge.sources._pgconn import plain_table_name
 
@@ -25,18 +26,43 @@ def wake_channel(table: str) -> str:
 
 
 def row_event(source_id: str, outbox_table: str, row: Any, received_at: str) -> Event:
-    """The event of one outbox row (``id``, ``channel``, ``payload`` as text); ``outbox_table`` as configured."""
-    text = row["payload"]
+    """The event of one outbox row (``id``, ``channel``, ``payload`` as text; ``outbox_table`` as configured). Never
+    raises: a payload that does not decode strictly, or a row that cannot be read at all, makes an event with a
+    DecodeError (dead-lettered with ``binding: null``, then its row is deleted like any done row) whose
+    ``payload`` holds the raw text."""
+    try:
+        row_id, channel, text = row["id"], row["channel"], row["payload"]
+    except Exception as exc:  # not the claim query's shape: still an event, so the row is dead-lettered, not stuck
+        return Event(
+            id=f"pg:{outbox_table}:{_field(row, 'id')}",
+            source=source_id,
+            fields={"channel": _field(row, "channel"), "payload": _field(row, "payload"), "pid": None,
+                    "received_at": received_at},
+            error=DecodeError(f"outbox row of {outbox_table} cannot be read ({type(exc).__name__}: {exc})"),
+        )
+    payload: Any = None
+    error: DecodeError | None = None
+    if text is not None:
+        try:
+            payload = strictjson.loads(text)
+        except strictjson.Undecodable as exc:
+            payload = text
+            error = DecodeError(f"outbox row {row_id} of {outbox_table}: payload is not decodable JSON ({exc.reason})")
     return Event(
-        id=f"pg:{outbox_table}:{row['id']}",
+        id=f"pg:{outbox_table}:{row_id}",
         source=source_id,
-        fields={
-            "channel": row["channel"],
-            "payload": None if text is None else json.loads(text),
-            "pid": None,
-            "received_at": received_at,
-        },
+        fields={"channel": channel, "payload": payload, "pid": None, "received_at": received_at},
+        error=error,
     )
+
+
+def _field(row: Any, name: str) -> Any:
+    """What a row that could not be read shows of ``name``, for the dead-letter record: text, a number or None."""
+    try:
+        value = row[name]
+        return value if value is None or isinstance(value, (str, int)) else str(value)
+    except Exception:
+        return None
 
 
 def _object_name(bare: str, suffix: str) -> str:

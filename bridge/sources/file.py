@@ -346,6 +346,7 @@ class FileSource:
             return
         content: Any = None
         error: DecodeError | None = None
+        raw_b64: str | None = None
         if self._fc.content != "none":
             args = (self._tree.dir, rel, self._fc.content, self._fc.max_content_bytes, cur)
             result = read_content(*args) if cur[1] <= _READ_INLINE_BYTES else await asyncio.to_thread(
@@ -354,14 +355,15 @@ class FileSource:
             if result is None:
                 self._add_pending(rel, self._tree.stat(rel))  # changed or vanished while we read it
                 return
-            content, reason = result
+            content, reason, raw_b64 = result
             if reason is not None:
                 log.warning("file source %s: %s; the event goes to the dead letter", self.config.id, reason)
                 error = DecodeError(reason)
-        await self._submit(sink, rel, cur, change, content, error)
+        await self._submit(sink, rel, cur, change, content, error, raw_b64)
 
     async def _submit(
-        self, sink: Sink, rel: str, version: Version, change: str, content: Any, error: DecodeError | None
+        self, sink: Sink, rel: str, version: Version, change: str, content: Any, error: DecodeError | None,
+        raw_b64: str | None = None,
     ) -> None:
         assert self._tree is not None
         mtime_ns, size = version
@@ -378,6 +380,7 @@ class FileSource:
                 "size": size,
                 "mtime": iso_from_ns(mtime_ns),
                 "content": content,
+                **({"raw_b64": raw_b64} if raw_b64 is not None else {}),  # undecodable bytes, for the dead letter
             },
             error=error,
             order_key=rel,  # two versions of one file are delivered one after the other, in order

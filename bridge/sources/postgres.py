@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 import asyncpg
 
+from bridge import strictjson
 from bridge._clock import iso_from_epoch, iso_from_ns
 from bridge.config import BridgeConfig, DeadLetterConfig, PostgresSourceConfig, SourceConfig, redact_dsn
 from bridge.diagnostics import Problem
@@ -276,8 +276,18 @@ class PostgresSource:
         self._lost_at = None
 
     def _on_notify(self, _conn: Any, pid: int, channel: str, payload: str) -> None:
-        # Called by asyncpg for every NOTIFY: it must never block. When the sink can take the event at once it
-        # gets it here; otherwise (window full, or earlier notifications still queued) the event is queued.
+        # Called by asyncpg for every NOTIFY. An exception raised here would only be logged by asyncpg, and the
+        # notification lost without a count: whatever happens, it ends here, counted.
+        try:
+            self._take(pid, channel, payload)
+        except Exception:
+            log.exception("postgres source %s: a notification on %s could not be taken (a bug: please report it)",
+                          self.config.id, channel)
+            self._drops.drop("the bridge failed to take it (see the error logged)", warn=True)
+
+    def _take(self, pid: int, channel: str, payload: str) -> None:
+        # Must never block. When the sink can take the event at once it gets it here; otherwise (window full, or
+        # earlier notifications still queued) the event is queued.
         ns = time.time_ns()
         if ns <= self._last_ns:
             ns = self._last_ns + 1  # keeps event ids unique even if the clock stalls or steps back
@@ -311,9 +321,10 @@ class PostgresSource:
         error: DecodeError | None = None
         if self.pc.payload_format == "json":
             try:
-                value = json.loads(payload)
-            except ValueError as exc:
-                hint = "empty; a bare NOTIFY needs payload_format: text" if not payload else str(exc)
+                value = strictjson.loads(payload)
+            except strictjson.Undecodable as exc:
+                # event.payload keeps the raw text for the dead-letter record.
+                hint = "empty; a bare NOTIFY needs payload_format: text" if not payload else exc.reason
                 error = DecodeError(f"NOTIFY payload on channel {channel} is not JSON ({hint})")
         return Event(
             id=f"pg:{channel}:{pid}:{ns}",

@@ -11,6 +11,7 @@ runtime.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
@@ -82,10 +83,10 @@ class Harness:
     async def produce(self, values: list[Any]) -> None:
         raise NotImplementedError
 
-    async def produce_undecodable(self) -> Any:
-        """Produce one event whose raw content the kind cannot decode under its config. Returns the content the
-        event is expected to carry when the kind cannot carry undecodable input at all (then the event must
-        arrive decoded, with no error), or ``None`` when the event must arrive with a DecodeError."""
+    async def produce_undecodable(self) -> bytes:
+        """Produce one event whose raw content the kind cannot decode under its config (strict JSON, DESIGN.md §3).
+        Returns the raw content, which the event must carry for the dead-letter record: as text in the content
+        field when it is UTF-8, else as base64 in ``raw_b64``."""
         raise NotImplementedError
 
     def dropped(self, source: Source) -> int:
@@ -114,9 +115,9 @@ class FileHarness(Harness):
         for value in values:
             self._write(json.dumps(value).encode())
 
-    async def produce_undecodable(self) -> Any:
+    async def produce_undecodable(self) -> bytes:
         self._write(b'{"amount": ')
-        return None
+        return b'{"amount": '
 
     def _write(self, data: bytes) -> None:
         # Written aside and renamed in, so the file appears whole: one event, whatever settle_ms.
@@ -167,9 +168,9 @@ class KafkaHarness(Harness):
     async def produce(self, values: list[Any]) -> None:
         await self._send([json.dumps(value).encode() for value in values])
 
-    async def produce_undecodable(self) -> Any:
+    async def produce_undecodable(self) -> bytes:
         await self._send([b"\x89PNG not json"])
-        return None
+        return b"\x89PNG not json"
 
     async def _send(self, values: list[bytes]) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
@@ -222,9 +223,9 @@ class ListenHarness(PostgresHarness):
     async def produce(self, values: list[Any]) -> None:
         await self._notify([json.dumps(value) for value in values])
 
-    async def produce_undecodable(self) -> Any:
+    async def produce_undecodable(self) -> bytes:
         await self._notify(["not json"])
-        return None
+        return b"not json"
 
     def dropped(self, source: Source) -> int:
         assert isinstance(source, PostgresSource)
@@ -259,13 +260,12 @@ class OutboxHarness(PostgresHarness):
                 await conn.execute("INSERT INTO bridge_outbox (channel, payload) VALUES ('orders', $1::jsonb)",
                                    json.dumps(value))
 
-    async def produce_undecodable(self) -> Any:
-        # The payload column is jsonb: Postgres refuses what is not JSON, so no row can carry undecodable input.
-        # The nearest thing, a payload that is a JSON string (not an object), must arrive decoded as that string.
+    async def produce_undecodable(self) -> bytes:
+        # jsonb refuses what is not JSON, but takes nesting deeper than the bridge decodes.
+        deep = "[" * 600 + "]" * 600
         async with self.connection() as conn:
-            await conn.execute("INSERT INTO bridge_outbox (channel, payload) VALUES ('orders', to_jsonb($1::text))",
-                               "not json")
-        return "not json"
+            await conn.execute("INSERT INTO bridge_outbox (channel, payload) VALUES ('orders', $1::jsonb)", deep)
+        return deep.encode()
 
 
 @pytest.fixture(params=["file", "kafka", "postgres-listen", "postgres-outbox"])
@@ -465,16 +465,17 @@ async def test_cancelling_run_early_returns_promptly_and_leaves_no_task(harness:
 async def test_undecodable_input_is_an_event_with_a_decode_error(harness: Harness) -> None:
     sink = harness.sink()
     async with running(harness, harness.build(), sink):
-        carried = await harness.produce_undecodable()
+        raw = await harness.produce_undecodable()
         await harness.produce(numbered(0, 1))  # and the stream goes on
         events = await sink.exactly(2)
     odd = next(event for event in events if event.fields[harness.content_field] != {"n": 0})
     good = next(event for event in events if event is not odd)
     assert good.error is None
     assert odd.source == harness.config.id
-    assert set(odd.fields) == harness.fields
-    if carried is None:
-        assert isinstance(odd.error, DecodeError), odd.error
-    else:  # the kind cannot carry undecodable input (outbox: jsonb); the nearest thing arrives decoded
-        assert odd.error is None
-        assert odd.fields[harness.content_field] == carried
+    assert isinstance(odd.error, DecodeError), odd.error
+    try:
+        carried = {harness.content_field: raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        carried = {harness.content_field: None, "raw_b64": base64.b64encode(raw).decode()}
+    assert set(odd.fields) == harness.fields | set(carried)
+    assert {k: odd.fields[k] for k in carried} == carried

@@ -220,31 +220,39 @@ async def test_content_modes(inbox: Path, state: Path, content: str, data: bytes
 
 
 @pytest.mark.parametrize(
-    ("content", "data", "reason"),
+    ("content", "data", "reason", "raw"),
     [
-        ("json", b'{"amount": ', "invalid JSON"),
-        ("json", b"NaN", "invalid JSON"),
-        ("text", b"\xff\xfe\x00bad", "not UTF-8 text"),
-        ("text", b"x" * 101, "101 bytes is more than max_content_bytes (100)"),
-        ("bytes", b"x" * 101, "101 bytes is more than max_content_bytes (100)"),
+        # Undecodable content is carried raw for the dead-letter record: as text when it is UTF-8 (content), as
+        # base64 when it is not (raw_b64); content too large to be read is not carried.
+        ("json", b'{"amount": ', "invalid JSON", {"content": '{"amount": '}),
+        ("json", b"NaN", "invalid JSON (content: json): NaN is not JSON", {"content": "NaN"}),
+        ("json", b"[" * 600 + b"]" * 600, "nested deeper than 512 levels", {"content": "[" * 600 + "]" * 600}),
+        ("json", b'"\\ud800"', "lone surrogate", {"content": '"\\ud800"'}),
+        ("json", b"\xff{}", "not UTF-8 text (content: json): invalid start byte at byte 0",
+         {"content": None, "raw_b64": "/3t9"}),
+        ("json", b"", "Expecting value", {"content": ""}),
+        ("text", b"\xff\xfe\x00bad", "not UTF-8 text", {"content": None, "raw_b64": "//4AYmFk"}),
+        ("text", b"x" * 2001, "2001 bytes is more than max_content_bytes (2000)", {"content": None}),
+        ("bytes", b"x" * 2001, "2001 bytes is more than max_content_bytes (2000)", {"content": None}),
     ],
 )
 async def test_undecodable_content_is_an_event_with_a_decode_error(
-    inbox: Path, state: Path, content: str, data: bytes, reason: str, caplog: pytest.LogCaptureFixture
+    inbox: Path, state: Path, content: str, data: bytes, reason: str, raw: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     (inbox / "bad.dat").write_bytes(data)
     sink = new_sink()
-    async with running(_source(inbox, state, content=content, max_content_bytes=100), sink):
+    async with running(_source(inbox, state, content=content, max_content_bytes=2000), sink):
         [event] = await sink.wait_for(1)
     assert isinstance(event.error, DecodeError)
     assert str(inbox / "bad.dat") in str(event.error)
     assert reason in str(event.error)
-    assert event.fields["content"] is None
+    assert {k: event.fields[k] for k in ("content", "raw_b64") if k in event.fields} == raw
     assert event.fields["size"] == len(data)
     assert any(r.levelno == logging.WARNING and reason in r.getMessage() for r in caplog.records)
     # acknowledged like any event: checkpointed, not submitted again after a restart
     sink2 = new_sink()
-    async with running(_source(inbox, state, content=content, max_content_bytes=100), sink2):
+    async with running(_source(inbox, state, content=content, max_content_bytes=2000), sink2):
         await asyncio.sleep(QUIET_S)
     assert sink2.events == []
 

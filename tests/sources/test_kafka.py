@@ -26,7 +26,7 @@ from bridge._clock import iso_ms
 from bridge.config import DeadLetterConfig, DeliveryConfig, KafkaSecurity, KafkaSourceConfig, SourceConfig
 from bridge.errors import DeadLetterError, DecodeError
 from bridge.sources import Event
-from bridge.sources._kafkadecode import decode
+from bridge.sources._kafkadecode import decode, record_event
 from bridge.sources._kafkadl import MAX_REQUEST_BYTES, fit_record, truncation_marker
 from bridge.sources._kafkaflow import Shares
 from bridge.sources._kafkaoffsets import PartitionTrack
@@ -207,14 +207,57 @@ def test_decoding_each_format() -> None:
     assert decode(b"plain", "text") == ("plain", None)
     assert decode(b"\x00\x01", "bytes") == ("AAE=", None)
     assert decode(None, "json") == (None, None)
-    value, reason = decode(b"NaN", "json")
-    assert value == "TmFO" and reason is not None and "NaN" in reason
-    value, reason = decode(b"\xff", "text")
-    assert (value, reason) == ("/w==", "not UTF-8: invalid start byte at byte 0")
-    assert decode(b"\xff", "json") == ("/w==", "not valid JSON (not UTF-8: invalid start byte at byte 0)")
-    assert decode(b"[" * 100_000, "json")[1] == "not decodable JSON (nested too deeply)"
+    # Undecodable: the raw text comes back with the reason (None when the bytes are not UTF-8 text).
+    assert decode(b"NaN", "json") == ("NaN", "not valid JSON (NaN is not JSON)")
+    assert decode(b"\xff", "text") == (None, "not UTF-8: invalid start byte at byte 0")
+    assert decode(b"\xff", "json") == (None, "not valid JSON (not UTF-8: invalid start byte at byte 0)")
+    assert decode(b"[" * 100_000, "json") == ("[" * 100_000, "not valid JSON (nested deeper than 512 levels)")
+    assert decode(b"[" * 900 + b"]" * 900, "json")[1] == "not valid JSON (nested deeper than 512 levels)"
+    assert decode(b"[" * 512 + b"]" * 512, "json")[1] is None
+    assert decode(b"[1e400]", "json")[1] == "not valid JSON (number 1e400 is beyond a double's range)"
+    assert decode(b'"\\ud800"', "json")[1] == "not valid JSON (lone surrogate \\ud800 at character 1)"
+    assert decode(b"", "json") == ("", "not valid JSON (Expecting value at line 1 column 1)")
+    assert decode(b"", "text") == ("", None)
     assert iso_ms(1_700_000_000_123) == "2023-11-14T22:13:20.123Z"
     assert iso_ms(2**62) is None  # a producer may set any timestamp
+
+
+@dataclasses.dataclass
+class _Record:
+    key: bytes | None
+    value: bytes | None
+    topic: str = "t"
+    partition: int = 0
+    offset: int = 7
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp: int = 1_700_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fields", "said"),
+    [
+        (b"k", b"[" * 900 + b"]" * 900, {"key": "k", "value": "[" * 900 + "]" * 900},
+         ["value is not valid JSON (nested deeper than 512 levels) for value_format json; "
+          "event.value holds the raw value as text"]),
+        (b"k", b"\xffNaN", {"key": "k", "value": None, "raw_b64": "/05hTg=="},
+         ["event.raw_b64 holds the raw value as base64"]),
+        (b"\xfe", b"{}", {"key": None, "value": {}, "key_raw_b64": "/g=="},
+         ["key is not UTF-8: invalid start byte at byte 0 for key_format text; "
+          "event.key_raw_b64 holds the raw key as base64"]),
+        (b"\xfe", b"", {"key": None, "value": "", "key_raw_b64": "/g=="},
+         ["event.key_raw_b64 holds the raw key as base64", "event.value holds the raw value as text"]),
+    ],
+)
+def test_an_undecodable_record_carries_its_raw_content(key: bytes, value: bytes, fields: dict[str, Any],
+                                                       said: list[str]) -> None:
+    config = make_config("127.0.0.1:9", "t", key_format="text")
+    assert isinstance(config.kind_config, KafkaSourceConfig)
+    event = record_event("orders", config.kind_config, _Record(key, value))
+    assert isinstance(event.error, DecodeError)
+    assert str(event.error).startswith("kafka record t/0@7: ")
+    assert all(part in str(event.error) for part in said), str(event.error)
+    assert {k: event.fields[k] for k in ("key", "value", "raw_b64", "key_raw_b64") if k in event.fields} == fields
+    json.dumps(event.template_view(), ensure_ascii=False).encode()  # the dead-letter record can hold it
 
 
 def test_partition_track_position_never_passes_an_undone_offset() -> None:
@@ -288,7 +331,9 @@ async def test_poison_value_becomes_an_error_event_and_the_stream_goes_on(kafka_
     assert isinstance(poison.error, DecodeError)
     message = str(poison.error)
     assert f"{topic}/0@1" in message and "value_format json" in message and "not valid JSON" in message
-    assert poison.fields["value"] == base64.b64encode(b"\x89PNG not json").decode()
+    assert "event.raw_b64 holds the raw value as base64" in message
+    assert poison.fields["value"] is None  # not UTF-8: the raw bytes are in raw_b64
+    assert poison.fields["raw_b64"] == base64.b64encode(b"\x89PNG not json").decode()
     assert poison.fields["key"] == "b"
     assert any(r.levelno == logging.WARNING and f"{topic}/0@1" in r.getMessage() for r in caplog.records)
 
@@ -659,6 +704,21 @@ def test_a_dead_letter_too_large_for_kafka_loses_its_biggest_values_to_markers()
     encoded, cut = fit_record(long_error, 10_000)
     assert cut == ["event.value", "payload", "error.message"]
     assert json.loads(encoded)["error"]["code"] == "invocation_failed"
+
+
+def test_an_undecodable_value_carried_as_base64_is_cut_from_an_oversized_dead_letter() -> None:
+    raw = bytes(range(256)) * 4096  # 1 MiB that is not UTF-8: event.raw_b64 holds 1.4 MB of base64
+    config = make_config("127.0.0.1:9", "t")
+    assert isinstance(config.kind_config, KafkaSourceConfig)
+    event = record_event("orders", config.kind_config, _Record(b"\xfe" * 300_000, raw))
+    assert {"raw_b64", "key_raw_b64"} <= set(event.fields)  # key_format text: \xfe is not UTF-8 either
+    record = {"source": "orders", "event": event.template_view(), "binding": None, "payload": None,
+              "error": {"code": "decode_error", "message": str(event.error)}, "attempts": 0}
+    encoded, cut = fit_record(record, MAX_REQUEST_BYTES)
+    assert cut == ["event.raw_b64"] and len(encoded) <= MAX_REQUEST_BYTES
+    assert json.loads(encoded)["event"]["raw_b64"] == truncation_marker(event.fields["raw_b64"])
+    encoded, cut = fit_record(record, 100_000)
+    assert cut == ["event.raw_b64", "event.key_raw_b64"] and len(encoded) <= 100_000
 
 
 async def test_an_oversized_dead_letter_is_cut_to_fit_before_sending_and_after_a_refusal(

@@ -24,6 +24,7 @@ from bridge.config import (
     SourceConfig,
 )
 from bridge.errors import DeadLetterError, DecodeError
+from bridge.sources._pgoutboxtable import row_event
 from bridge.sources.postgres import (
     PostgresDeadLetter,
     PostgresSource,
@@ -163,6 +164,63 @@ async def test_listen_non_json_payload_is_an_event_with_a_decode_error(pg_databa
     assert good.error is None and good.fields["payload"] == {"ok": True}
 
 
+# Strictly undecodable JSON a Postgres NOTIFY can carry (< 8000 bytes each), with the reason each must give.
+NOTIFY_POISON = [
+    ("[" * 3999 + "]" * 3999, "nested deeper than 512 levels"),
+    ("[" * 600 + "]" * 600, "nested deeper than 512 levels"),
+    ('{"n": NaN}', "NaN is not JSON"),
+    ("[1e400]", "beyond a double's range"),
+    ("7" * 5000, "integer of 5000 digits"),
+    ('{"name": "\\ud800"}', "lone surrogate \\ud800"),
+]
+
+
+async def test_listen_poison_payloads_are_decode_error_events_and_the_listener_lives_on(
+    pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), MemorySink()
+    payloads = []
+    for i, (poison, _) in enumerate(NOTIFY_POISON):
+        payloads += [json.dumps({"good": i}), poison]
+    payloads.append('{"good": "last"}')
+    async with running(source, sink):
+        await listening(source)
+        await notify(pg_database, "c", *payloads)
+        events = await sink.exactly(len(payloads))
+        assert source.listening
+    assert source.received == len(payloads) and source.dropped == 0
+    good, poison = events[0::2], events[1::2]
+    assert [e.fields["payload"] for e in good] == [{"good": i} for i in range(len(NOTIFY_POISON))] + [
+        {"good": "last"}]
+    assert all(e.error is None for e in good)
+    for event, (raw, reason) in zip(poison, NOTIFY_POISON, strict=True):
+        assert isinstance(event.error, DecodeError) and reason in str(event.error), str(event.error)
+        assert event.fields["payload"] == raw  # the raw text, for the dead-letter record
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info]
+
+
+async def test_listen_a_notification_the_source_fails_to_take_is_counted_not_raised(
+    pg_database: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), MemorySink()
+
+    def broken(channel: str, pid: int, payload: str, ns: int) -> Any:
+        if payload == "boom":
+            raise RuntimeError("an unforeseen failure")
+        return real(channel, pid, payload, ns)
+
+    real = source._event
+    monkeypatch.setattr(source, "_event", broken)  # stands in for a bug: asyncpg would swallow it uncounted
+    async with running(source, sink):
+        await listening(source)
+        await notify(pg_database, "c", '{"n": 1}', "boom", '{"n": 2}')
+        events = await sink.exactly(2)
+        assert source.listening
+    assert [e.fields["payload"] for e in events] == [{"n": 1}, {"n": 2}]
+    assert source.received == 3 and source.dropped == 1
+    assert "could not be taken" in caplog.text and "an unforeseen failure" in caplog.text
+
+
 async def test_listen_queues_notifications_while_the_window_is_full_and_keeps_their_order(pg_database: str) -> None:
     source, sink = PostgresSource(make_config(pg_database, channels=("c",)), Path()), MemorySink(hold=True, window=2)
     async with running(source, sink):
@@ -280,6 +338,88 @@ async def test_outbox_delivers_rows_inserted_before_start_and_is_woken_by_notify
     assert first.fields["pid"] is None
     assert ISO_MS.match(first.fields["received_at"])
     assert first.error is None
+
+
+# What an outbox row can hold that Python's json cannot (or must not) load. A jsonb column takes deep nesting and
+# long integers; a json column (the check accepts it) keeps the text as written, so overflowing floats and lone
+# surrogate escapes get through too. Postgres refuses NaN in both.
+OUTBOX_POISON = {
+    "jsonb": [
+        ("[" * 600 + "]" * 600, "nested deeper than 512 levels"),
+        ("[" * 5000 + "]" * 5000, "nested deeper than 512 levels"),
+        ("9" * 5000, "integer of 5000 digits"),
+    ],
+    "json": [
+        ("[" * 5000 + "]" * 5000, "nested deeper than 512 levels"),
+        ("9" * 5000, "integer of 5000 digits"),
+        ('{"x": 1e400}', "beyond a double's range"),
+        ('"\\ud800"', "lone surrogate \\ud800"),
+    ],
+}
+
+
+async def create_outbox_with(dsn: str, config: SourceConfig, payload_type: str) -> None:
+    await create_outbox(dsn, config)
+    async with db(dsn) as conn:
+        await conn.execute(f"ALTER TABLE bridge_outbox ALTER COLUMN payload TYPE {payload_type}")
+
+
+async def insert_payloads(dsn: str, payloads: list[str]) -> None:
+    async with db(dsn) as conn:
+        for payload in payloads:  # one statement each: ids in this order
+            await conn.execute("INSERT INTO bridge_outbox (channel, payload) VALUES ('orders', $1::text::json)",
+                               payload)
+
+
+@pytest.mark.parametrize("payload_type", ["jsonb", "json"])
+async def test_outbox_poison_rows_are_decode_error_events_and_deleted_like_any_done_row(
+    pg_database: str, payload_type: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = outbox_config(pg_database, batch_size=3)
+    await create_outbox_with(pg_database, config, payload_type)
+    poison = OUTBOX_POISON[payload_type]
+    payloads = []
+    for i, (raw, _) in enumerate(poison):
+        payloads += [json.dumps({"n": i}), raw]
+    payloads.append('{"n": "last"}')
+    await insert_payloads(pg_database, payloads)
+    source, sink = PostgresSource(config, Path()), MemorySink()
+    async with running(source, sink):
+        events = list(await sink.exactly(len(payloads)))
+        await until(lambda: source.outbox is not None and source.outbox.deleted == len(payloads), 5, "deletions")
+        assert await row_count(pg_database) == 0
+        await insert_payloads(pg_database, ['{"n": "after"}'])  # the claim loop is still alive
+        await sink.exactly(len(payloads) + 1)
+    good, bad = events[0::2], events[1::2]
+    assert [e.fields["payload"] for e in good] == [{"n": i} for i in range(len(poison))] + [{"n": "last"}]
+    assert all(e.error is None for e in good)
+    async with db(pg_database) as conn:  # what Postgres gives back as text (jsonb normalises, json keeps it)
+        texts = [await conn.fetchval(f"SELECT $1::text::{payload_type}::text", raw) for raw, _ in poison]
+    for event, (_, reason), text in zip(bad, poison, texts, strict=True):
+        assert isinstance(event.error, DecodeError) and reason in str(event.error), str(event.error)
+        assert event.fields["payload"] == text
+        assert event.fields["channel"] == "orders"
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_dry_run_shows_poison_outbox_rows_as_decode_error_events(pg_database: str) -> None:
+    config = outbox_config(pg_database)
+    await create_outbox_with(pg_database, config, "json")
+    await insert_payloads(pg_database, ['{"n": 1}', "[" * 5000 + "]" * 5000, '{"n": 2}'])
+    dry, sink = PostgresSource(config, Path(), dry_run=True), MemorySink()
+    async with running(dry, sink):
+        first, poison, last = await sink.exactly(3)
+    assert (first.fields["payload"], last.fields["payload"]) == ({"n": 1}, {"n": 2})
+    assert isinstance(poison.error, DecodeError) and "nested deeper than 512 levels" in str(poison.error)
+    assert await row_count(pg_database) == 3
+
+
+def test_an_outbox_row_that_cannot_be_read_still_makes_an_event() -> None:
+    event = row_event("outbox", "bridge_outbox", {"id": 5, "channel": "orders"}, "2024-01-01T00:00:00.000Z")
+    assert event.id == "pg:bridge_outbox:5"
+    assert isinstance(event.error, DecodeError) and "cannot be read" in str(event.error)
+    assert event.fields == {"channel": "orders", "payload": None, "pid": None,
+                            "received_at": "2024-01-01T00:00:00.000Z"}
 
 
 async def test_outbox_row_stays_locked_until_its_event_is_done(pg_database: str) -> None:
