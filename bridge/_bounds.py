@@ -284,3 +284,39 @@ def bounded_join(join: Callable[[Iterable[Any]], str]) -> Callable[[Iterable[Any
         return join(items)
 
     return bounded
+
+
+def bounded_tojson(tojson: Callable[..., str]) -> Callable[..., str]:
+    """The ``tojson`` filter refusing an ``indent`` that would make the text over MAX_RESULT: each line of
+    indented JSON carries its depth times ``indent`` spaces, so a wide indent on deep data multiplies it."""
+
+    def bounded(value: Any, indent: int | None = None) -> str:
+        if indent is not None:
+            step = _int(indent)
+            if step is None:
+                raise LimitError(f"tojson: indent must be an integer, not {type(indent).__name__}")
+            if step > 0 and _indented_size(value, step) > MAX_RESULT:
+                raise _too_big("tojson with indent", _indented_size(value, step), MAX_RESULT)
+        return tojson(value, indent)
+
+    return bounded
+
+
+def _indented_size(value: Any, step: int) -> int:
+    """An upper bound of the indentation ``tojson(value, indent=step)`` adds (stops counting past MAX_RESULT)."""
+    total = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack and total <= MAX_RESULT:
+        node, depth = stack.pop()
+        children: Iterable[Any]
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        for child in children:
+            total += 1 + (depth + 1) * step
+            stack.append((child, depth + 1))
+        total += 1 + depth * step  # the closing bracket's line
+    return total

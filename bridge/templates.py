@@ -36,6 +36,7 @@ from bridge._bounds import (
     MAX_OUTPUT,
     LimitError,
     bounded_join,
+    bounded_tojson,
     check_binop,
     check_call,
     check_result,
@@ -140,6 +141,7 @@ def _loop_budget(context: Context, iterable: Any) -> Any:
 _ENV = _BridgeEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True, optimized=False)
 _ENV.filters.update(BOUNDED_FILTERS)
 _ENV.filters.update(FILTERS)
+_ENV.filters["tojson"] = bounded_tojson(FILTERS["tojson"])
 _ENV.filters[_LOOP_FILTER] = _loop_budget
 _ENV.globals.pop("lipsum", None)
 _ENV.concat = bounded_join(_ENV.concat)  # type: ignore[method-assign]

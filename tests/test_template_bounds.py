@@ -53,6 +53,7 @@ RENDER_BOMBS: dict[str, tuple[str, Any]] = {
     "format filter": ("{{ '%999999999d' | format(1) }}", None),
     "% operator": ("{{ '%999999999d' % 1 }}", None),
     "% operator with *": ("{{ '%*d' % (999999999, 1) }}", None),
+    "tojson indent": ("{{ event.value | tojson(indent=1000000) }}", list(range(1000))),
     "replace filter": ("{{ ('x' * 1000000) | replace('x', 'yyyyyyy') }}", None),
     "batch filter": ("{{ [1] | batch(10 ** 9, 0) | list }}", None),
     "slice filter": ("{{ [1] | slice(10 ** 8) | list }}", None),
@@ -102,6 +103,7 @@ def test_lipsum_is_not_offered() -> None:
         ("{{ range(3) | batch(2) | list }}", [[0, 1], [2]]),
         ("{% for i in range(1000) %}{% endfor %}done", "done"),
         ("{{ 'x' ~ 1 }}", "x1"),
+        ("{{ {'a': [1]} | tojson(indent=2) }}", '{\n  "a": [\n    1\n  ]\n}'),
     ],
 )
 def test_what_stays_under_the_bounds_renders_as_before(source: str, expected: Any) -> None:
