@@ -196,9 +196,29 @@ def _plain(value: Any) -> Any:
         return value
     if kind is float:
         return _finite(value)
+    # Plain dicts and lists are copied here rather than in _plain_dict/_plain_list: one stack frame per level
+    # of nesting, so data as deep as strict decoding allows (512 levels) fits Python's recursion limit.
+    if kind is list:
+        items: list[Any] = []
+        for index, item in enumerate(value):
+            try:
+                items.append(_plain(item))
+            except _NotPlain as exc:
+                exc.where.append(index)
+                raise
+        return items
+    if kind is dict and all(type(key) is str for key in value):
+        fields: dict[str, Any] = {}
+        for key, item in value.items():
+            try:
+                fields[key] = _plain(item)
+            except _NotPlain as exc:
+                exc.where.append(key)
+                raise
+        return fields
     if kind is dict:
         return _plain_dict(value)
-    if kind is list or kind is tuple:
+    if kind is tuple:
         return _plain_list(value)
     if isinstance(value, Mapping):
         return _plain_dict(value)

@@ -64,7 +64,7 @@ RENDER_BOMBS: dict[str, tuple[str, Any]] = {
     "str.replace": ("{{ ('x' * 1000000).replace('', 'yy') }}", None),
     "str.expandtabs": ("{{ ('\t' * 1000000).expandtabs(1000) }}", None),
     "int.to_bytes": ("{{ (1).to_bytes(10 ** 9, 'big') }}", None),
-    "deep event value": ("{{ event.value }}", _deep(900)),
+    "deep event value": ("{{ event.value }}", _deep(5000)),
     "recursive macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", None),
     "big integer to text": ("{{ (10 ** 5000) | string }}", None),
 }
@@ -77,6 +77,10 @@ def test_a_template_bomb_is_a_render_error_in_bounded_time(source: str, value: A
         _render(source, value)
     assert time.perf_counter() - started < BOUND_S, "the render did not stay bounded"
     assert str(caught.value).startswith("payload.v: "), caught.value
+
+
+def test_data_as_deep_as_strict_decoding_allows_renders_as_a_lone_expression() -> None:
+    assert _render("{{ event.value }}", _deep(512)) == {"v": _deep(512)}
 
 
 def test_lipsum_is_not_offered() -> None:
