@@ -106,6 +106,10 @@ def test_lipsum_is_not_offered() -> None:
         ("{{ 'a b c' | wordwrap(1) }}", "a\nb\nc"),
         ("{{ range(3) | batch(2) | list }}", [[0, 1], [2]]),
         ("{% for i in range(1000) %}{% endfor %}done", "done"),
+        ("{% for x in [1, 2, 3] if x > 1 %}{{ loop.index }}/{{ loop.length }}{% if loop.last %}!{% endif %}"
+         "{% else %}none{% endfor %}", "1/22/2!"),
+        ("{% for x in [[1, [2]]] recursive %}{{ x }}{% if x is iterable %}[{{ loop(x) }}]{% endif %}{% endfor %}",
+         "[1, [2]][1[2][2]]"),
         ("{{ 'x' ~ 1 }}", "x1"),
         ("{{ {'a': [1]} | tojson(indent=2) }}", '{\n  "a": [\n    1\n  ]\n}'),
     ],
