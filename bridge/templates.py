@@ -21,6 +21,7 @@ Deviations from plain Jinja, chosen for JSON events:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -110,29 +111,44 @@ class _BridgeEnvironment(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        _spend(context)
         check_binop(operator, left, right)
         result = super().call_binop(context, operator, left, right)
         return check_result(operator, result) if operator == "%" else result
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _spend(__context)
         args = check_call(__obj, args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)
 
 
-LOOP_BUDGET = 1_000_000
-"""Loop iterations one render may run, all loops together (nested loops multiply)."""
+STEP_BUDGET = 1_000_000
+"""Loop iterations, calls and checked operations one render may run, all together (nested loops multiply)."""
+TIME_BUDGET_S = 0.5
+"""How long a render may keep running loops, calls and checked operations after its first one. Each capped
+operation is bounded, but a loop (or a recursive macro, or a long chain of big-number operations) can repeat
+one; no sensible template comes near this."""
 _LOOP_FILTER = "_bridge_loop_budget"
+
+
+def _spend(context: Context) -> None:
+    """Count one step of the render ``context`` belongs to (a macro shares its template's context)."""
+    steps = getattr(context, "_bridge_steps", 0) + 1
+    context._bridge_steps = steps  # type: ignore[attr-defined]
+    if steps == 1:
+        context._bridge_started = time.monotonic()  # type: ignore[attr-defined]
+        return
+    if steps > STEP_BUDGET:
+        raise LimitError(f"the template ran over the limit of {STEP_BUDGET} loop iterations and calls")
+    if time.monotonic() - context._bridge_started > TIME_BUDGET_S:  # type: ignore[attr-defined]
+        raise LimitError(f"the template ran its loops and calls for over {TIME_BUDGET_S:g} s")
 
 
 @pass_context
 def _loop_budget(context: Context, iterable: Any) -> Any:
-    """Wraps the iterable of every ``{% for %}``: counts the iterations of the render ``context`` belongs to."""
-    spent = getattr(context, "_bridge_loop_steps", 0)
+    """Wraps the iterable of every ``{% for %}``: each iteration is a step of the render."""
     for item in iterable:
-        spent = getattr(context, "_bridge_loop_steps", spent) + 1
-        if spent > LOOP_BUDGET:
-            raise LimitError(f"the loops of this template ran over the limit of {LOOP_BUDGET} iterations")
-        context._bridge_loop_steps = spent  # type: ignore[attr-defined]
+        _spend(context)
         yield item
 
 

@@ -65,6 +65,11 @@ RENDER_BOMBS: dict[str, tuple[str, Any]] = {
     "str.expandtabs": ("{{ ('\t' * 1000000).expandtabs(1000) }}", None),
     "int.to_bytes": ("{{ (1).to_bytes(10 ** 9, 'big') }}", None),
     "deep event value": ("{{ event.value }}", _deep(5000)),
+    "exponential macro calls": ("{% macro f(n) %}{% if n < 60 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}"
+                                "{% endmacro %}{{ f(0) }}", None),
+    "chain of big powers": ("{{ " + " + ".join(["(3 ** 214) ** 10000 * 0"] * 20) + " }}", None),
+    "loop of big products": ("{% set x = (2 ** 170) ** 10000 %}{% for i in range(1000) %}{{ (x * x) % 10 }}"
+                             "{% endfor %}", None),
     "recursive macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", None),
     "big integer to text": ("{{ (10 ** 5000) | string }}", None),
 }
