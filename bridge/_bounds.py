@@ -1,10 +1,11 @@
 """Bounds on what one template render may compute (DESIGN.md §2: templates run on the event loop).
 
 The operations that turn a small input into a huge result are checked before they run: ``**`` (an exponent over
-10,000, or an integer result over 1 MiB), ``*`` repeating a string or list, ``+`` concatenating them, ``%`` and
-``format`` widths, the string methods that pad, replace or join, ``int.to_bytes``, and the Jinja filters that
-pad, indent, wrap, join, batch or slice. What grows by at most a small factor per step (``~``, captured output,
-the rendered text) is checked after each step against a larger limit, so a doubling loop stops early.
+10,000, or an integer result over 1 MiB of decimal digits), ``*`` repeating a string or list, ``+`` concatenating
+them, ``%`` and ``format`` widths, the string methods that pad, replace or join, ``int.to_bytes``, ``tojson``'s
+indent, and the Jinja filters that pad, indent, wrap, join, batch or slice. What grows by at most a small factor per
+step (``~``, captured output, the rendered text) is checked after each step against a larger limit, so a doubling
+loop stops early. Repetition itself (loops, calls) is bounded by ``bridge.templates``' step and time budgets.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ Deviations from plain Jinja, chosen for JSON events:
   event, which is shared by every binding of a fan-out and kept for dead letters.
 - ``map``/``select``/dict views returned by a lone expression become lists (Jinja returns generators).
 - Renders are bounded (``bridge._bounds``): operators and calls that could build a huge result are checked
-  before they run, loops share a budget of iterations per render, ``lipsum`` is not offered, and any error
-  inside a render is a RenderError. The checked operators are intercepted, which also keeps Jinja from
+  before they run; loop iterations, calls and checked operations share a budget of steps and of time per
+  render (STEP_BUDGET, TIME_BUDGET_S); ``lipsum`` is not offered; and any error inside a render is a
+  RenderError. The checked operators are intercepted, which also keeps Jinja from
   folding them at compile time, so compiling never evaluates one.
 """
 
