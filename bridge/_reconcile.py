@@ -132,7 +132,7 @@ class Reconciler:
         self, spec: TriggerTypeSpec, rows: list[dict[str, Any]], asked: int, provider: str | None
     ) -> None:
         table = spec.table
-        unknown = [r for r in rows if table.get(r["id"]) is None]
+        unknown = [r for r in rows if table.get(r["id"]) is None and not self._still_skipped(r)]
         namespaces = await self._namespaces(unknown) if unknown else {}
         live: set[str] = set()
         for row in rows:
@@ -155,6 +155,9 @@ class Reconciler:
         if (await self.providers()).get(spec.id) != provider or not self._advertised(spec.id):
             return
         self._drop_absent(spec, live, asked, f"the engine no longer lists it (provided by replica {provider})")
+
+    def _still_skipped(self, row: dict[str, Any]) -> bool:
+        return self._skipped.get(row["id"]) == json.dumps(row.get("config"), sort_keys=True, default=str)
 
     def _binding(self, spec: TriggerTypeSpec, row: dict[str, Any], namespaces: dict[str, str | None]) -> Binding | None:
         binding_id = row["id"]
