@@ -226,6 +226,8 @@ class EngineLink:
         self._waiting.add(future)
         try:
             return await future
+        except DeliveryError:
+            raise  # set by this link when it dropped under the call (EngineUnavailable): already what it is
         except InvocationError as exc:
             if exc.code in _LINK_ERRORS:
                 raise EngineUnavailable(exc.message) from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -216,12 +217,13 @@ async def test_a_condition_that_times_out_is_retried_and_the_event_delivered(
 
 
 async def test_a_condition_cut_off_by_the_link_is_retried_after_the_reconnect(
-    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def slow(payload: Any) -> Any:
         await asyncio.sleep(1.0)
         return True
 
+    caplog.set_level(logging.INFO, logger="bridge.dispatch")
     async with bridge(iii_engine, tmp_path, worker_name="bridge-cut") as b:
         await _in_thread(consumer.function, "shop::is-big", slow)
         await _in_thread(consumer.function, "shop::on-order")
@@ -232,6 +234,9 @@ async def test_a_condition_cut_off_by_the_link_is_retried_after_the_reconnect(
         await _in_thread(iii_engine.disconnect, "bridge-cut")
         assert await asyncio.wait_for(delivering, 15) == "delivered"
         assert len(consumer.records("shop::is-big")) == 2
+        retried = [r.getMessage() for r in caplog.records if "attempt 1 failed" in r.getMessage()]
+        assert len(retried) == 1 and "engine_unavailable: the engine link dropped during the call" in retried[0]
+        assert "client_error" not in retried[0]  # the link's own error, not re-wrapped as the SDK's
         assert [c["n"] for c in consumer.calls("shop::on-order")] == [1]
 
 
