@@ -20,7 +20,7 @@ from bridge._clock import iso_from_epoch
 from bridge.bindings import Binding, BindingTable
 from bridge.config import DeliveryConfig, RetryConfig, SourceConfig
 from bridge.deadletter import DeadLetterSink
-from bridge.errors import DeadLetterError, DeliveryError, EventError, RenderError
+from bridge.errors import DeadLetterError, DeliveryError, EngineUnavailable, EventError, RenderError
 from bridge.schemas import PayloadValidator
 from bridge.sources import Event, Outcome
 from bridge.templates import CompiledTree, CompiledWhen, compile_tree, compile_when, make_context
@@ -211,7 +211,11 @@ class Dispatcher:
             except DeliveryError as exc:
                 if calling == binding.function_id:
                     self.stats.deliveries_failed += 1
-                if attempts.count >= retry.max_attempts:
+                if isinstance(exc, EngineUnavailable):
+                    # The bridge's own link dropped under the call: that says nothing about the function, so it
+                    # costs no attempt (an outage never dead-letters an event); the next one waits for the link.
+                    attempts.count -= 1
+                elif attempts.count >= retry.max_attempts:
                     log.warning(
                         "event %s → %s failed after %d attempt(s): %s (dead-lettered)",
                         event.id,
@@ -222,12 +226,13 @@ class Dispatcher:
                     )
                     await self._dead_letter(event, binding, payload, exc.code, exc.message, attempts.count, attempts)
                     return "dead_lettered"
-                delay = backoff_s(retry, attempts.count)
+                delay = backoff_s(retry, max(attempts.count, 1))
                 log.info(
-                    "event %s → %s attempt %d failed: %s; retrying in %.0f ms",
+                    "event %s → %s %s: %s; retrying in %.0f ms",
                     event.id,
                     calling,
-                    attempts.count,
+                    "cut off by the engine link (no attempt counted)" if isinstance(exc, EngineUnavailable)
+                    else f"attempt {attempts.count} failed",
                     exc,
                     delay * 1000,
                     extra=self._log_context(event, binding),

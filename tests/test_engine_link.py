@@ -234,10 +234,33 @@ async def test_a_condition_cut_off_by_the_link_is_retried_after_the_reconnect(
         await _in_thread(iii_engine.disconnect, "bridge-cut")
         assert await asyncio.wait_for(delivering, 15) == "delivered"
         assert len(consumer.records("shop::is-big")) == 2
-        retried = [r.getMessage() for r in caplog.records if "attempt 1 failed" in r.getMessage()]
-        assert len(retried) == 1 and "engine_unavailable: the engine link dropped during the call" in retried[0]
+        retried = [
+            r.getMessage() for r in caplog.records if r.name == "bridge.dispatch" and "retrying in" in r.getMessage()
+        ]
+        assert len(retried) == 1 and "cut off by the engine link (no attempt counted)" in retried[0], retried
+        assert "engine_unavailable: the engine link dropped during the call" in retried[0]
         assert "client_error" not in retried[0]  # the link's own error, not re-wrapped as the SDK's
         assert [c["n"] for c in consumer.calls("shop::on-order")] == [1]
+
+
+async def test_a_call_cut_off_by_the_link_costs_no_attempt(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    # max_attempts 1 (no retry): an outage under the call must still not dead-letter the event.
+    async def slow(payload: Any) -> Any:
+        await asyncio.sleep(1.0)
+        return {"ok": True}
+
+    async with bridge(iii_engine, tmp_path, worker_name="bridge-once", max_attempts=1) as b:
+        await _in_thread(consumer.function, "shop::slow", slow)
+        await _in_thread(consumer.bind, TYPE, "shop::slow")
+        await b.until(lambda: len(b.table) == 1, what="the binding")
+        delivering = b.deliver(1)
+        await b.until(lambda: consumer.records("shop::slow"), what="the call")
+        await _in_thread(iii_engine.disconnect, "bridge-once")
+        assert await asyncio.wait_for(delivering, 15) == "delivered"
+        assert len(consumer.records("shop::slow")) == 2
+        assert not (tmp_path / "dead-bridge-once.jsonl").exists()
 
 
 async def test_a_failing_condition_skips_and_false_skips(
