@@ -158,6 +158,7 @@ class FileSource:
             finally:
                 if self._lock is not None:
                     self._lock.release()
+                    sink.deactivate()  # another replica may take the lock and provide the trigger type now
                 self._stopped = True
                 self._close_tree_when_idle()
 

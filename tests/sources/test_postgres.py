@@ -246,6 +246,8 @@ async def test_listen_reconnects_after_the_backend_is_killed_and_counts_the_gap(
         await sink.wait_for(1)
         assert await terminate(pg_database, "iii-bridge listen") == 1
         await until(lambda: source.gaps == 1 and source.listening, 5, "the re-LISTEN")
+        # It stepped down with the lost connection (its lock died with it) and provides the type again now.
+        assert (sink.activations, sink.deactivations) == (2, 1)
         await notify(pg_database, "c", '"after"')
         events = await sink.exactly(2)
     assert [e.fields["payload"] for e in events] == ["before", "after"]
