@@ -140,9 +140,9 @@ class Dispatcher:
                 bindings = self.table.snapshot()
             view = event.template_view()
             if len(bindings) == 1:
-                results: list[Outcome] = [await self._deliver_one(event, view, bindings[0])]
+                results: list[Outcome] = [await self._deliver_guarded(event, view, bindings[0])]
             else:
-                results = list(await asyncio.gather(*(self._deliver_one(event, view, b) for b in bindings)))
+                results = list(await asyncio.gather(*(self._deliver_guarded(event, view, b) for b in bindings)))
             if "dead_lettered" in results:
                 outcome = "dead_lettered"
             elif results and all(r == "filtered" for r in results):
@@ -153,6 +153,19 @@ class Dispatcher:
         return outcome
 
     # one binding ---------------------------------------------------------------------------------------------
+
+    async def _deliver_guarded(self, event: Event, view: dict[str, Any], binding: Binding) -> Outcome:
+        """One binding's share, ended whatever happens: an error nothing else handled (a bug, or a check that
+        failed on hostile data) dead-letters this binding's share as ``internal_error``. Kept per binding so that
+        one binding's failure never ends the event while its siblings are still being delivered."""
+        try:
+            return await self._deliver_one(event, view, binding)
+        except Exception as exc:
+            log.exception("event %s → %s: unexpected error; dead-lettering it for this binding", event.id,
+                          binding.function_id, extra=self._log_context(event, binding))
+            message = f"{type(exc).__name__}: {exc}"
+            await self._dead_letter(event, binding, None, "internal_error", message, 0, _Attempts())
+            return "dead_lettered"
 
     async def _deliver_one(self, event: Event, view: dict[str, Any], binding: Binding) -> Outcome:
         ctx = make_context(view, binding.config, binding.template_view(), self._source_view)

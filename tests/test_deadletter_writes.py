@@ -244,10 +244,22 @@ def test_a_short_write_is_taken_back_and_the_record_written_once_later(tmp_path:
 
 
 class _BuggyDispatcher(Dispatcher):
-    """A delivery bug: the binding step raises what nothing handles."""
+    """A delivery bug: the dispatcher itself raises what nothing handles."""
+
+    async def deliver(self, event: Event) -> Outcome:
+        raise ZeroDivisionError("a bug in delivery")
+
+
+class _OneBuggyBinding(Dispatcher):
+    """A bug in one binding's share (f::one) while its sibling (f::two) is still being delivered."""
+
+    sibling_may_finish: asyncio.Event
 
     async def _deliver_one(self, event: Event, view: dict[str, Any], binding: Binding) -> Outcome:
-        raise ZeroDivisionError("a bug in delivery")
+        if binding.function_id == "f::one":
+            raise ZeroDivisionError("a bug in one binding")
+        await self.sibling_may_finish.wait()
+        return "delivered"
 
 
 async def test_an_unexpected_error_dead_letters_and_acknowledges_the_event(tmp_path: Path) -> None:
@@ -264,3 +276,27 @@ async def test_an_unexpected_error_dead_letters_and_acknowledges_the_event(tmp_p
     assert record["binding"] is None and record["event"]["id"] == "e1"
     assert record["error"] == {"code": "internal_error", "message": "ZeroDivisionError: a bug in delivery"}
     assert runner.stats.dead_lettered == 1 and runner.in_flight() == 0
+
+
+async def test_a_bug_in_one_binding_dead_letters_its_share_and_the_event_waits_for_its_siblings(
+    tmp_path: Path,
+) -> None:
+    dl_path = tmp_path / "dl.jsonl"
+    runner = _runner(dl_path, _OneBuggyBinding)
+    dispatcher = runner.dispatcher
+    assert isinstance(dispatcher, _OneBuggyBinding)
+    dispatcher.sibling_may_finish = asyncio.Event()
+    runner.table.upsert(Binding("b2", "inbox", "f::two", None, {}))
+    done = asyncio.get_running_loop().create_future()
+
+    async def on_done(outcome: Outcome) -> None:
+        done.set_result(outcome)
+
+    await runner.submit(Event(id="e1", source="inbox", fields={"n": 1}), on_done)
+    await asyncio.sleep(0.3)
+    assert not done.done(), "acknowledged while a sibling binding was still being delivered"
+    dispatcher.sibling_may_finish.set()
+    assert await asyncio.wait_for(done, 5) == "dead_lettered"
+    [(_, record)] = list(read_records(dl_path))
+    assert record["binding"]["function_id"] == "f::one"
+    assert record["error"] == {"code": "internal_error", "message": "ZeroDivisionError: a bug in one binding"}

@@ -99,12 +99,12 @@ class _Invoker:
 
 
 class _BuggyDispatcher(Dispatcher):
-    """A delivery bug for one event: the binding step raises what nothing handles."""
+    """A delivery bug for one event: the dispatcher itself raises what nothing handles."""
 
-    async def _deliver_one(self, event: Event, view: dict[str, Any], binding: Binding) -> Outcome:
+    async def deliver(self, event: Event) -> Outcome:
         if event.fields.get("offset") == 1:
             raise RecursionError("maximum recursion depth exceeded")
-        return await super()._deliver_one(event, view, binding)
+        return await super().deliver(event)
 
 
 async def test_an_unexpected_delivery_error_still_commits_the_offset_past_the_event(
