@@ -1,6 +1,6 @@
 """Kafka → function throughput: the bridge against a minimal hand-written aiokafka + iii-sdk loop, same run.
 
-    python bench/kafka_throughput.py [--messages 200000] [--rounds 2] [--no-compression]
+    python bench/kafka_throughput.py [--messages 200000] [--rounds 2]
 
 Starts a Tansu broker, the iii test engine in a process of its own (in-process it would share the GIL with the
 SDK clients it routes for), and a consumer process whose no-op function counts its calls. N small JSON messages
@@ -362,7 +362,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=2, help="pairs of (a) bridge, (b) hand-written")
-    parser.add_argument("--no-compression", action="store_true", help="engine without WebSocket compression")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="sample each round's process with py-spy (on PATH) into DIR/<kind>-<round>.txt")
@@ -394,7 +393,7 @@ def main() -> None:
 def _bench(args: argparse.Namespace, workdir: Path) -> None:
     with TansuBroker() as broker:
         engine_args = [sys.executable, "-m", "bridge.testing.engine", "--port", "0"]
-        engine = _Child(engine_args + (["--no-compression"] if args.no_compression else []))
+        engine = _Child(engine_args)  # no WebSocket compression, as the real engine
         consumer: _Child | None = None
         try:
             url = engine.line()

@@ -86,6 +86,8 @@ class Handover:
         while self._back:
             future, task = self._back.popleft()
             if future.done():  # the caller gave up (link dropped, shutdown)
+                if not task.cancelled():
+                    task.exception()  # read, so asyncio does not report it as "never retrieved"
                 continue
             if task.cancelled():  # the SDK stopped the call (its shutdown): the caller sees a link failure
                 future.set_exception(ConnectionError("the iii SDK stopped the call"))

@@ -27,6 +27,7 @@ class EngineConfig:
     worker_name: str | None = None
     namespace: str | None = None
     reconcile_interval_ms: int = 10000
+    rebind_grace_ms: int = 60000
 
 
 @dataclass(frozen=True)

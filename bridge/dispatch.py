@@ -49,6 +49,9 @@ class Invoker(Protocol):
     ) -> Any: ...
 
 
+CONDITION_FAILED = "invocation_failed"
+"""The error code of a condition function that raised: the only failure that skips the binding."""
+
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds of the delivery-latency histogram, in seconds (a last, unbounded bucket follows)."""
 
@@ -166,47 +169,36 @@ class Dispatcher:
                         extra=self._log_context(event, binding))
             await self._dead_letter(event, binding, None, exc.code, str(exc), 0, attempts)
             return "dead_lettered"
-        if binding.condition_function_id and not await self._condition(event, binding, payload):
-            return "filtered"
         return await self._invoke_with_retries(event, binding, payload, attempts)
-
-    async def _condition(self, event: Event, binding: Binding, payload: Any) -> bool:
-        """iii rules: false skips; an invocation error skips (and is logged); anything else delivers."""
-        assert binding.condition_function_id is not None
-        try:
-            await self._wait_for_engine()
-            result = await self.invoker.invoke(
-                binding.condition_function_id,
-                payload,
-                namespace=binding.namespace,
-                timeout_ms=self._delivery.timeout_ms,
-            )
-        except DeliveryError as exc:
-            log.warning(
-                "event %s: condition %s for %s failed (%s); skipping this binding",
-                event.id,
-                binding.condition_function_id,
-                binding.function_id,
-                exc,
-                extra=self._log_context(event, binding),
-            )
-            return False
-        return result is not False
 
     async def _invoke_with_retries(
         self, event: Event, binding: Binding, payload: Any, attempts: _Attempts
     ) -> Outcome:
+        """Condition (when bound with one), then the function, retried on failure. Each attempt first waits for
+        the engine link and, while the binding is stale (the link dropped), for the engine to replay it: an outage
+        never ends a binding's share of an event. Only the binding's end (an unbind, or the grace period running
+        out) does."""
         delivery = self._delivery
         retry = delivery.retry
+        condition = binding.condition_function_id
         while True:
             await self._wait_for_engine()
-            if binding.id not in self.table:
-                log.info("event %s: binding %s was removed; not delivering to it", event.id, binding.id,
-                         extra=self._log_context(event, binding))
+            if await self.table.wait_settled(binding.id) is None:
+                log.info("event %s: binding %s → %s has ended (unbound, or not replayed in time); not delivering "
+                         "to it", event.id, binding.id, binding.function_id, extra=self._log_context(event, binding))
                 return "filtered"
+            if not self.invoker.connected:
+                continue  # the link dropped again while the binding waited
             attempts.start()
+            calling = condition or binding.function_id
             started = time.perf_counter()
             try:
+                if condition is not None:
+                    if not await self._condition(event, binding, payload, condition):
+                        return "filtered"
+                    condition = None  # passed: a retry only repeats the delivery
+                    calling = binding.function_id
+                    started = time.perf_counter()
                 await self.invoker.invoke(
                     binding.function_id,
                     payload,
@@ -217,12 +209,13 @@ class Dispatcher:
                     metadata=binding.metadata,
                 )
             except DeliveryError as exc:
-                self.stats.deliveries_failed += 1
+                if calling == binding.function_id:
+                    self.stats.deliveries_failed += 1
                 if attempts.count >= retry.max_attempts:
                     log.warning(
                         "event %s → %s failed after %d attempt(s): %s (dead-lettered)",
                         event.id,
-                        binding.function_id,
+                        calling,
                         attempts.count,
                         exc,
                         extra=self._log_context(event, binding),
@@ -233,7 +226,7 @@ class Dispatcher:
                 log.info(
                     "event %s → %s attempt %d failed: %s; retrying in %.0f ms",
                     event.id,
-                    binding.function_id,
+                    calling,
                     attempts.count,
                     exc,
                     delay * 1000,
@@ -248,6 +241,29 @@ class Dispatcher:
             if self._on_delivery is not None:
                 self._on_delivery(binding.function_id, elapsed)
             return "delivered"
+
+    async def _condition(self, event: Event, binding: Binding, payload: Any, condition: str) -> bool:
+        """iii rules: ``false`` skips; the condition function's own error (``invocation_failed``) skips and is
+        logged; anything else it returns delivers. Any other failure (engine unreachable, ``TIMEOUT``,
+        ``invocation_stopped``, a function not registered again yet after an outage) says nothing about the
+        condition: it is raised, and retried like a delivery."""
+        try:
+            result = await self.invoker.invoke(
+                condition, payload, namespace=binding.namespace, timeout_ms=self._delivery.timeout_ms
+            )
+        except DeliveryError as exc:
+            if exc.code != CONDITION_FAILED:
+                raise
+            log.warning(
+                "event %s: condition %s for %s failed (%s); skipping this binding",
+                event.id,
+                condition,
+                binding.function_id,
+                exc,
+                extra=self._log_context(event, binding),
+            )
+            return False
+        return result is not False
 
     def _log_context(self, event: Event, binding: Binding | None) -> dict[str, Any]:
         """What a JSON log line carries besides the message (the text format ignores it)."""

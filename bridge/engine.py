@@ -15,13 +15,15 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from iii import InitOptions, InvocationError
+from iii import InitOptions, InvocationError, RegistrationRejectedError
 from iii.iii import III
 from iii.iii_types import RegisterTriggerTypeInput
 from iii.triggers import TriggerConfig, TriggerHandler
 from iii_helpers.observability import ReconnectionConfig
+from websockets.exceptions import ConnectionClosed
 
 from bridge._handover import Handover
+from bridge._reconcile import Reconciler
 from bridge.bindings import Binding, BindingTable
 from bridge.config import EngineConfig
 from bridge.errors import BindConfigError, DeliveryError, EngineUnavailable
@@ -29,9 +31,12 @@ from bridge.schemas import BindValidator
 
 log = logging.getLogger("bridge.engine")
 
-_LIST_BINDINGS = "engine::registered-triggers::list"
 # Invocation errors that say the call never reached a live target, as opposed to the target failing.
 _LINK_ERRORS = frozenset({"SHUTDOWN", "engine_unavailable"})
+# What the SDK raises when the socket fails under a call (it is not an InvocationError with a code).
+_LINK_EXCEPTIONS = (ConnectionError, OSError, ConnectionClosed, RegistrationRejectedError)
+_WORKER_CONFLICT = "WORKER_NAMESPACE_CONFLICT"
+_LIST_TIMEOUT_MS = 10000
 # The SDK's default backoff grows to 30 s; an engine coming back should not wait that long for its bridges.
 _RECONNECT = ReconnectionConfig(initial_delay_ms=500, max_delay_ms=5000)
 _UNREACHABLE_FIRST_S = 3.0  # how long a first connection may take before the operator is told
@@ -93,15 +98,26 @@ class _Handler(TriggerHandler[Any]):
 class EngineLink:
     """Connects to iii, advertises trigger types, keeps their binding tables, invokes functions."""
 
-    def __init__(self, config: EngineConfig, *, on_state: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        on_state: Callable[[bool], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_fatal(message)``: the engine refused this bridge for good (a worker-name conflict); the SDK does not
+        reconnect, so the caller should stop with an error."""
         self._config = config
         self._on_state = on_state
+        self._on_fatal = on_fatal
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: III | None = None
         self._specs: dict[str, TriggerTypeSpec] = {}
         self._connected = False
         self._connected_event: asyncio.Event | None = None
         self._ever_connected = False
+        self._fatal: str | None = None
+        self._link_generation = 0  # bumped at every link change: a grace timer of an older link is void
         self._handover: Handover | None = None
         # Calls waiting for an answer; failed at once when the link drops (the answer can never come).
         self._waiting: set[asyncio.Future[Any]] = set()
@@ -109,6 +125,13 @@ class EngineLink:
         self._background: set[asyncio.Task[None]] = set()
         self._advertised: set[str] = set()  # trigger types this bridge provides (an exclusive standby: not yet)
         self._unsubscribe: Callable[[], None] | None = None
+        self._reconciler = Reconciler(
+            self._call_engine,
+            namespace=config.namespace,
+            worker_name=lambda: self.worker_name,
+            advertised=lambda type_id: type_id in self._advertised,
+            advertise=self._advertise,
+        )
 
     # lifecycle -----------------------------------------------------------------------------------------------
 
@@ -156,6 +179,13 @@ class EngineLink:
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def worker_name(self) -> str | None:
+        """The worker name this bridge registers under, as the SDK reports it to the engine (``III_WORKER_NAME``
+        wins over ``engine.worker_name``; the default is ``hostname:pid``)."""
+        client = self._client
+        return client._worker_name() if client is not None else None
+
     async def wait_connected(self) -> None:
         assert self._connected_event is not None
         await self._connected_event.wait()
@@ -173,7 +203,8 @@ class EngineLink:
         queue: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Any:
-        """Invoke a function; raise DeliveryError (EngineUnavailable when the link is down)."""
+        """Invoke a function; raise DeliveryError (EngineUnavailable when the link is down or fails under the
+        call)."""
         client = self._client
         if client is None or not self._connected:
             raise EngineUnavailable()
@@ -199,8 +230,8 @@ class EngineLink:
             if exc.code in _LINK_ERRORS:
                 raise EngineUnavailable(exc.message) from exc
             raise DeliveryError(exc.code, exc.message) from exc
-        except ConnectionError as exc:
-            raise EngineUnavailable(str(exc)) from exc
+        except _LINK_EXCEPTIONS as exc:
+            raise EngineUnavailable(f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             # Anything else the SDK raises (a payload it cannot serialise, a bug) must still end in a retry or a
             # dead letter, never in an event that is silently left unacknowledged.
@@ -208,12 +239,12 @@ class EngineLink:
         finally:
             self._waiting.discard(future)
 
+    async def _call_engine(self, function_id: str, payload: dict[str, Any]) -> Any:
+        return await self.invoke(function_id, payload, namespace=None, timeout_ms=_LIST_TIMEOUT_MS)
+
     async def list_bindings(self, trigger_type: str) -> set[str]:
-        result = await self.invoke(
-            _LIST_BINDINGS, {"trigger_type": trigger_type}, namespace=None, timeout_ms=10000
-        )
-        rows = result.get("registered_triggers", []) if isinstance(result, dict) else []
-        return {str(r["id"]) for r in rows if isinstance(r, dict) and r.get("trigger_type") == trigger_type}
+        """The ids of the engine's live bindings of ``trigger_type``."""
+        return {str(r["id"]) for r in await self._reconciler.binding_rows(trigger_type)}
 
     # SDK → bridge loop ---------------------------------------------------------------------------------------
 
@@ -223,27 +254,41 @@ class EngineLink:
             loop.call_soon_threadsafe(fn, *args)
 
     def _state_from_sdk(self, state: str) -> None:
-        self._post(self._set_state, state == "connected")
+        fatal: str | None = None
+        if state == "failed":
+            # The SDK gives up for good only when the engine refused this worker (it sets the error first).
+            client = self._client
+            fatal = _refusal_text(client._fatal_error if client is not None else None, self._config.url)
+        self._post(self._set_state, state == "connected", fatal)
 
-    def _set_state(self, connected: bool) -> None:
+    def _set_state(self, connected: bool, fatal: str | None = None) -> None:
+        if fatal is not None and self._fatal is None:
+            self._fatal = fatal
+            log.error("%s", fatal)
+            if self._on_fatal is not None:
+                self._on_fatal(fatal)
         if connected == self._connected:
             return
         self._connected = connected
+        self._link_generation += 1
         assert self._connected_event is not None
         if connected:
             self._connected_event.set()
             if self._ever_connected:
                 log.info("reconnected to the iii engine; bindings are being replayed")
+                if any(spec.table.stale_ids() for spec in self._specs.values()):
+                    self._spawn(self._expire_stale(self._link_generation), "engine-rebind-grace")
             else:
-                log.info("connected to the iii engine at %s", self._config.url)
+                log.info("connected to the iii engine at %s as worker %s", self._config.url, self.worker_name)
             self._ever_connected = True
             self._schedule_reconcile(delay_s=1.0)
         else:
             self._connected_event.clear()
-            log.warning(
-                "the iii engine at %s is unreachable; retrying in the background (events wait meanwhile)",
-                self._config.url,
-            )
+            if self._fatal is None:
+                log.warning(
+                    "the iii engine at %s is unreachable; retrying in the background (events wait meanwhile)",
+                    self._config.url,
+                )
             for spec in self._specs.values():
                 spec.table.mark_stale()
             # In-flight calls would only time out: the engine cannot answer them any more.
@@ -253,7 +298,23 @@ class EngineLink:
         if self._on_state is not None:
             self._on_state(connected)
 
+    async def _expire_stale(self, generation: int) -> None:
+        """After the grace period, drop the bindings nobody replayed since the link came back."""
+        grace_ms = self._config.rebind_grace_ms
+        await asyncio.sleep(grace_ms / 1000)
+        if generation != self._link_generation:
+            return  # the link dropped again meanwhile: the grace starts over at the next reconnect
+        for spec in self._specs.values():
+            for binding in spec.table.expire_stale():
+                log.warning(
+                    "binding %s of %s → %s dropped: the engine did not replay it within %d ms of the reconnect "
+                    "(rebind_grace_ms); its events no longer wait for it (binding again restores it)",
+                    binding.id, spec.id, binding.function_id, grace_ms,
+                    extra={"trigger_type": spec.id, "binding_id": binding.id, "function_id": binding.function_id},
+                )
+
     def _bound(self, spec: TriggerTypeSpec, binding: Binding) -> None:
+        was_stale = spec.table.is_stale(binding.id)
         change = spec.table.upsert(binding)
         if change != "unchanged":
             log.info(
@@ -265,6 +326,8 @@ class EngineLink:
                 f" in namespace {binding.namespace}" if binding.namespace else "",
                 binding.config,
             )
+        elif was_stale:
+            log.debug("binding %s of %s replayed", binding.id, spec.id)
 
     def _unbound(self, spec: TriggerTypeSpec, binding_id: str) -> None:
         binding = spec.table.remove(binding_id)
@@ -282,6 +345,20 @@ class EngineLink:
         spec = self._specs.get(trigger_type)
         if spec is not None and self._client is not None:
             self._advertise(spec)
+            self._schedule_reconcile(delay_s=1.0)
+
+    def deactivate(self, trigger_type: str) -> None:
+        """The source of ``trigger_type`` stopped being the active replica: stop providing and reconciling the type,
+        and keep the SDK from registering it again on a reconnect (it replays every type it was given)."""
+        client = self._client
+        if trigger_type not in self._advertised or client is None:
+            return
+        self._advertised.discard(trigger_type)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"unregister_trigger_type")
+            client.unregister_trigger_type(RegisterTriggerTypeInput(id=trigger_type, description=""))
+        log.info("trigger type %s: this replica is no longer the active one; it stops providing the type",
+                 trigger_type)
 
     def _advertise(self, spec: TriggerTypeSpec) -> None:
         assert self._client is not None
@@ -314,19 +391,24 @@ class EngineLink:
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)  # keep a reference so the task is not collected early
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("engine link: background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def _report_unreachable(self) -> None:
         """Say plainly, and again now and then, that the engine does not answer (the SDK retries quietly)."""
         down_since = time.monotonic()
         next_report = down_since + _UNREACHABLE_FIRST_S
-        while True:
+        while self._fatal is None:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             if self._connected:
                 down_since = now
                 next_report = now + _UNREACHABLE_FIRST_S
-            elif now >= next_report:
+            elif now >= next_report and self._fatal is None:
                 log.warning(
                     "the iii engine at %s is unreachable (for %.0f s); retrying in the background, events wait",
                     self._config.url,
@@ -341,29 +423,25 @@ class EngineLink:
             await self.reconcile()
 
     async def reconcile(self) -> None:
-        """Align every binding table with the engine's own list (a missed unbind, a binding nobody replayed)."""
+        """One round of :class:`~bridge._reconcile.Reconciler` (a missed unbind, bindings another replica provides,
+        a type whose provider went away); an engine that does not answer skips the round."""
         if not self._connected:
             return
-        for spec in self._specs.values():
-            if spec.id not in self._advertised:
-                continue  # a standby: the active replica holds the bindings
-            try:
-                live = await self.list_bindings(spec.id)
-            except DeliveryError as exc:
-                log.debug("could not list bindings of %s: %s", spec.id, exc)
-                continue
-            known = {b.id for b in spec.table.snapshot()}
-            for binding in spec.table.reconcile(live):
-                log.info(
-                    "binding %s of %s → %s dropped: the engine no longer lists it",
-                    binding.id,
-                    spec.id,
-                    binding.function_id,
-                )
-            if live != known:
-                # Either the engine holds bindings this bridge never received (another replica registered the
-                # type after us), or bindings vanished from its list (missed unbinds, or parked because the
-                # replica the engine routed them to went away). Registering again makes this bridge the
-                # provider: the engine replays the complete, current set.
-                log.info("re-registering trigger type %s to receive its current bindings", spec.id)
-                self._advertise(spec)
+        try:
+            await self._reconciler.run(list(self._specs.values()))
+        except DeliveryError as exc:
+            log.debug("reconciliation with the engine skipped: %s", exc)
+
+
+def _refusal_text(error: object, url: str) -> str:
+    """What the operator reads when the engine refuses this bridge for good."""
+    if isinstance(error, RegistrationRejectedError) and error.code == _WORKER_CONFLICT:
+        return (
+            f"the iii engine at {url} refused this bridge: another worker named {error.worker_name!r} is already "
+            f"connected in namespace {error.namespace!r} ({_WORKER_CONFLICT}). Each bridge replica needs its own "
+            "worker name: set engine.worker_name in bridge.yaml or III_WORKER_NAME in its environment (which wins), "
+            "or leave both unset for the unique default hostname:pid"
+        )
+    if isinstance(error, RegistrationRejectedError):
+        return f"the iii engine at {url} refused this bridge ({error.code}): {error}"
+    return f"the connection to the iii engine at {url} failed for good; the SDK stopped reconnecting"

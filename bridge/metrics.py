@@ -65,6 +65,12 @@ class _Collector(Collector):
         retries = CounterMetricFamily("bridge_retries", "Invocations retried after a failure.", labels=tt)
         in_flight = GaugeMetricFamily("bridge_events_in_flight", "Events accepted and not done yet.", labels=tt)
         bindings = GaugeMetricFamily("bridge_bindings", "Functions bound to the trigger type.", labels=tt)
+        expired = CounterMetricFamily(
+            "bridge_bindings_expired",
+            "Stale bindings dropped because the engine did not replay them within engine.rebind_grace_ms of a "
+            "reconnect.",
+            labels=tt,
+        )
         running = GaugeMetricFamily(
             "bridge_source_running", "1 while the source runs, 0 while it waits to be restarted.", labels=tt
         )
@@ -98,6 +104,7 @@ class _Collector(Collector):
             retries.add_metric(label, stats.retries)
             in_flight.add_metric(label, runner.in_flight())
             bindings.add_metric(label, len(runner.table))
+            expired.add_metric(label, runner.table.expired)
             running.add_metric(label, 1 if rt.source_states.get(sid) == "running" else 0)
             latency.add_metric(label, _buckets(list(stats.latency_counts)), stats.latency_sum_s)
             source = rt.sources.get(sid)
@@ -105,7 +112,9 @@ class _Collector(Collector):
                 _source_figures(sid, source, lag, gaps, dropped)
         engine = GaugeMetricFamily("bridge_engine_connected", "1 while the iii engine link is up, else 0.")
         engine.add_metric([], 1 if rt.engine_connected() else 0)
-        families: list[Metric] = [received, done, deliveries, retries, in_flight, bindings, running, latency]
+        families: list[Metric] = [
+            received, done, deliveries, retries, in_flight, bindings, expired, running, latency
+        ]
         families.extend(f for f in (lag, gaps, dropped) if f.samples)
         families.append(engine)
         return families

@@ -46,9 +46,11 @@ class SourceRunner:
         dispatcher: Dispatcher,
         table: BindingTable,
         on_activate: Callable[[str], None] | None = None,
+        on_deactivate: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self._on_activate = on_activate
+        self._on_deactivate = on_deactivate
         self.dispatcher = dispatcher
         self.table = table
         self.stats = dispatcher.stats
@@ -61,17 +63,19 @@ class SourceRunner:
     async def submit(self, event: Event, on_done: OnDone) -> None:
         waited = False
         while not self.offer(event, on_done, waited=waited):
-            if not self.table:
-                await self.table.wait_non_empty()
+            if not self.table.ready:
+                # Nothing bound, or every binding stale (the engine link dropped and has not replayed them yet):
+                # the source waits either way, so an outage holds events instead of letting them run ahead.
+                await self.table.wait_ready()
                 continue
             await self._window.wait_turn()
             waited = True
 
     def offer(self, event: Event, on_done: OnDone, *, waited: bool = False) -> bool:
-        """Start delivering ``event`` now if a binding exists and the window has room (and no earlier submit
-        waits for it); False, accepting nothing, otherwise. The source's fast path: no task switch before the
-        delivery starts."""
-        if not self.table or not self._window.take(waited=waited):
+        """Start delivering ``event`` now if a live (not stale) binding exists and the window has room (and no
+        earlier submit waits for it); False, accepting nothing, otherwise. The source's fast path: no task switch
+        before the delivery starts."""
+        if not self.table.ready or not self._window.take(waited=waited):
             return False
         previous: asyncio.Future[None] | None = None
         mine: asyncio.Future[None] | None = None
@@ -103,6 +107,10 @@ class SourceRunner:
     def activate(self) -> None:
         if self._on_activate is not None:
             self._on_activate(self.config.id)
+
+    def deactivate(self) -> None:
+        if self._on_deactivate is not None:
+            self._on_deactivate(self.config.id)
 
     # delivery ------------------------------------------------------------------------------------------------
 
@@ -209,6 +217,7 @@ class Runtime:
         self._status_task: asyncio.Task[None] | None = None
         self._metrics: MetricsServer | None = None
         self._stopping = False
+        self._refused = asyncio.Event()  # the engine refused this bridge for good: `bridge up` exits 1
 
     async def run(self, stop: asyncio.Event) -> int:
         cfg = self.config
@@ -224,7 +233,9 @@ class Runtime:
             self.tables[source.id] = table
             self.validators[source.id] = BindValidator(source.id, source.bind_schema)
             dispatcher = Dispatcher(source, table, invoker, self._dead_letters(source), stats=Stats())
-            self.runners[source.id] = SourceRunner(source, dispatcher, table, self._activate)
+            self.runners[source.id] = SourceRunner(
+                source, dispatcher, table, self._activate, self._deactivate
+            )
             self.source_states[source.id] = "starting"
         if self.dry_run:
             self._bind_dry_run()
@@ -243,9 +254,18 @@ class Runtime:
         if self._status_stream is not None:
             line = StatusLine(self._status_stream, self.status_snapshot)
             self._status_task = asyncio.create_task(line.run(), name="status line")
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait(), name="stop signal")
+        refused = asyncio.create_task(self._refused.wait(), name="engine refusal")
+        await asyncio.wait({stopping, refused}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopping, refused):
+            task.cancel()
+        await asyncio.gather(stopping, refused, return_exceptions=True)
         await self.shutdown()
-        return 0
+        return 1 if self._refused.is_set() else 0
+
+    def _engine_refused(self, message: str) -> None:
+        """The engine refused this bridge for good (the SDK stopped reconnecting): stop, and exit 1."""
+        self._refused.set()
 
     async def shutdown(self) -> None:
         self._stopping = True
@@ -322,7 +342,7 @@ class Runtime:
             return DryRunInvoker(self._out)
         from bridge.engine import EngineLink  # the SDK is imported only when the engine is really used
 
-        self._link = EngineLink(self.config.engine)
+        self._link = EngineLink(self.config.engine, on_fatal=self._engine_refused)
         link: Invoker = self._link
         return link
 
@@ -345,6 +365,10 @@ class Runtime:
     def _activate(self, source_id: str) -> None:
         if self._link is not None:
             self._link.activate(source_id)
+
+    def _deactivate(self, source_id: str) -> None:
+        if self._link is not None:
+            self._link.deactivate(source_id)
 
     def _bind_dry_run(self) -> None:
         for source in self.config.sources:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -71,3 +72,29 @@ async def test_a_closed_other_loop_fails_calls_at_once() -> None:
     handover = Handover(call, closed, asyncio.get_running_loop())
     with pytest.raises(RuntimeError):
         await handover.submit({})
+
+
+async def test_a_call_abandoned_by_its_caller_that_fails_later_is_not_reported_as_never_retrieved(
+    other_loop: asyncio.AbstractEventLoop,
+) -> None:
+    # The engine link fails a call at once when the link drops; the SDK's own call fails much later (TIMEOUT).
+    reported: list[str] = []
+    other_loop.set_exception_handler(lambda loop, context: reported.append(str(context.get("message"))))
+    release = threading.Event()
+
+    async def call(request: dict[str, Any]) -> Any:
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 5)
+        raise TimeoutError("invocation timed out")
+
+    handover = Handover(call, other_loop, asyncio.get_running_loop())
+    future = handover.submit({})
+    future.set_exception(ConnectionError("link dropped"))
+    release.set()
+    await asyncio.sleep(0.2)
+    with pytest.raises(ConnectionError):
+        future.result()
+    del future
+    done = threading.Event()
+    other_loop.call_soon_threadsafe(lambda: (gc.collect(), done.set()))
+    await asyncio.get_running_loop().run_in_executor(None, done.wait, 5)
+    assert not [m for m in reported if "never retrieved" in m], reported

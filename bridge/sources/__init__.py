@@ -86,6 +86,12 @@ class Sink(Protocol):
         binding to it. Sources of other kinds never call it."""
         ...
 
+    def deactivate(self) -> None:
+        """Called by a source of an exclusive kind when it stops being the active replica (it lost its lock, or
+        the connection that held it): this bridge stops providing and reconciling the trigger type, and does not
+        register it again (not even on an engine reconnect) until :meth:`activate`."""
+        ...
+
 
 class Source(Protocol):
     """One configured source. ``run`` produces events until cancelled; cancellation stops intake at once."""

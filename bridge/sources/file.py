@@ -148,6 +148,7 @@ class FileSource:
             finally:
                 if self._lock is not None:
                     self._lock.release()
+                    sink.deactivate()  # another replica may take the lock and provide the trigger type now
 
     async def _become_active(self, sink: Sink) -> None:
         """Create the watched directory if needed, take its lock (standing by while another bridge holds it),

@@ -222,12 +222,14 @@ class PostgresSource:
                 why = await watch_connection(conn, lost)
                 self._lost_at = time.time()
                 self.listening = False
+                self._step_down()
                 log.warning("postgres source %s: the listening connection to %s was lost (%s); reconnecting",
                             self.config.id, where, why)
             except CONNECTION_ERRORS as exc:
                 if self.listening:
                     self._lost_at = time.time()
                     self.listening = False
+                    self._step_down()
                 delay = backoff.next_delay()
                 log.warning("postgres source %s: cannot listen at %s: %s; retrying in %.1f s",
                             self.config.id, where, describe_error(exc), delay)
@@ -237,6 +239,11 @@ class PostgresSource:
             finally:
                 self.listening = False
                 await close_quietly(conn)
+
+    def _step_down(self) -> None:
+        # The lock died with the connection: another replica may take it and provide the trigger type now.
+        if self._sink is not None and not self.dry_run:
+            self._sink.deactivate()
 
     async def _take_lock(self, conn: Any, lost: asyncio.Event) -> bool:
         """Take the source's advisory lock on ``conn``, standing by while another replica holds it. False if

@@ -16,6 +16,8 @@ from websockets.asyncio.server import ServerConnection
 
 DEFAULT_NS = "default"
 
+TypeKey = tuple[str, str]  # (namespace, trigger type id): what identifies a provider
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -39,19 +41,24 @@ class WorkerInfo:
 
 @dataclass(frozen=True)
 class BindingInfo:
-    """A stored binding. ``parked``: not currently held by a provider (none connected, or it was rejected:
-    then ``error`` holds the provider's error and the binding stays disabled until re-registered)."""
+    """A stored binding. ``parked``: pending, not held by any provider (none was there, its provider left, or
+    it rejected the binding: then ``error`` holds the provider's error); a parked binding is not listed by
+    ``engine::registered-triggers::list`` and is replayed by the next ``registertriggertype`` of its type.
+    ``namespace`` is the target function's; ``provider_namespace`` where its provider was found (None: parked)."""
 
     id: str
     trigger_type: str
     function_id: str
     config: Any
     metadata: Any
-    namespace: str | None
+    namespace: str
     worker_id: str
     worker_name: str | None
     parked: bool
     error: dict[str, Any] | None
+    trigger_namespace: str | None = None
+    home_namespace: str = DEFAULT_NS
+    provider_namespace: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class TriggerTypeInfo:
     call_request_format: Any
     worker_id: str
     worker_name: str | None
+    namespace: str = DEFAULT_NS
 
 
 @dataclass(frozen=True)
@@ -81,34 +89,47 @@ class Worker:
         self.ws = ws
         self.state = state
         self.name: str | None = None
+        # Fixed by engine::workers::register (or the grace timer); until then registrations wait in `held`.
         self.namespace = DEFAULT_NS
+        self.held: deque[dict[str, Any]] | None = deque()
+        self.grace: asyncio.TimerHandle | None = None
         self.metadata: dict[str, Any] | None = None
         self.connected = True
         self.close_after_flush = False
         self.outbox: deque[dict[str, Any]] = deque()
         self.wake = asyncio.Event()
         self.functions: dict[str, dict[str, Any]] = {}  # function id -> its registerfunction frame
-        self.provides: set[str] = set()
-        self.bindings: set[str] = set()
-        self.inflight: set[str] = set()  # engine invocation ids this worker is running
+        self.provides: set[TypeKey] = set()
+        self.invocations: set[str] = set()  # invocation ids this worker called or is running
 
 
 @dataclass
 class Binding:
+    """A trigger as the engine 0.23 keeps it: ``namespace`` locates the target function, ``trigger_namespace``
+    (if named) the provider strictly, ``home_namespace`` is the binder's, ``provider_namespace`` where the
+    provider was found."""
+
     id: str
     trigger_type: str
     function_id: str
     config: Any
     metadata: Any
-    namespace: str | None
+    namespace: str
+    trigger_namespace: str | None
+    home_namespace: str
     owner: Worker
-    provider: Worker | None = None  # None: parked
+    provider_namespace: str = DEFAULT_NS
     error: dict[str, Any] | None = None
+
+    @property
+    def provider_key(self) -> TypeKey:
+        return (self.provider_namespace, self.trigger_type)
 
 
 @dataclass
 class TriggerType:
     id: str
+    namespace: str
     description: str | None
     trigger_request_format: Any
     call_request_format: Any
@@ -116,11 +137,13 @@ class TriggerType:
 
 
 @dataclass
-class Pending:
+class Invocation:
     caller: Worker
-    caller_invocation_id: str
+    reply: bool  # False for void calls: the target's result goes nowhere
     target: Worker
     function_id: str
+    traceparent: str | None = None  # the caller's, echoed in the reply as the engine does
+    baggage: str | None = None
 
 
 @dataclass
@@ -129,10 +152,11 @@ class State:
 
     workers: dict[str, Worker] = field(default_factory=dict)
     functions: dict[tuple[str, str], Worker] = field(default_factory=dict)
-    trigger_types: dict[str, TriggerType] = field(default_factory=dict)
-    bindings: dict[str, Binding] = field(default_factory=dict)
-    by_type: dict[str, dict[str, Binding]] = field(default_factory=dict)
-    pending: dict[str, Pending] = field(default_factory=dict)
+    worker_names: dict[tuple[str, str], Worker] = field(default_factory=dict)
+    trigger_types: dict[TypeKey, TriggerType] = field(default_factory=dict)
+    bindings: dict[str, Binding] = field(default_factory=dict)  # live: held by a provider, listed
+    pending: dict[str, Binding] = field(default_factory=dict)  # parked or rejected, not listed
+    invocations: dict[str, Invocation] = field(default_factory=dict)
 
 
 Builtin = Callable[[Worker, Any], Any]

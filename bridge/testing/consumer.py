@@ -25,6 +25,7 @@ __all__ = ["Binding", "CallRecord", "Consumer", "shutdown_client"]
 
 Handler = Callable[[Any], Any]
 _names = itertools.count(1)
+_EMPTY: Any = object()
 
 
 @dataclass(frozen=True)
@@ -198,13 +199,18 @@ class Consumer:
         self,
         trigger_type: str,
         function_id: str,
-        config: Any = None,
+        config: Any = _EMPTY,
         metadata: dict[str, Any] | None = None,
         namespace: str | None = None,
+        trigger_namespace: str | None = None,
     ) -> Binding:
-        """Bind ``function_id`` to a trigger type with the SDK's register_trigger."""
+        """Bind ``function_id`` to a trigger type with the SDK's register_trigger. ``config`` defaults to ``{}``:
+        the SDK leaves a None config out of the frame, and the engine drops a ``registertrigger`` without one."""
+        if config is _EMPTY:
+            config = {}
         request = RegisterTriggerInput(
-            type=trigger_type, function_id=function_id, config=config, metadata=metadata, namespace=namespace
+            type=trigger_type, function_id=function_id, config=config, metadata=metadata, namespace=namespace,
+            trigger_namespace=trigger_namespace,
         )
         with self._lock:
             # The SDK keeps the trigger id to itself; its table of triggers is how to learn it.

@@ -1,18 +1,43 @@
 """A protocol-faithful iii engine for tests: a test utility, never a product feature.
 
 The real engine cannot be installed here, so tests, examples and benchmarks run the real ``iii-sdk`` against
-this one. It follows the wire facts in the project's iii protocol notes for an SDK 0.25 client in trigger mode
-(``workerregistered`` without ``features``): it stores functions, trigger types and bindings, forwards bindings
-to the newest provider of their type (parking them while there is none), routes invocations, cleans up after
-a disconnect, and answers a few built-in ``engine::*`` functions.
+this one. It follows the engine 0.23 source (``engine/src/`` of the public iii repository) as the project's
+iii protocol notes sum it up in "What a test engine must do", for an SDK 0.25 client in trigger mode:
+
+1. WebSocket on ``/`` and ``/otel``; ``workerregistered`` without ``features``; no permessage-deflate.
+2. Registrations (``registerfunction``, ``registertriggertype``, ``registertrigger``, their ``unregister*``,
+   ``registerservice``) are held until the void ``engine::workers::register`` call fixes the connection's
+   namespace (or the grace, 5 s, runs out: then ``default``). ``ping`` gets ``pong``. There is no
+   ``unregistertriggertype``: like any unknown frame it is dropped.
+3. Providers are keyed by (namespace, trigger type id); a binding finds its provider by its
+   ``trigger_namespace`` (strictly), else the binder's home namespace, then ``default``.
+4. A ``registertrigger`` is forwarded to that provider (``namespace`` only when not ``default``, no null
+   ``metadata``) and is listed from then on; an upsert of an id overwrites, the previous provider is told
+   nothing. Nothing provides the type: the binding is parked (pending, not listed).
+5. The latest ``registertriggertype`` of a (namespace, id) wins and gets every binding of it replayed, live
+   and pending; the older provider is told nothing.
+6. A ``triggerregistrationresult`` with ``error`` parks the binding and goes on to its binder.
+7. A provider that leaves: its bindings resolve again (a provider in ``default``), else park until the type is
+   registered again.
+8. ``invokefunction`` goes to the function's (namespace or ``default``, id) owner with ``_caller_worker_id``
+   added to object payloads and the caller's ``invocation_id`` (a void call gets a fresh one and no reply);
+   unknown functions get ``function_not_found``; frames the engine's serde rejects are dropped (``_wire``).
+9. A worker that leaves: its in-flight calls fail with ``invocation_stopped``, its bindings are unbound at
+   their providers, and rule 7 applies to the types it provided.
+10. A second live worker with the same name in a namespace gets ``registrationrejected``
+    (``WORKER_NAMESPACE_CONFLICT``) and a close frame without status: the SDK stops reconnecting.
+11. ``engine::registered-triggers::list`` and ``engine::triggers::list`` as the engine builds them
+    (``_builtins``); neither is scoped by the caller's namespace.
+12. Every frame is recorded; :meth:`TestEngine.disconnect`, :meth:`TestEngine.restart` and
+    :meth:`TestEngine.pause` inject outages.
 
 All routing runs synchronously on the engine's own loop under one lock, so every state change and the frames
 it sends happen atomically; outbound frames go through a per-connection queue and writer task, which keeps
-them in the order they were decided. Tests read the state and the recorded frames from any thread, and inject
-faults with :meth:`TestEngine.disconnect`, :meth:`TestEngine.restart` and :meth:`TestEngine.pause`.
+them in the order they were decided. Tests read the state and the recorded frames from any thread.
 
-This module holds the public face, the lifecycle and the connections; the frame handlers and built-in functions
-are in ``_routing.py`` (mixed into TestEngine), the state and the records it returns in ``_enginestate.py``.
+This module holds the public face, the lifecycle and the connections; the frame handlers are in
+``_routing.py`` and the built-in functions in ``_builtins.py`` (both mixed into TestEngine), the decodable
+frames in ``_wire.py``, the state and the records it returns in ``_enginestate.py``.
 """
 
 from __future__ import annotations
@@ -29,12 +54,13 @@ import traceback
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from bridge.testing._builtins import Builtins
 from bridge.testing._enginestate import (
     DEFAULT_NS,
     BindingInfo,
@@ -47,6 +73,7 @@ from bridge.testing._enginestate import (
     WorkerInfo,
 )
 from bridge.testing._routing import Router
+from bridge.testing._wire import decodes
 from bridge.testing.waiting import wait_for
 
 __all__ = ["BindingInfo", "Frame", "FunctionInfo", "TestEngine", "TriggerTypeInfo", "WorkerInfo"]
@@ -57,7 +84,7 @@ _T = TypeVar("_T")
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-class TestEngine(Router):
+class TestEngine(Router, Builtins):
     """A WebSocket iii engine on its own loop and daemon thread. Use as a context manager or start()/stop()."""
 
     __test__ = False
@@ -69,16 +96,17 @@ class TestEngine(Router):
         *,
         queues: tuple[str, ...] = (),
         record_frames: bool = True,
-        compression: bool = True,
+        registration_grace_s: float = 5.0,
     ) -> None:
         """``queues``: names iii's queue worker accepts for ``enqueue`` calls (none: every enqueue fails with
         ``enqueue_error``, as on an engine without a queue worker). ``record_frames=False`` for benchmarks.
-        ``compression``: offer permessage-deflate, as the real engine does."""
+        ``registration_grace_s``: how long a connection's registrations wait for ``engine::workers::register``
+        before they land in ``default`` (the engine's default is 5 s)."""
         self._host = host
         self._port = port
         self._queues = frozenset(queues)
         self._record_frames = record_frames
-        self._compression = compression
+        self._grace_s = registration_grace_s
         self._lock = threading.Lock()
         self._state = State()
         self._seen: list[Worker] = []
@@ -91,7 +119,6 @@ class TestEngine(Router):
         self._server: Server | None = None
         self._handlers: dict[str, Callable[[Worker, dict[str, Any]], None]] = {
             "registertriggertype": self._on_register_trigger_type,
-            "unregistertriggertype": self._on_unregister_trigger_type,
             "registerfunction": self._on_register_function,
             "unregisterfunction": self._on_unregister_function,
             "registertrigger": self._on_register_trigger,
@@ -99,6 +126,7 @@ class TestEngine(Router):
             "triggerregistrationresult": self._on_registration_result,
             "invokefunction": self._on_invoke,
             "invocationresult": self._on_result,
+            "registerservice": lambda _w, _d: None,
             "reattach": self._on_reattach,
             "ping": lambda w, _d: self._send(w, {"type": "pong"}),
         }
@@ -195,16 +223,19 @@ class TestEngine(Router):
             return [WorkerInfo(w.id, w.name, w.namespace, w.connected, w.metadata) for w in self._seen]
 
     def bindings(self, trigger_type: str | None = None) -> list[BindingInfo]:
+        """Live bindings (in the order they went live), then parked ones."""
         with self._lock:
-            found = self._state.bindings.values() if trigger_type is None else self._state.by_type.get(
-                trigger_type, {}
-            ).values()
+            st = self._state
+            found = [(b, False) for b in st.bindings.values()]
+            found += [(b, True) for b in st.pending.values() if b.id not in st.bindings]
             return [
                 BindingInfo(
                     b.id, b.trigger_type, b.function_id, b.config, b.metadata, b.namespace, b.owner.id,
-                    b.owner.name, b.provider is None, b.error,
+                    b.owner.name, parked, b.error, b.trigger_namespace, b.home_namespace,
+                    None if parked else b.provider_namespace,
                 )
-                for b in found
+                for b, parked in found
+                if trigger_type is None or b.trigger_type == trigger_type
             ]
 
     def trigger_types(self) -> list[TriggerTypeInfo]:
@@ -212,7 +243,7 @@ class TestEngine(Router):
             return [
                 TriggerTypeInfo(
                     t.id, t.description, t.trigger_request_format, t.call_request_format, t.provider.id,
-                    t.provider.name,
+                    t.provider.name, t.namespace,
                 )
                 for t in self._state.trigger_types.values()
             ]
@@ -226,8 +257,9 @@ class TestEngine(Router):
             return (namespace or DEFAULT_NS, function_id) in self._state.functions
 
     def has_binding(self, trigger_id: str) -> bool:
+        """Whether the engine holds this binding, live or parked."""
         with self._lock:
-            return trigger_id in self._state.bindings
+            return trigger_id in self._state.bindings or trigger_id in self._state.pending
 
     @property
     def internal_errors(self) -> list[str]:
@@ -264,7 +296,7 @@ class TestEngine(Router):
             self._port,
             process_request=self._check_path,
             max_size=_MAX_MESSAGE_BYTES,
-            compression="deflate" if self._compression else None,
+            compression=None,  # the real engine (axum) does not negotiate permessage-deflate
         )
         if self._port == 0:
             self._port = self._server.sockets[0].getsockname()[1]
@@ -327,6 +359,7 @@ class TestEngine(Router):
             self._seen.append(w)
             # No `features`: the SDK then runs in pre-0.25 (trigger) mode.
             self._send(w, {"type": "workerregistered", "worker_id": w.id, "reattach_token": w.reattach_token})
+            w.grace = asyncio.get_running_loop().call_later(self._grace_s, self._grace_over, w)
         writer = asyncio.create_task(self._write(w))
         try:
             async for raw in ws:
@@ -360,7 +393,8 @@ class TestEngine(Router):
                 while w.outbox:
                     await ws.send(json.dumps(w.outbox.popleft(), separators=(",", ":")))
                 if w.close_after_flush:
-                    await ws.close()
+                    # A close frame without a status code, as the engine sends after a fatal rejection.
+                    await ws.close(cast(int, None))
                     return
         except ConnectionClosed:
             pass
@@ -371,13 +405,26 @@ class TestEngine(Router):
                 return  # frames still buffered from a connection the engine already dropped
             self._record("in", w, data)
             handler = self._handlers.get(data.get("type"))  # type: ignore[arg-type]
-            if handler is None:
-                return  # unknown types are dropped, the connection stays open
+            if handler is None or not decodes(data):
+                return  # what the engine's serde rejects is dropped, the connection stays open
+            if self._held(w, data):
+                return
             try:
                 handler(w, data)
             except Exception:
                 self._errors.append(traceback.format_exc())
                 _log.exception("test engine failed to handle %s", data.get("type"))
+
+    def _grace_over(self, w: Worker) -> None:
+        with self._lock:
+            w.grace = None
+            if w.connected and w.held is not None:
+                _log.warning("test engine: worker %s sent no engine::workers::register within %.1f s", w.id,
+                             self._grace_s)
+                try:
+                    self._fix_namespace(w, DEFAULT_NS)
+                except Exception:
+                    self._errors.append(traceback.format_exc())
 
     def _record(self, direction: str, w: Worker, data: dict[str, Any]) -> None:
         if self._record_frames:
@@ -400,11 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=49134)
     parser.add_argument("--queue", action="append", default=[], help="a queue name enqueue calls may use")
-    parser.add_argument("--no-compression", action="store_true")
     args = parser.parse_args(argv)
-    engine = TestEngine(
-        args.host, args.port, queues=tuple(args.queue), record_frames=False, compression=not args.no_compression
-    )
+    engine = TestEngine(args.host, args.port, queues=tuple(args.queue), record_frames=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     with engine:

@@ -64,6 +64,7 @@ class MemorySink:
         self.events: list[Event] = []  # every accepted event, in acceptance order (redeliveries included)
         self.held: list[tuple[Event, OnDone]] = []  # events held for the test to acknowledge, in acceptance order
         self.activations = 0  # how often the source said it became the active replica
+        self.deactivations = 0  # how often it said it stopped being the active replica
         self._bound = asyncio.Event()
         if bound:
             self._bound.set()
@@ -107,6 +108,9 @@ class MemorySink:
 
     def activate(self) -> None:
         self.activations += 1
+
+    def deactivate(self) -> None:
+        self.deactivations += 1
 
     # test controls -------------------------------------------------------------------------------------------
 

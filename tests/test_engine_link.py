@@ -1,0 +1,393 @@
+"""The engine link across outages and replicas: stale bindings wait for their replay and expire after the grace
+period; conditions are retried on link failures; replicas mirror the engine's list instead of re-registering; an
+exclusive standby never registers; a worker-name conflict stops `bridge up`.
+
+Everything runs the real iii-sdk (the bridge's EngineLink and test consumers) against the test engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.bindings import BindingTable
+from bridge.config import DeadLetterConfig, DeliveryConfig, EngineConfig, FileSourceConfig, RetryConfig
+from bridge.deadletter import FileDeadLetter
+from bridge.dispatch import Dispatcher
+from bridge.engine import EngineLink, TriggerTypeSpec
+from bridge.schemas import BindValidator
+from bridge.sources import Event, Outcome
+from bridge.testing.configs import source_config
+from bridge.testing.consumer import Consumer
+from bridge.testing.engine import TestEngine
+from bridge.testing.files import read_jsonl
+from bridge.testing.process import BridgeProcess
+
+TYPE = "orders"
+
+
+class Bridge:
+    """One EngineLink providing TYPE, with the dispatcher a source of TYPE would deliver through."""
+
+    def __init__(self, link: EngineLink, table: BindingTable, dispatcher: Dispatcher, spec: TriggerTypeSpec) -> None:
+        self.link = link
+        self.table = table
+        self.dispatcher = dispatcher
+        self.spec = spec
+
+    def deliver(self, n: int) -> asyncio.Task[Outcome]:
+        event = Event(id=f"e{n}", source=TYPE, fields={"n": n})
+        return asyncio.create_task(self.dispatcher.deliver(event))
+
+    async def until(self, predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {timeout} s: {what or predicate}")
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def bridge(
+    engine: TestEngine,
+    tmp_path: Path,
+    *,
+    worker_name: str | None = None,
+    grace_ms: int = 60000,
+    interval_ms: int = 10000,
+    exclusive: bool = False,
+    max_attempts: int = 5,
+    initial_backoff_ms: int = 100,
+    timeout_ms: int = 5000,
+) -> AsyncIterator[Bridge]:
+    config = EngineConfig(
+        url=engine.url, worker_name=worker_name, reconcile_interval_ms=interval_ms, rebind_grace_ms=grace_ms
+    )
+    retry = RetryConfig(max_attempts=max_attempts, initial_backoff_ms=initial_backoff_ms, jitter=0)
+    source = source_config(
+        TYPE,
+        FileSourceConfig(path=tmp_path),
+        description="orders",
+        delivery=DeliveryConfig(timeout_ms=timeout_ms, retry=retry, dead_letter=DeadLetterConfig(file=tmp_path / "dl")),
+        payload={"n": "{{ event.n }}"},
+    )
+    table = BindingTable(TYPE)
+    spec = TriggerTypeSpec(TYPE, "orders", BindValidator(TYPE, None), None, table, exclusive=exclusive)
+    link = EngineLink(config)
+    dead = FileDeadLetter(tmp_path / f"dead-{worker_name or 'bridge'}.jsonl")
+    link.start([spec])
+    try:
+        await asyncio.wait_for(link.wait_connected(), 20)
+        yield Bridge(link, table, Dispatcher(source, table, link, dead), spec)
+    finally:
+        await link.close()
+        await dead.close()
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Consumer calls block (they wait for the engine): keep the bridge loop running meanwhile."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def _registrations(engine: TestEngine, worker: str) -> int:
+    return len([f for f in engine.frames_of("registertriggertype", direction="in", worker=worker) if f["id"] == TYPE])
+
+
+# --- stale, not gone -------------------------------------------------------------------------------------------
+
+
+async def test_a_stale_binding_holds_its_events_until_the_engine_replays_it(
+    iii_engine: TestEngine, tmp_path: Path, make_consumer: Callable[..., Consumer]
+) -> None:
+    # The consumer comes back well after the bridge (and after the bridge's first reconciliation), as in the
+    # engine restart that lost 20 files: the empty list it then reads must not end the binding.
+    consumer = make_consumer(reconnect_initial_delay_ms=6000, reconnect_max_delay_ms=6000)
+    async with bridge(iii_engine, tmp_path) as b:
+        await _in_thread(consumer.function, "shop::on-order")
+        bound = await _in_thread(consumer.bind, TYPE, "shop::on-order")
+        await b.until(lambda: bound.id in b.table, what="the binding")
+        assert await b.deliver(1) == "delivered"
+        await _in_thread(iii_engine.restart, 0.3)
+        await b.until(lambda: b.table.is_stale(str(bound.id)), what="the binding turns stale")
+        waiting = b.deliver(2)
+        await b.until(lambda: b.link.connected, what="the bridge reconnects")
+        await asyncio.sleep(2.0)  # the bridge reconciled with an engine that knows no binding yet
+        assert not waiting.done()
+        assert bound.id in b.table
+        assert await asyncio.wait_for(waiting, 10) == "delivered"
+        assert [c["n"] for c in consumer.calls("shop::on-order")] == [1, 2]
+        assert not b.table.is_stale(str(bound.id))
+        assert b.table.expired == 0
+
+
+async def test_a_binding_nobody_replays_expires_after_the_grace_period(
+    iii_engine: TestEngine, tmp_path: Path, make_consumer: Callable[..., Consumer]
+) -> None:
+    consumer = make_consumer()
+    async with bridge(iii_engine, tmp_path, grace_ms=1500) as b:
+        await _in_thread(consumer.function, "shop::on-order")
+        bound = await _in_thread(consumer.bind, TYPE, "shop::on-order")
+        await b.until(lambda: bound.id in b.table, what="the binding")
+        iii_engine.pause()
+        consumer.close()  # the consumer never comes back
+        await b.until(lambda: not b.link.connected, what="the link drops")
+        waiting = b.deliver(1)
+        await asyncio.sleep(0.5)
+        iii_engine.resume()
+        await b.until(lambda: b.link.connected, what="the bridge reconnects")
+        back = time.monotonic()
+        assert await asyncio.wait_for(waiting, 10) == "filtered"
+        waited = time.monotonic() - back
+        assert 1.3 <= waited < 4.0, waited
+        assert len(b.table) == 0
+        assert b.table.expired == 1
+
+
+async def test_the_grace_period_starts_over_when_the_link_drops_again(
+    iii_engine: TestEngine, tmp_path: Path, make_consumer: Callable[..., Consumer]
+) -> None:
+    consumer = make_consumer()
+    async with bridge(iii_engine, tmp_path, grace_ms=2000) as b:
+        await _in_thread(consumer.function, "shop::on-order")
+        bound = await _in_thread(consumer.bind, TYPE, "shop::on-order")
+        await b.until(lambda: bound.id in b.table, what="the binding")
+        iii_engine.pause()
+        consumer.close()
+        await b.until(lambda: not b.link.connected, what="the link drops")
+        iii_engine.resume()
+        await b.until(lambda: b.link.connected, what="the bridge reconnects")
+        await asyncio.sleep(1.2)
+        iii_engine.pause()  # a second outage within the grace period: the first timer must not fire
+        await b.until(lambda: not b.link.connected, what="the link drops again")
+        await asyncio.sleep(1.2)
+        assert bound.id in b.table and b.table.expired == 0
+        iii_engine.resume()
+        await b.until(lambda: b.link.connected, what="the bridge reconnects again")
+        await b.until(lambda: b.table.expired == 1, timeout=5, what="the binding expires")
+
+
+async def test_an_unbind_during_the_retry_backoff_stops_the_delivery(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    def broken(payload: Any) -> Any:
+        raise RuntimeError("down")
+
+    async with bridge(iii_engine, tmp_path, initial_backoff_ms=1500) as b:
+        await _in_thread(consumer.function, "shop::broken", broken)
+        bound = await _in_thread(consumer.bind, TYPE, "shop::broken")
+        await b.until(lambda: bound.id in b.table, what="the binding")
+        delivering = b.deliver(1)
+        await b.until(lambda: consumer.records("shop::broken"), what="the first attempt")
+        await _in_thread(bound.unregister)
+        await b.until(lambda: bound.id not in b.table, what="the unbind reaches the bridge")
+        assert await asyncio.wait_for(delivering, 5) == "filtered"
+        assert len(consumer.records("shop::broken")) == 1
+
+
+# --- conditions ------------------------------------------------------------------------------------------------
+
+
+async def test_a_condition_that_times_out_is_retried_and_the_event_delivered(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    calls = {"n": 0}
+
+    async def slow_then_fast(payload: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            await asyncio.sleep(1.0)
+        return True
+
+    async with bridge(iii_engine, tmp_path, timeout_ms=400) as b:
+        await _in_thread(consumer.function, "shop::is-big", slow_then_fast)
+        await _in_thread(consumer.function, "shop::on-order")
+        await _in_thread(consumer.bind, TYPE, "shop::on-order", {"condition_function_id": "shop::is-big"})
+        await b.until(lambda: len(b.table) == 1, what="the binding")
+        assert await asyncio.wait_for(b.deliver(1), 10) == "delivered"
+        assert calls["n"] == 2
+        assert [c["n"] for c in consumer.calls("shop::on-order")] == [1]
+
+
+async def test_a_condition_cut_off_by_the_link_is_retried_after_the_reconnect(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    async def slow(payload: Any) -> Any:
+        await asyncio.sleep(1.0)
+        return True
+
+    async with bridge(iii_engine, tmp_path, worker_name="bridge-cut") as b:
+        await _in_thread(consumer.function, "shop::is-big", slow)
+        await _in_thread(consumer.function, "shop::on-order")
+        await _in_thread(consumer.bind, TYPE, "shop::on-order", {"condition_function_id": "shop::is-big"})
+        await b.until(lambda: len(b.table) == 1, what="the binding")
+        delivering = b.deliver(1)
+        await b.until(lambda: consumer.records("shop::is-big"), what="the condition call")
+        await _in_thread(iii_engine.disconnect, "bridge-cut")
+        assert await asyncio.wait_for(delivering, 15) == "delivered"
+        assert len(consumer.records("shop::is-big")) == 2
+        assert [c["n"] for c in consumer.calls("shop::on-order")] == [1]
+
+
+async def test_a_failing_condition_skips_and_false_skips(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    def broken(payload: Any) -> Any:
+        raise RuntimeError("condition bug")
+
+    async with bridge(iii_engine, tmp_path) as b:
+        await _in_thread(consumer.function, "shop::broken-condition", broken)
+        await _in_thread(consumer.function, "shop::no", lambda payload: False)
+        await _in_thread(consumer.function, "shop::on-order")
+        first = await _in_thread(
+            consumer.bind, TYPE, "shop::on-order", {"condition_function_id": "shop::broken-condition"}
+        )
+        await b.until(lambda: first.id in b.table, what="the binding")
+        assert await asyncio.wait_for(b.deliver(1), 10) == "filtered"
+        assert len(consumer.records("shop::broken-condition")) == 1  # its own error: no retry
+        await _in_thread(first.unregister)
+        await b.until(lambda: len(b.table) == 0, what="the unbind")
+        await _in_thread(consumer.bind, TYPE, "shop::on-order", {"condition_function_id": "shop::no"})
+        await b.until(lambda: len(b.table) == 1, what="the second binding")
+        assert await asyncio.wait_for(b.deliver(2), 10) == "filtered"
+        assert consumer.calls("shop::on-order") == []
+
+
+async def test_a_condition_that_never_answers_is_dead_lettered_like_a_delivery(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    async def stuck(payload: Any) -> Any:
+        await asyncio.sleep(5)
+        return True
+
+    async with bridge(iii_engine, tmp_path, timeout_ms=300, max_attempts=2) as b:
+        await _in_thread(consumer.function, "shop::stuck", stuck)
+        await _in_thread(consumer.function, "shop::on-order")
+        await _in_thread(consumer.bind, TYPE, "shop::on-order", {"condition_function_id": "shop::stuck"})
+        await b.until(lambda: len(b.table) == 1, what="the binding")
+        assert await asyncio.wait_for(b.deliver(1), 10) == "dead_lettered"
+        [record] = read_jsonl(tmp_path / "dead-bridge.jsonl")
+        assert record["error"]["code"] == "TIMEOUT" and record["attempts"] == 2
+        assert record["binding"]["function_id"] == "shop::on-order"
+        assert consumer.calls("shop::on-order") == []
+
+
+# --- replicas --------------------------------------------------------------------------------------------------
+
+
+async def test_a_replica_that_is_not_the_provider_mirrors_the_list_and_never_registers_again(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    async with (
+        bridge(iii_engine, tmp_path, worker_name="replica-a", interval_ms=200) as a,
+        bridge(iii_engine, tmp_path, worker_name="replica-b", interval_ms=200) as b,
+    ):
+        await a.until(lambda: [t for t in iii_engine.trigger_types() if t.worker_name == "replica-b"],
+                      what="replica-b provides the type")
+        await _in_thread(consumer.function, "shop::on-order")
+        bound = await _in_thread(consumer.bind, TYPE, "shop::on-order", None, {"team": "a"})
+        await b.until(lambda: bound.id in b.table, what="the provider hears the bind")
+        await a.until(lambda: bound.id in a.table, what="the other replica mirrors it")
+        mirrored = a.table.get(str(bound.id))
+        assert mirrored is not None and mirrored.function_id == "shop::on-order"
+        assert await asyncio.wait_for(a.deliver(1), 10) == "delivered"
+        await asyncio.sleep(1.5)  # several reconciliation rounds with tables that differed at first
+        assert _registrations(iii_engine, "replica-a") == 1
+        assert _registrations(iii_engine, "replica-b") == 1
+        await _in_thread(bound.unregister)
+        await a.until(lambda: bound.id not in a.table, what="the mirror drops the unbound binding")
+        assert bound.id not in b.table
+        assert _registrations(iii_engine, "replica-a") == 1
+
+
+async def test_a_replica_registers_again_when_the_provider_is_gone(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    async with bridge(iii_engine, tmp_path, worker_name="replica-a", interval_ms=200) as a:
+        async with bridge(iii_engine, tmp_path, worker_name="replica-b", interval_ms=200) as b:
+            await _in_thread(consumer.function, "shop::on-order")
+            bound = await _in_thread(consumer.bind, TYPE, "shop::on-order")
+            await b.until(lambda: bound.id in b.table, what="the provider hears the bind")
+            await a.until(lambda: bound.id in a.table, what="the other replica mirrors it")
+        # replica-b is gone: the engine parks the type's bindings until some replica registers the type again
+        await a.until(lambda: _registrations(iii_engine, "replica-a") == 2, what="replica-a registers again")
+        await a.until(lambda: [t for t in iii_engine.trigger_types() if t.worker_name == "replica-a"],
+                      what="replica-a provides the type")
+        assert bound.id in a.table
+        assert await asyncio.wait_for(a.deliver(1), 10) == "delivered"
+        await asyncio.sleep(1.0)
+        assert _registrations(iii_engine, "replica-a") == 2
+
+
+async def test_an_exclusive_standby_never_registers_its_trigger_type(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    async with bridge(iii_engine, tmp_path, worker_name="standby", interval_ms=200, exclusive=True) as s:
+        await asyncio.sleep(0.6)  # reconciliation rounds
+        await _in_thread(iii_engine.disconnect, "standby")  # and a reconnect
+        await s.until(lambda: s.link.connected and len([w for w in iii_engine.workers() if w.connected]) >= 2,
+                      what="the standby reconnects")
+        await asyncio.sleep(0.6)
+        assert _registrations(iii_engine, "standby") == 0
+        s.link.activate(TYPE)  # it took the lock
+        await s.until(lambda: _registrations(iii_engine, "standby") == 1, what="the active replica registers")
+        s.link.deactivate(TYPE)  # it lost the lock
+        await _in_thread(iii_engine.disconnect, "standby")
+        await s.until(lambda: s.link.connected, what="the reconnect")
+        await asyncio.sleep(1.0)
+        assert _registrations(iii_engine, "standby") == 1  # not replayed by the SDK after stepping down
+
+
+# --- one worker name, one bridge -------------------------------------------------------------------------------
+
+_CONFLICT_CONFIG = """\
+version: 1
+engine:
+  url: ${III_URL}
+  worker_name: twin
+state_dir: state
+sources:
+  inbox:
+    description: test inbox
+    file:
+      path: ./inbox
+"""
+
+
+def test_a_second_bridge_with_the_same_worker_name_exits_1_and_says_why(
+    iii_engine: TestEngine, tmp_path: Path, make_consumer: Callable[..., Consumer]
+) -> None:
+    make_consumer(worker_name="twin")  # already holds the name in the default namespace
+    (tmp_path / "bridge.yaml").write_text(_CONFLICT_CONFIG)
+    proc = BridgeProcess(tmp_path / "bridge.yaml", iii_engine.url, env={"III_WORKER_NAME": ""}).start(
+        wait_ready=False
+    )
+    try:
+        assert proc.proc is not None
+        code = proc.proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    log = proc.log()
+    assert code == 1, log[-3000:]
+    assert "another worker named 'twin' is already connected in namespace 'default'" in log
+    assert "WORKER_NAMESPACE_CONFLICT" in log
+    assert "engine.worker_name" in log and "III_WORKER_NAME" in log
+
+
+def test_the_sdk_internals_the_link_relies_on_exist() -> None:
+    from iii.iii import III
+
+    assert callable(III._worker_name)
+    for name in ("_fatal_error", "_loop", "_thread", "_trigger_types"):
+        assert f"self.{name}" in __import__("inspect").getsource(III.__init__), name
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_name_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # III_WORKER_NAME wins over engine.worker_name in the SDK: a value from the environment would merge replicas.
+    monkeypatch.delenv("III_WORKER_NAME", raising=False)
