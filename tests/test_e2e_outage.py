@@ -467,3 +467,212 @@ def test_outbox_rows_inserted_across_an_engine_restart_are_all_delivered_and_del
              "an empty outbox")
     assert _dead_letters(tmp_path) == []
     assert bridge.stop() == 0
+
+
+# ----------------------------------------------------------------------------------------------- 2. failover
+
+
+def test_killing_the_kafka_replica_that_registered_last_mid_stream_loses_no_offset(
+    tmp_path: Path, iii_engine: TestEngine, consumer: Consumer, kafka_broker: str,
+    bridges: Callable[..., BridgeProcess],
+) -> None:
+    """Two replicas share the partitions; the one that registered last is the type's provider (it heard the bind).
+    Killed mid-stream, the engine parks the binding; the survivor keeps delivering its partitions, takes the type
+    over and, after the rebalance, the dead replica's partitions from their committed offsets."""
+    topic, group = _new_topic(kafka_broker)
+    config = _write(tmp_path, KAFKA_SOURCES, bootstrap=kafka_broker, topic=topic, group=group)
+
+    async def slow(payload: Any) -> Any:
+        await asyncio.sleep(0.03)
+        return {"ok": True}
+
+    consumer.function("shop::slow", slow)
+    consumer.bind("orders", "shop::slow")
+    replicas = {name: bridges(config, name) for name in ("kafka-a", "kafka-b")}
+    wait_for(lambda: all(_assigned(p) for p in replicas.values())
+             and set().union(*(_assigned(p) for p in replicas.values())) == set(range(PARTITIONS)), 2 * JOIN_S,
+             "the partitions split between both replicas")
+    placed = _produce(kafka_broker, topic, range(800))
+    wait_for(lambda: len(consumer.records("shop::slow")) >= 200, JOIN_S, "200 calls")
+    [last] = [f.worker_name for f in iii_engine.frames
+              if f.direction == "in" and f.data.get("type") == "registertriggertype"
+              and f.data.get("id") == "orders"][-1:]
+    assert last in replicas
+    replicas.pop(last).kill()
+    [survivor] = replicas
+    assert len(_received(consumer, "shop::slow")) < 800, "the kill should land mid-stream"
+    _all_delivered(lambda: _received(consumer, "shop::slow"), _ids(topic, placed), tmp_path, timeout=2 * JOIN_S)
+    ends = _ends(placed)
+    wait_for(lambda: _committed(kafka_broker, group, topic) == ends, 15, f"committed offsets at the end {ends}")
+    assert [t.worker_name for t in iii_engine.trigger_types() if t.id == "orders"] == [survivor]
+    assert _dead_letters(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------- 3. a replica joins
+
+
+def test_a_bind_reaches_every_kafka_replica_within_the_reconcile_interval_and_an_unbind_too(
+    tmp_path: Path, iii_engine: TestEngine, consumer: Consumer, kafka_broker: str,
+    bridges: Callable[..., BridgeProcess],
+) -> None:
+    """Both replicas run before anything is bound. The bind goes to the provider only; the other mirrors the
+    engine's list within reconcile_interval_ms, joins the group and delivers its partitions. The unbind too: after
+    reconcile_interval_ms + 5 s no call arrives. Neither replica registers the type again meanwhile (no ping-pong)."""
+    bound_s = RECONCILE_MS / 1000 + 5
+    topic, group = _new_topic(kafka_broker)
+    config = _write(tmp_path, KAFKA_SOURCES, bootstrap=kafka_broker, topic=topic, group=group)
+    names = ("join-a", "join-b")
+    replicas = {name: bridges(config, name) for name in names}
+    for proc in replicas.values():
+        proc.wait_for_log(r"no function is bound; joining group")
+    time.sleep(RECONCILE_MS / 1000 + 0.5)  # past the first reconcile of both
+    before = _produce(kafka_broker, topic, range(200))
+    consumer.function("shop::late")
+    bound_at = time.monotonic()
+    binding = consumer.bind("orders", "shop::late")
+    _all_delivered(lambda: _received(consumer, "shop::late"), _ids(topic, before), tmp_path, timeout=bound_s)
+    # Both replicas hold the binding (the mirror joined the group because of it) and deliver their partitions.
+    wait_for(lambda: all(_assigned(p) for p in replicas.values())
+             and set().union(*(_assigned(p) for p in replicas.values())) == set(range(PARTITIONS)), JOIN_S,
+             "the partitions split between both replicas")
+    seen = len(consumer.records("shop::late"))
+    after = _produce(kafka_broker, topic, range(200, 400))
+    _all_delivered(lambda: _received(consumer, "shop::late"), _ids(topic, after), tmp_path, timeout=JOIN_S)
+    callers = {r.payload["_caller_worker_id"] for r in consumer.records("shop::late")[seen:]}
+    assert len(callers) == 2, f"both replicas should deliver: {callers}"
+    first_call = min(r.at for r in consumer.records("shop::late"))
+    assert first_call - bound_at <= bound_s
+
+    unbound_at = time.monotonic()
+    binding.unregister()
+    _produce(kafka_broker, topic, range(400, 600))
+    time.sleep(max(0.0, unbound_at + bound_s - time.monotonic()))
+    quiet_from = len(consumer.records("shop::late"))
+    _produce(kafka_broker, topic, range(600, 800))
+    time.sleep(2.0)
+    late = consumer.records("shop::late")[quiet_from:]
+    assert not late, f"{len(late)} call(s) more than {bound_s} s after the unbind, e.g. {late[0].payload}"
+    for name in names:
+        assert _registrations(iii_engine, name, "orders") == 1, f"{name} registered the type again"
+    assert _dead_letters(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------ 4. exclusive standbys
+
+
+def test_a_listen_standby_never_registers_the_type_while_it_is_not_the_active_replica(
+    tmp_path: Path, iii_engine: TestEngine, consumer: Consumer, pg_database: str,
+    bridges: Callable[..., BridgeProcess],
+) -> None:
+    """A listens, B stands by. A is killed: B takes over (and may register). A comes back as A2 and stands by. B's
+    listening connection is cut while B is frozen, so A2 takes over; thawed, B stands by. Then the engine restarts,
+    so every SDK replays what it was given: a standby (A2 before its turn, B after its own) must not register the
+    type at any point, or the engine would route the binding to a replica that does not listen."""
+    config = _write(tmp_path, LISTEN_SOURCES, dsn=json.dumps(pg_database), backoff_ms=100)
+    consumer.function("pg::signup")
+    consumer.bind("signups", "pg::signup")
+    a = bridges(config, "listen-a")
+    a.wait_for_log(r"listening on user_signup at")
+    b = bridges(config, "listen-b")
+    b.wait_for_log(r"another bridge listens on user_signup")
+    a.wait_for_log(r"binding \S+ added: signups → pg::signup")
+    _notify(pg_database, range(0, 20))
+    consumer.wait_calls("pg::signup", 20)
+    time.sleep(RECONCILE_MS / 1000 + 0.5)
+    assert _registrations(iii_engine, "listen-b", "signups") == 0
+
+    a.kill()
+    b.wait_for_log(r"the replica that listened is gone; this one listens now", timeout=10)
+    b.wait_for_log(r"binding \S+ added: signups → pg::signup")
+    _notify(pg_database, range(100, 120))
+    consumer.wait_calls("pg::signup", 40)
+
+    a2 = bridges(config, "listen-a2")
+    a2.wait_for_log(r"another bridge listens on user_signup")
+    time.sleep(RECONCILE_MS / 1000 + 0.5)
+    assert _registrations(iii_engine, "listen-a2", "signups") == 0
+    b_turn = _registrations(iii_engine, "listen-b", "signups")
+    assert b_turn >= 1
+    b.freeze()  # so that it cannot take the lock straight back
+    try:
+        killed = _pg(pg_database, "SELECT pg_terminate_backend(pid) AS ok FROM pg_locks WHERE locktype = 'advisory'"
+                                  " AND granted AND database = (SELECT oid FROM pg_database"
+                                  " WHERE datname = current_database())")
+        assert [r["ok"] for r in killed] == [True]
+        a2.wait_for_log(r"the replica that listened is gone; this one listens now", timeout=10)
+    finally:
+        b.thaw()
+    b.wait_for_log(r"another replica took over listening meanwhile", timeout=10)
+    a2.wait_for_log(r"binding \S+ added: signups → pg::signup")
+
+    iii_engine.restart(1.0)
+    _reconnected(a2, b)
+    iii_engine.wait_until(lambda: [x for x in iii_engine.bindings("signups") if not x.parked], timeout=JOIN_S)
+    time.sleep(2 * RECONCILE_MS / 1000 + 0.5)  # two reconcile passes of each replica
+    assert _registrations(iii_engine, "listen-b", "signups") == b_turn, "B registered while standing by"
+    assert _registrations(iii_engine, "listen-a2", "signups") >= 1
+    assert [t.worker_name for t in iii_engine.trigger_types() if t.id == "signups"] == ["listen-a2"]
+    _notify(pg_database, range(200, 220))
+    wait_for(lambda: {c["n"] for c in consumer.calls("pg::signup")} >= {*range(20), *range(100, 120),
+                                                                        *range(200, 220)}, 10,
+             "every notification sent while a replica listened delivered")
+
+
+# ------------------------------------------------------------------------------- 5. a condition cut in flight
+
+
+def test_a_condition_call_cut_by_an_engine_restart_is_retried_and_the_event_delivered(
+    tmp_path: Path, iii_engine: TestEngine, consumer: Consumer, bridges: Callable[..., BridgeProcess]
+) -> None:
+    """The condition function is still thinking when the engine goes: the link failure says nothing about the
+    condition, so it is asked again once the binding is back, and the event is delivered (not skipped)."""
+    config = _write(tmp_path, FILE_SOURCES)
+    (tmp_path / "inbox").mkdir()
+    bridge = bridges(config, "outage-condition")
+
+    async def is_wanted(payload: Any) -> bool:
+        await asyncio.sleep(1.5)
+        return True
+
+    consumer.function("shop::is-wanted", is_wanted)
+    consumer.function("shop::on-file")
+    consumer.bind("inbox", "shop::on-file", {"condition_function_id": "shop::is-wanted"})
+    bridge.wait_for_log(r"binding \S+ added: inbox → shop::on-file")
+    drop(tmp_path / "inbox", "cut.json", {"n": 1})
+    consumer.wait_calls("shop::is-wanted", 1)
+    assert consumer.records("shop::is-wanted")[0].outcome == "pending"
+    iii_engine.restart(1.0)
+    calls = consumer.wait_calls("shop::on-file", 1, timeout=JOIN_S)
+    assert [c["name"] for c in calls] == ["cut.json"]
+    assert len(consumer.calls("shop::is-wanted")) >= 2, "the condition should have been asked again"
+    assert _dead_letters(tmp_path) == []
+    assert bridge.stop() == 0
+
+
+# ------------------------------------------------------------------------------------ 6. one name, two bridges
+
+
+def test_a_second_bridge_with_the_same_worker_name_exits_1_and_says_why(
+    tmp_path: Path, iii_engine: TestEngine, consumer: Consumer, bridges: Callable[..., BridgeProcess]
+) -> None:
+    name = f"bridge-{uuid.uuid4().hex[:8]}"
+    configs = []
+    for where in ("one", "two"):
+        path = _write(tmp_path / where, FILE_SOURCES)
+        (tmp_path / where / "inbox").mkdir()
+        path.write_text(path.read_text().replace("  reconcile_interval_ms", f"  worker_name: {name}\n"
+                                                                            "  reconcile_interval_ms"))
+        configs.append(path)
+    first = bridges(configs[0])
+    second = bridges(configs[1], wait_connected=False)
+    assert second.proc is not None
+    assert second.proc.wait(timeout=20) == 1
+    log = second.log()
+    assert name in log and "engine.worker_name" in log and "III_WORKER_NAME" in log, log[-3000:]
+    # The first bridge goes on as if nothing happened.
+    consumer.function("shop::on-file")
+    consumer.bind("inbox", "shop::on-file")
+    first.wait_for_log(r"binding \S+ added: inbox → shop::on-file")
+    drop(tmp_path / "one" / "inbox", "still.json", {"n": 1})
+    assert [c["name"] for c in consumer.wait_calls("shop::on-file", 1)] == ["still.json"]
+    assert first.stop() == 0
