@@ -119,7 +119,7 @@ def _consumer_main(url: str) -> None:
             # iii-sdk 0.25 deprecates trigger bindings (a warning and a log line); the bridge still serves them.
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             logging.getLogger("iii.iii").setLevel(logging.ERROR)
-            iii.register_trigger(RegisterTriggerInput(type=TRIGGER_TYPE, function_id=FUNCTION_ID, config=None))
+            iii.register_trigger(RegisterTriggerInput(type=TRIGGER_TYPE, function_id=FUNCTION_ID, config={}))
         print("ready", flush=True)
         for line in sys.stdin:
             if line.strip() == "reset":

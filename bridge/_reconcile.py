@@ -64,6 +64,8 @@ class Reconciler:
         self._advertised = advertised
         self._advertise = advertise
         self._skipped: dict[str, str] = {}  # binding id -> the config last logged as failing (log once per config)
+        # trigger type -> binding id -> (the config as listed, as checked): a round re-checks only what changed
+        self._checked: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {}
 
     async def run(self, specs: Iterable[TriggerTypeSpec]) -> None:
         """One round over ``specs``; raises DeliveryError when the engine does not answer."""
@@ -129,6 +131,9 @@ class Reconciler:
             if change != "unchanged":
                 log.info("binding %s %s from the engine's list: %s → %s (provided by replica %s)", binding.id, change,
                          spec.id, binding.function_id, provider)
+        cache = self._checked.get(spec.id, {})
+        for gone in set(cache) - {r["id"] for r in rows}:
+            del cache[gone]
         absent = [b for b in table.snapshot() if b.id not in live and not table.is_stale(b.id)]
         if not absent:
             return
@@ -141,8 +146,14 @@ class Reconciler:
     def _binding(self, spec: TriggerTypeSpec, row: dict[str, Any], namespaces: dict[str, str | None]) -> Binding | None:
         binding_id = row["id"]
         config = row.get("config")
+        cache = self._checked.setdefault(spec.id, {})
+        known = cache.get(binding_id)
         try:
-            checked = spec.bind.check(config if config is not None else {})
+            if known is not None and known[0] == config:
+                checked = known[1]
+            else:
+                checked = spec.bind.check(config if config is not None else {})
+                cache[binding_id] = (config, checked)
         except BindConfigError as exc:
             shown = json.dumps(config, sort_keys=True, default=str)
             if self._skipped.get(binding_id) != shown:

@@ -26,7 +26,7 @@ class EngineConfig:
     url: str = "ws://127.0.0.1:49134"
     worker_name: str | None = None
     namespace: str | None = None
-    reconcile_interval_ms: int = 10000
+    reconcile_interval_ms: int = 2000
     rebind_grace_ms: int = 60000
 
 

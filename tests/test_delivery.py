@@ -201,6 +201,33 @@ def test_no_event_is_lost_while_the_engine_is_away(
     assert not (workdir / "state" / "dead-letters.jsonl").exists()
 
 
+def test_files_in_flight_at_an_engine_restart_wait_for_a_consumer_that_comes_back_late(
+    workdir: Path, bridge: BridgeProcess, iii_engine: TestEngine, make_consumer: Any
+) -> None:
+    # The bug as a user hit it: the engine restarts while files are in flight, the bridge is back first and
+    # reconciles with an engine that lists no binding yet; those files must wait for the consumer's binding to
+    # come back, not count as filtered (and be acknowledged) because it was missing at that moment.
+    consumer: Consumer = make_consumer(reconnect_initial_delay_ms=8000, reconnect_max_delay_ms=8000)
+
+    def slow(payload: Any) -> Any:
+        time.sleep(0.5)
+        return {"ok": True}
+
+    _bind(consumer, bridge, "t::late", slow)
+    inbox = workdir / "inbox"
+    for i in range(20):
+        drop(inbox, f"f{i:02d}.json", {"n": i})
+    wait_for(lambda: consumer.records("t::late"), 10, "the first calls")
+    iii_engine.restart(downtime_s=0.5)
+    for i in range(20, 30):
+        drop(inbox, f"f{i:02d}.json", {"n": i})
+    bridge.wait_for_log(r"reconnected to the iii engine")
+    time.sleep(3.0)  # the bridge's reconciliations (interval 2 s) meet an engine without the binding
+    wait_for(lambda: {c["n"] for c in consumer.calls("t::late")} == set(range(30)), 60, "every file delivered")
+    assert not (workdir / "state" / "dead-letters.jsonl").exists()
+    assert "has ended" not in bridge.log()
+
+
 def test_the_in_flight_window_is_never_exceeded(
     tmp_path: Path, iii_engine: TestEngine, consumer: Consumer
 ) -> None:

@@ -73,7 +73,7 @@ def bridge(workdir: Path, iii_engine: TestEngine) -> Iterator[BridgeProcess]:
 
 def _bind(consumer: Consumer, function_id: str, config: dict[str, Any] | None = None) -> Any:
     consumer.function(function_id)
-    return consumer.bind("inbox", function_id, config)
+    return consumer.bind("inbox", function_id, {} if config is None else config)
 
 
 def _settled(seconds: float = 1.0) -> None:

@@ -65,6 +65,7 @@ async def bridge(
     max_attempts: int = 5,
     initial_backoff_ms: int = 100,
     timeout_ms: int = 5000,
+    bind_schema: dict[str, Any] | None = None,
 ) -> AsyncIterator[Bridge]:
     config = EngineConfig(
         url=engine.url, worker_name=worker_name, reconcile_interval_ms=interval_ms, rebind_grace_ms=grace_ms
@@ -78,7 +79,7 @@ async def bridge(
         payload={"n": "{{ event.n }}"},
     )
     table = BindingTable(TYPE)
-    spec = TriggerTypeSpec(TYPE, "orders", BindValidator(TYPE, None), None, table, exclusive=exclusive)
+    spec = TriggerTypeSpec(TYPE, "orders", BindValidator(TYPE, bind_schema), None, table, exclusive=exclusive)
     link = EngineLink(config)
     dead = FileDeadLetter(tmp_path / f"dead-{worker_name or 'bridge'}.jsonl")
     link.start([spec])
@@ -281,7 +282,7 @@ async def test_a_condition_that_never_answers_is_dead_lettered_like_a_delivery(
 
 
 async def test_a_replica_that_is_not_the_provider_mirrors_the_list_and_never_registers_again(
-    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer, make_consumer: Callable[..., Consumer]
 ) -> None:
     async with (
         bridge(iii_engine, tmp_path, worker_name="replica-a", interval_ms=200) as a,
@@ -290,11 +291,18 @@ async def test_a_replica_that_is_not_the_provider_mirrors_the_list_and_never_reg
         await a.until(lambda: [t for t in iii_engine.trigger_types() if t.worker_name == "replica-b"],
                       what="replica-b provides the type")
         await _in_thread(consumer.function, "shop::on-order")
-        bound = await _in_thread(consumer.bind, TYPE, "shop::on-order", None, {"team": "a"})
+        bound = await _in_thread(consumer.bind, TYPE, "shop::on-order", {}, {"team": "a"})
         await b.until(lambda: bound.id in b.table, what="the provider hears the bind")
         await a.until(lambda: bound.id in a.table, what="the other replica mirrors it")
         mirrored = a.table.get(str(bound.id))
-        assert mirrored is not None and mirrored.function_id == "shop::on-order"
+        assert mirrored is not None and mirrored.function_id == "shop::on-order" and mirrored.namespace is None
+        # The list rows carry no namespace: the target's comes from the engine's function list.
+        other = make_consumer(namespace="eu")
+        await _in_thread(other.function, "shop::on-order")
+        elsewhere = await _in_thread(other.bind, TYPE, "shop::on-order")
+        await a.until(lambda: elsewhere.id in a.table, what="the other replica mirrors the second binding")
+        assert (a.table.get(str(elsewhere.id)) or mirrored).namespace == "eu"
+        await _in_thread(elsewhere.unregister)
         assert await asyncio.wait_for(a.deliver(1), 10) == "delivered"
         await asyncio.sleep(1.5)  # several reconciliation rounds with tables that differed at first
         assert _registrations(iii_engine, "replica-a") == 1
@@ -302,6 +310,29 @@ async def test_a_replica_that_is_not_the_provider_mirrors_the_list_and_never_reg
         await _in_thread(bound.unregister)
         await a.until(lambda: bound.id not in a.table, what="the mirror drops the unbound binding")
         assert bound.id not in b.table
+        assert _registrations(iii_engine, "replica-a") == 1
+
+
+async def test_a_mirrored_binding_whose_config_does_not_fit_this_replica_is_skipped_and_logged(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Replicas in the middle of a rollout: the provider still accepts what this replica's bind_schema refuses.
+    strict = {"type": "object", "properties": {"region": {"type": "string"}}, "additionalProperties": False}
+    async with (
+        bridge(iii_engine, tmp_path, worker_name="replica-a", interval_ms=200, bind_schema=strict) as a,
+        bridge(iii_engine, tmp_path, worker_name="replica-b", interval_ms=200, bind_schema={"type": "object"}) as b,
+    ):
+        await a.until(lambda: [t for t in iii_engine.trigger_types() if t.worker_name == "replica-b"],
+                      what="replica-b provides the type")
+        await _in_thread(consumer.function, "shop::on-order")
+        fits = await _in_thread(consumer.bind, TYPE, "shop::on-order", {"region": "eu"})
+        misfit = await _in_thread(consumer.bind, TYPE, "shop::on-order", {"region": 7})
+        await b.until(lambda: misfit.id in b.table and fits.id in b.table, what="the provider holds both")
+        await a.until(lambda: fits.id in a.table, what="the mirror")
+        await asyncio.sleep(0.6)
+        assert misfit.id not in a.table
+        skipped = [r.getMessage() for r in caplog.records if "is skipped here" in r.getMessage()]
+        assert len(skipped) == 1 and f"binding {misfit.id}" in skipped[0] and "$.region" in skipped[0], skipped
         assert _registrations(iii_engine, "replica-a") == 1
 
 
@@ -391,3 +422,17 @@ def test_the_sdk_internals_the_link_relies_on_exist() -> None:
 def _no_worker_name_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # III_WORKER_NAME wins over engine.worker_name in the SDK: a value from the environment would merge replicas.
     monkeypatch.delenv("III_WORKER_NAME", raising=False)
+
+
+def test_a_list_drops_neither_a_binding_received_after_it_was_asked_for_nor_a_stale_one() -> None:
+    from bridge.bindings import Binding
+
+    table = BindingTable(TYPE)
+    for bid in ("old", "stale"):
+        table.upsert(Binding(bid, TYPE, "f::x", None, {}))
+    table.mark_stale()  # the link dropped
+    table.upsert(Binding("old", TYPE, "f::x", None, {}))  # replayed; "stale" is not (yet)
+    asked = table.mark()  # the list call is sent
+    table.upsert(Binding("new", TYPE, "f::x", None, {}))  # sent to this bridge before the engine listed it
+    assert [b.id for b in table.reconcile(set(), asked)] == ["old"]
+    assert "new" in table and table.is_stale("stale")

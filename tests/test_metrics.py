@@ -135,6 +135,7 @@ def test_counters_move_and_readiness_follows_the_engine(
     assert _value(samples, "bridge_retries_total", trigger_type="inbox") == 1
     assert _value(samples, "bridge_events_in_flight", trigger_type="inbox") == 0
     assert _value(samples, "bridge_bindings", trigger_type="inbox") == 1
+    assert _value(samples, "bridge_bindings_expired_total", trigger_type="inbox") == 0
     assert _value(samples, "bridge_delivery_seconds_count", trigger_type="inbox") == 3
     assert _value(samples, "bridge_delivery_seconds_bucket", trigger_type="inbox", le="+Inf") == 3
     assert 0 < _value(samples, "bridge_delivery_seconds_sum", trigger_type="inbox") < 10
@@ -209,6 +210,8 @@ async def test_source_figures_and_http_details(tmp_path: Path, monkeypatch: pyte
         await asyncio.wait_for(_until(lambda: runtime.runners and runtime.runners["s"].stats.delivered == 2), 5)
         assert runtime.metrics_address is not None
         port = runtime.metrics_address[1]
+        runtime.tables["s"].mark_stale()  # the engine link dropped and nobody replayed the binding in time
+        runtime.tables["s"].expire_stale()
         page = (await _http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")).decode()
         head, _, body = page.partition("\r\n\r\n")
         assert head.startswith("HTTP/1.1 200 OK") and "Connection: close" in head
@@ -219,6 +222,8 @@ async def test_source_figures_and_http_details(tmp_path: Path, monkeypatch: pyte
         assert _value(samples, "bridge_postgres_listen_dropped_total", trigger_type="s") == 5
         assert _value(samples, "bridge_events_done_total", trigger_type="s", outcome="delivered") == 2
         assert _value(samples, "bridge_engine_connected") == 1  # a dry run needs no engine
+        assert _value(samples, "bridge_bindings_expired_total", trigger_type="s") == 1
+        assert _value(samples, "bridge_bindings", trigger_type="s") == 0
         assert any(name == "process_cpu_seconds_total" for name, _ in samples)
         head = (await _http(port, b"HEAD /readyz HTTP/1.0\r\n\r\n")).decode()
         assert head.startswith("HTTP/1.1 200 OK") and head.endswith("\r\n\r\n")  # no body

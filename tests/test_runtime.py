@@ -278,3 +278,40 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
     assert backoff_s(retry, 5, rand=lambda: 0.5) == pytest.approx(1.0)  # capped
     assert backoff_s(retry, 1, rand=lambda: 0.0) == pytest.approx(0.16)
     assert backoff_s(retry, 1, rand=lambda: 1.0) == pytest.approx(0.24)
+
+
+async def test_events_wait_while_every_binding_is_stale_and_go_once_it_is_replayed(tmp_path: Path) -> None:
+    invoker = _Invoker()
+    runner = _runner(tmp_path, 4, invoker)
+    runner.table.mark_stale()  # the engine link dropped
+    assert not runner.offer(_event(0), _noop)
+    assert runner.has_bindings()  # a listen source queues its notifications instead of dropping them as unbound
+    submitted = asyncio.create_task(runner.submit(_event(1), _noop))
+    await asyncio.sleep(0.1)
+    assert not submitted.done() and invoker.calls == []
+    runner.table.upsert(Binding("b1", "synthetic", "f::one", None, {}))  # the engine replays it
+    await asyncio.wait_for(submitted, 2)
+    assert await runner.drain(5) == 0
+    assert [f for f, _ in invoker.calls] == ["f::one"]
+
+
+async def test_an_event_waits_for_a_stale_binding_while_a_live_one_gets_it_at_once(tmp_path: Path) -> None:
+    invoker = _Invoker()
+    runner = _runner(tmp_path, 4, invoker)
+    table = runner.table
+    table.mark_stale()
+    table.upsert(Binding("b2", "synthetic", "f::two", None, {}))  # bound anew after the reconnect
+    outcomes: list[Outcome] = []
+
+    async def on_done(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+
+    await runner.submit(_event(1), on_done)
+    await asyncio.sleep(0.1)
+    assert [f for f, _ in invoker.calls] == ["f::two"] and outcomes == []  # b1 is stale: the event waits for it
+    assert [b.id for b in table.expire_stale()] == ["b1"]  # never replayed within the grace period
+    assert await runner.drain(5) == 0
+    assert outcomes == ["delivered"] and table.expired == 1
+    await runner.submit(_event(2), on_done)
+    assert await runner.drain(5) == 0
+    assert [f for f, _ in invoker.calls] == ["f::two", "f::two"]

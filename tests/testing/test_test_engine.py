@@ -210,6 +210,8 @@ async def test_rule08_provider_invokes_consumer_functions(
     assert record.payload == {"total": 21, "_caller_worker_id": provider.iii.worker_id}
     assert (record.metadata, record.outcome, record.result) == ({"trace": "t1"}, "ok", {"total": 42})
     assert await provider.call("billing::echo", [1, 2]) == [1, 2]  # only object payloads get the caller id
+    consumer.function("billing::nothing", lambda payload: None)
+    assert await provider.call("billing::nothing", {}) is None  # a null result is relayed as no result
 
     with pytest.raises(InvocationError) as failed:
         await provider.call("billing::fail", {"sku": "x1"})
@@ -261,6 +263,15 @@ async def test_rule08_frames_the_engine_cannot_decode_are_dropped(
     assert consumer.calls("a::fn") == []
     assert iii_engine.bindings() == [] and iii_engine.trigger_types() == []
     assert (await w.call("a::fn", {"x": 1}))["result"] == {"ok": True}
+
+
+async def test_rule08_a_none_payload_never_reaches_the_target(provider: Provider, consumer: Consumer) -> None:
+    # The SDK leaves a None payload out of the frame, and the engine cannot decode one without `data`.
+    consumer.function("a::fn")
+    with pytest.raises(InvocationError) as lost:
+        await provider.call("a::fn", None, timeout_ms=300)
+    assert lost.value.code == "TIMEOUT"
+    assert consumer.calls("a::fn") == []
 
 
 # ---------------------------------------------------------------- rule 12: recording and outages
