@@ -93,7 +93,7 @@ def test_kafka_orders_content() -> None:
     assert "up to `engine.rebind_grace_ms` (60000 ms) after the reconnect" in section
     assert "counts it in `bridge_bindings_expired_total`" in section
     assert "retried like a delivery, never taken as a skip" in section
-    assert "mirror the engine's list of bindings every `engine.reconcile_interval_ms` (10000 ms)" in section
+    assert "mirror the engine's list of bindings every `engine.reconcile_interval_ms` (2000 ms)" in section
     assert "consumer group `iii-bridge.orders.placed`" in section
 
 
