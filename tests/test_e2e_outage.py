@@ -208,6 +208,18 @@ def _came_back_before(engine: TestEngine, first: str, then: str) -> None:
     assert last[first] < last[then], f"{first} should have reconnected before {then}: {names}"
 
 
+def _bound(proc: BridgeProcess, engine: TestEngine, worker: str, pattern: str, timeout: float = 10.0) -> None:
+    """Wait for ``pattern`` (a binding added) in ``proc``'s log; on timeout say whether the engine replayed the binding
+    to ``worker`` and whether its SDK answered."""
+    try:
+        proc.wait_for_log(pattern, timeout=timeout)
+    except AssertionError as exc:
+        sent = engine.frames_of("registertrigger", direction="out", worker=worker)
+        answered = engine.frames_of("triggerregistrationresult", direction="in", worker=worker)
+        raise AssertionError(f"{exc}\nthe engine sent {worker} {len(sent)} registertrigger frame(s) and got "
+                             f"{len(answered)} triggerregistrationresult frame(s) back") from None
+
+
 def _reconnected(*procs: BridgeProcess) -> None:
     for proc in procs:
         proc.wait_for_log(r"reconnected to the iii engine", timeout=JOIN_S)
@@ -575,7 +587,7 @@ def test_a_listen_standby_never_registers_the_type_while_it_is_not_the_active_re
     a.wait_for_log(r"listening on user_signup at")
     b = bridges(config, "listen-b")
     b.wait_for_log(r"another bridge listens on user_signup")
-    a.wait_for_log(r"binding \S+ added: signups → pg::signup")
+    _bound(a, iii_engine, "listen-a", r"binding \S+ added: signups → pg::signup")
     _notify(pg_database, range(0, 20))
     consumer.wait_calls("pg::signup", 20)
     time.sleep(RECONCILE_MS / 1000 + 0.5)
@@ -583,7 +595,7 @@ def test_a_listen_standby_never_registers_the_type_while_it_is_not_the_active_re
 
     a.kill()
     b.wait_for_log(r"the replica that listened is gone; this one listens now", timeout=10)
-    b.wait_for_log(r"binding \S+ added: signups → pg::signup")
+    _bound(b, iii_engine, "listen-b", r"binding \S+ added: signups → pg::signup")
     _notify(pg_database, range(100, 120))
     consumer.wait_calls("pg::signup", 40)
 
@@ -603,7 +615,7 @@ def test_a_listen_standby_never_registers_the_type_while_it_is_not_the_active_re
     finally:
         b.thaw()
     b.wait_for_log(r"another replica took over listening meanwhile", timeout=10)
-    a2.wait_for_log(r"binding \S+ added: signups → pg::signup")
+    _bound(a2, iii_engine, "listen-a2", r"binding \S+ added: signups → pg::signup")
 
     iii_engine.restart(1.0)
     _reconnected(a2, b)
@@ -616,6 +628,40 @@ def test_a_listen_standby_never_registers_the_type_while_it_is_not_the_active_re
     wait_for(lambda: {c["n"] for c in consumer.calls("pg::signup")} >= {*range(20), *range(100, 120),
                                                                         *range(200, 220)}, 10,
              "every notification sent while a replica listened delivered")
+
+
+def test_a_file_standby_never_registers_the_type_and_takes_over_when_the_active_replica_dies(
+    tmp_path: Path, iii_engine: TestEngine, consumer: Consumer, bridges: Callable[..., BridgeProcess]
+) -> None:
+    """A watches the inbox, B stands by; A is killed and B takes over (registering is its right now); A comes back
+    as A2 and stands by through an engine restart without registering; every file reaches the function."""
+    config = _write(tmp_path, FILE_SOURCES)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    consumer.function("shop::on-file")
+    consumer.bind("inbox", "shop::on-file")
+    a = bridges(config, "file-a")
+    _bound(a, iii_engine, "file-a", r"binding \S+ added: inbox → shop::on-file")
+    b = bridges(config, "file-b")
+    b.wait_for_log(r"another bridge holds \S+; standing by")
+    drop(inbox, "one.json", {"n": 1})
+    consumer.wait_calls("shop::on-file", 1)
+    assert _registrations(iii_engine, "file-b", "inbox") == 0
+
+    a.kill()
+    b.wait_for_log(r"this replica is now active", timeout=10)
+    _bound(b, iii_engine, "file-b", r"binding \S+ added: inbox → shop::on-file")
+    drop(inbox, "two.json", {"n": 2})
+    a2 = bridges(config, "file-a2")
+    a2.wait_for_log(r"another bridge holds \S+; standing by")
+    iii_engine.restart(1.0)
+    _reconnected(a2, b)
+    iii_engine.wait_until(lambda: [x for x in iii_engine.bindings("inbox") if not x.parked], timeout=JOIN_S)
+    drop(inbox, "three.json", {"n": 3})
+    wait_for(lambda: {c["n"] for c in consumer.calls("shop::on-file")} >= {1, 2, 3}, 10, "every file delivered")
+    time.sleep(2 * RECONCILE_MS / 1000)  # two reconcile passes of each replica
+    assert _registrations(iii_engine, "file-a2", "inbox") == 0, "the standby registered the type"
+    assert [t.worker_name for t in iii_engine.trigger_types() if t.id == "inbox"] == ["file-b"]
 
 
 # ------------------------------------------------------------------------------- 5. a condition cut in flight
