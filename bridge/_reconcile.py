@@ -8,7 +8,8 @@ bridge advertises:
 
 - no live provider (the engine parked the type's bindings: the provider went away): register the type again; the
   engine replays every binding here. The table is kept meanwhile (events wait for the replay, not for nothing).
-- this bridge is the provider: a binding the list leaves out has ended (a missed unbind).
+- this bridge is the provider: a binding the list leaves out has ended (a missed unbind); one the list shows and
+  this bridge does not hold was lost on the way (the type is registered again, so the engine replays it).
 - another replica is the provider: mirror its list (each config checked with the source's bind_schema; one that
   fails is skipped and logged).
 
@@ -63,6 +64,7 @@ class Reconciler:
         self._worker_name = worker_name
         self._advertised = advertised
         self._advertise = advertise
+        self._missed: dict[str, set[str]] = {}  # trigger type -> listed bindings its provider (this bridge) lacked
         self._skipped: dict[str, str] = {}  # binding id -> the config last logged as failing (log once per config)
         # trigger type -> binding id -> (the config as listed, as checked): a round re-checks only what changed
         self._checked: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {}
@@ -87,7 +89,18 @@ class Reconciler:
             if not self._advertised(spec.id):
                 continue
             if provider == self._worker_name():
-                self._drop_absent(spec, {str(r["id"]) for r in rows}, asked[spec.id], "the engine no longer lists it")
+                listed = {str(r["id"]) for r in rows}
+                self._drop_absent(spec, listed, asked[spec.id], "the engine no longer lists it")
+                missed = {bid for bid in listed if spec.table.get(bid) is None}
+                # Missing in two rounds in a row: not merely on their way when the list was taken.
+                missed, self._missed[spec.id] = missed & self._missed.get(spec.id, set()), missed
+                if missed:
+                    # The engine routed these here but they never arrived: registering again has the engine replay
+                    # the type's bindings to this bridge, its provider already.
+                    log.info("trigger type %s: the engine lists %d binding(s) this bridge does not hold (%s); "
+                             "registering the type again to receive them", spec.id, len(missed),
+                             ", ".join(sorted(missed)[:5]))
+                    self._advertise(spec)
             else:
                 await self._mirror(spec, rows, asked[spec.id], provider)
 

@@ -354,32 +354,49 @@ class EngineLink:
         if trigger_type not in self._advertised or client is None:
             return
         self._advertised.discard(trigger_type)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"unregister_trigger_type")
-            client.unregister_trigger_type(RegisterTriggerTypeInput(id=trigger_type, description=""))
+
+        def unregister() -> None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"unregister_trigger_type")
+                client.unregister_trigger_type(RegisterTriggerTypeInput(id=trigger_type, description=""))
+
+        self._on_sdk_loop(client, unregister)
         log.info("trigger type %s: this replica is no longer the active one; it stops providing the type",
                  trigger_type)
 
     def _advertise(self, spec: TriggerTypeSpec) -> None:
-        assert self._client is not None
-        with warnings.catch_warnings():
-            # iii-sdk 0.25 deprecates the trigger-type API in favour of observe; the bridge keeps using it until
-            # engines speak observe (the binding table does not care where a binding came from).
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"register_trigger_type")
-            self._client.register_trigger_type(
-                RegisterTriggerTypeInput(
-                    id=spec.id,
-                    description=spec.description,
-                    trigger_request_format=spec.bind.advertised,
-                    call_request_format=spec.payload_schema,
-                ),
-                _Handler(self, spec),
-            )
+        client = self._client
+        assert client is not None
+        request = RegisterTriggerTypeInput(
+            id=spec.id,
+            description=spec.description,
+            trigger_request_format=spec.bind.advertised,
+            call_request_format=spec.payload_schema,
+        )
+        handler = _Handler(self, spec)
+
+        def register() -> None:
+            with warnings.catch_warnings():
+                # iii-sdk 0.25 deprecates the trigger-type API in favour of observe; the bridge keeps using it until
+                # engines speak observe (the binding table does not care where a binding came from).
+                warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"register_trigger_type")
+                client.register_trigger_type(request, handler)
+
+        # On the SDK's own loop: the SDK sends the frame first and stores the handler after it, so called from
+        # another thread, a binding the engine replays at once could find no handler and be dropped unanswered.
+        self._on_sdk_loop(client, register)
         if spec.id in self._advertised:
             log.debug("registered trigger type %s again", spec.id)
         else:
             self._advertised.add(spec.id)
             log.info("advertised trigger type %s", spec.id)
+
+    @staticmethod
+    def _on_sdk_loop(client: III, fn: Callable[[], None]) -> None:
+        try:
+            client._loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # the SDK was shut down: nothing to register with any more
+            log.debug("the iii SDK is shut down; not registering")
 
     def _schedule_reconcile(self, delay_s: float) -> None:
         async def later() -> None:

@@ -355,6 +355,20 @@ async def test_a_replica_registers_again_when_the_provider_is_gone(
         assert _registrations(iii_engine, "replica-a") == 2
 
 
+async def test_a_provider_that_lost_a_binding_on_the_way_registers_again_to_get_it_replayed(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    async with bridge(iii_engine, tmp_path, worker_name="provider", interval_ms=200) as p:
+        await _in_thread(consumer.function, "shop::on-order")
+        bound = await _in_thread(consumer.bind, TYPE, "shop::on-order")
+        await p.until(lambda: bound.id in p.table, what="the binding")
+        await asyncio.sleep(0.6)
+        assert _registrations(iii_engine, "provider") == 1  # a table in line with the list: nothing to do
+        p.table.remove(str(bound.id))  # as if the registertrigger frame had been lost
+        await p.until(lambda: bound.id in p.table, what="the replay")
+        assert _registrations(iii_engine, "provider") == 2
+
+
 async def test_an_exclusive_standby_never_registers_its_trigger_type(
     iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
 ) -> None:
