@@ -1,5 +1,6 @@
 """The plain-words parts of the Worker Docs (:mod:`bridge.docs`): what each source reads, and its delivery
-guarantee, ordering, retries, dead letters and back-pressure, worded from its config (DESIGN.md §3)."""
+guarantee, ordering, retries, dead letters, back-pressure, engine outages and replicas, worded from its config
+(DESIGN.md §3)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from pathlib import Path
 from bridge.config import (
     DeadLetterConfig,
     DeliveryConfig,
+    EngineConfig,
     FileSourceConfig,
     KafkaSourceConfig,
     PostgresSourceConfig,
     SourceConfig,
     redact,
 )
+from bridge.sources import exclusive
 
 COMMON = """\
 A function receives the events of a trigger type once it is bound to it with `register_trigger` and a bind \
@@ -23,7 +26,9 @@ a config that does not match, naming every violation by its JSON path. Each even
 trigger type (fan-out): a binding that fails and retries never makes the others see the event again, and an event \
 is done once every binding has succeeded, been filtered out or been dead-lettered. A bind config may always hold \
 `condition_function_id` (an iii convention): that function is called with the rendered payload before each \
-delivery, and the binding receives the event only when it does not return false (an error skips it too)."""
+delivery, and the binding receives the event only when it does not return false. An error the condition function \
+raises skips the binding too; a call that fails because of the link (engine unreachable, `TIMEOUT`, \
+`invocation_stopped`) says nothing about the condition and is retried like a delivery."""
 
 BIND_INTRO = (
     "Pass these options as `config` when binding (JSON Schema 2020-12, advertised to iii as the trigger type's "
@@ -89,8 +94,9 @@ def source_summary(source: SourceConfig, base: Path) -> str:
     )
 
 
-def delivery_lines(source: SourceConfig, base: Path) -> list[str]:
-    """One Markdown bullet text each: guarantee, ordering, retries, dead letters, back-pressure, no bindings."""
+def delivery_lines(source: SourceConfig, base: Path, engine: EngineConfig) -> list[str]:
+    """One Markdown bullet text each: guarantee, ordering, retries, dead letters, back-pressure, no bindings,
+    engine outages, replicas."""
     return [
         "**Guarantee**: " + _guarantee(source),
         "**Ordering**: " + _ordering(source),
@@ -98,6 +104,8 @@ def delivery_lines(source: SourceConfig, base: Path) -> list[str]:
         "**Dead letters**: " + _dead_letters(source.delivery.dead_letter, base),
         "**Back-pressure**: " + _back_pressure(source),
         "**No binding yet**: " + _unbound(source),
+        "**Engine outages**: " + _outages(source, engine),
+        "**Replicas**: " + _replicas(source, engine),
     ]
 
 
@@ -245,3 +253,79 @@ def _unbound(source: SourceConfig) -> str:
     if isinstance(kc, PostgresSourceConfig):
         return "notifications are dropped and counted (listen mode is at-most-once)."
     return "files wait on disk and are delivered once a function binds."
+
+
+def _outages(source: SourceConfig, engine: EngineConfig) -> str:
+    """What an engine restart or a lost link does to events (DESIGN.md §3 "Bindings across engine outages")."""
+    kc = source.kind_config
+    if isinstance(kc, KafkaSourceConfig):
+        meanwhile = (
+            "events wait in their partitions (paused once the in-flight window is full; nothing is committed beyond "
+            "what was delivered)"
+        )
+    elif isinstance(kc, PostgresSourceConfig) and kc.mode == "outbox":
+        meanwhile = "rows wait in the table"
+    elif isinstance(kc, PostgresSourceConfig):
+        meanwhile = (
+            "the bridge keeps listening and notifications wait in memory (up to the bounded queue; beyond it they "
+            "are dropped and counted in `bridge_postgres_listen_dropped_total`)"
+        )
+    else:
+        meanwhile = "files wait on disk"
+    return (
+        f"while the iii engine is unreachable (a restart, a network cut) {meanwhile}. Nothing is filtered, "
+        "skipped or acknowledged because of an outage; calls it cut are tried again (they count as attempts). When "
+        "the link is back the bridge registers the trigger type again and gets its bindings back: the engine "
+        "replays those it kept, and after an engine restart each function's worker binds again as it reconnects, "
+        "before or after the bridge. Until then a binding is stale and its events wait for it, up to "
+        f"`engine.rebind_grace_ms` ({engine.rebind_grace_ms} ms) after the reconnect. A binding not back by then "
+        "is dropped: the bridge logs it, counts it in `bridge_bindings_expired_total`, and the events that waited "
+        "for it and later ones go on without it (binding again restores it). A `condition_function_id` call cut "
+        "by the outage is retried like a delivery, never taken as a skip."
+    )
+
+
+def _replicas(source: SourceConfig, engine: EngineConfig) -> str:
+    """What several bridges with this config do, and what a failover or a joining replica does to events."""
+    kc = source.kind_config
+    names = (
+        "run several bridges with this config to scale out or fail over; each needs its own worker name (the "
+        "default `hostname:pid` is unique; a second bridge with a name already connected exits 1 and says so)."
+    )
+    if not exclusive(source):
+        if isinstance(kc, KafkaSourceConfig):
+            share = f"They share the partitions through consumer group `{redact(kc.group_id)}`"
+            gone = (
+                "Its partitions move to the others at the group's rebalance and resume from their committed offsets, "
+                "so what it had not committed is delivered again."
+            )
+        else:
+            assert isinstance(kc, PostgresSourceConfig)
+            share = f"They share the rows of `{redact(kc.outbox_table)}` (`FOR UPDATE SKIP LOCKED`)"
+            gone = "The rows it had claimed are released with its database session and claimed again by the others."
+        return (
+            f"{names} {share}, and each replica delivers what it takes to every binding. The engine sends a bind or "
+            "an unbind to one replica only (the last to register the trigger type); the others mirror the engine's "
+            f"list of bindings every `engine.reconcile_interval_ms` ({engine.reconcile_interval_ms} ms). So a new "
+            "binding reaches every replica, and an unbind stops every replica, within that interval, and a replica "
+            "that joins picks the bindings up the same way; no replica registers the type again just because its "
+            "list differs. When the replica that registered last goes away, the engine parks the bindings; a "
+            "surviving replica sees it at its next reconciliation, registers the type and gets every binding "
+            f"replayed, keeping its own list meanwhile, so its deliveries go on. {gone}"
+        )
+    if isinstance(kc, PostgresSourceConfig):
+        active = (
+            "one of them listens (a Postgres advisory lock); the others stand by and one takes over within about a "
+            "second when the listener or its connection goes (notifications sent in between are lost)"
+        )
+    else:
+        active = (
+            "one of them is active per watched directory (a lock on `.iii-bridge.lock` there); the others stand by "
+            "and one takes over within about a second when it goes, delivering every file version not yet "
+            "recorded (at-least-once)"
+        )
+    return (
+        f"{names} Here {active}. Only the active replica provides the trigger type: a standby never registers "
+        "it (not at start, not on a reconnect, not after losing its lock), so the engine always routes the bindings "
+        "to the replica that delivers, and replays them all to the one that takes over."
+    )

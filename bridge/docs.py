@@ -111,7 +111,7 @@ def _source_section(config: BridgeConfig, source: SourceConfig) -> list[str]:
     out += ["", "### Example bind", ""]
     out += _examples(source)
     out += ["", "### Delivery", ""]
-    out += [f"- {line}" for line in prose.delivery_lines(source, base)]
+    out += [f"- {line}" for line in prose.delivery_lines(source, base, config.engine)]
     return out
 
 

@@ -64,7 +64,8 @@ def test_every_source_has_every_section(example: Path) -> None:
         assert f'"type": "{source.id}"' in section  # Python
         assert f'type: "{source.id}"' in section  # TypeScript
         assert "iii.register_trigger({" in section and "iii.registerTrigger({" in section
-        for bullet in ("Guarantee", "Ordering", "Retries", "Dead letters", "Back-pressure", "No binding yet"):
+        for bullet in ("Guarantee", "Ordering", "Retries", "Dead letters", "Back-pressure", "No binding yet",
+                       "Engine outages", "Replicas"):
             assert f"- **{bullet}**: " in section, bullet
         assert f"tried up to {source.delivery.retry.max_attempts} times" in section or "not retried" in section
         assert f"at most {source.max_in_flight} events" in section
@@ -87,6 +88,13 @@ def test_kafka_orders_content() -> None:
     assert "`./.bridge/dead-letters.jsonl`" in section
     assert "at most 128 events" in section and "partitions are paused" in section
     assert "nothing is consumed and nothing is committed until a function binds" in section
+    assert "**Engine outages**: while the iii engine is unreachable (a restart, a network cut) events wait" in section
+    assert "Nothing is filtered, skipped or acknowledged because of an outage" in section
+    assert "up to `engine.rebind_grace_ms` (60000 ms) after the reconnect" in section
+    assert "counts it in `bridge_bindings_expired_total`" in section
+    assert "retried like a delivery, never taken as a skip" in section
+    assert "mirror the engine's list of bindings every `engine.reconcile_interval_ms` (2000 ms)" in section
+    assert "consumer group `iii-bridge.orders.placed`" in section
 
 
 def test_postgres_content() -> None:
@@ -95,6 +103,9 @@ def test_postgres_content() -> None:
     assert "Delivery mode `void`" in listen
     assert "Postgres LISTEN on channels `user_signup`" in listen
     assert "notifications are dropped and counted" in listen
+    assert "the bridge keeps listening and notifications wait in memory" in listen
+    assert "one of them listens (a Postgres advisory lock)" in listen
+    assert "a standby never registers it (not at start, not on a reconnect, not after losing its lock)" in listen
     assert "This trigger type takes no options besides `condition_function_id`." not in listen
     assert "| `signed_up_at` | `{{ event.received_at }}` | `received_at` |" in listen
     outbox = _section(render_docs(_load(EXAMPLES / "postgres-outbox" / "bridge.yaml")), "payments.captured")
@@ -103,6 +114,7 @@ def test_postgres_content() -> None:
     assert "`./.bridge/payments-dead-letters.jsonl`" in outbox
     assert "| `currencies` | array of string, matching `^[A-Z]{3}$` | `[]` | no |" in outbox
     assert "rows wait in the table" in outbox
+    assert "They share the rows of `app.payment_outbox` (`FOR UPDATE SKIP LOCKED`)" in outbox
 
 
 def test_file_content() -> None:
@@ -113,6 +125,7 @@ def test_file_content() -> None:
     assert "versions of one file are delivered one after the other" in section
     assert '"config": {"customer": None},' in section and "config: { customer: null }," in section
     assert "files wait on disk" in section
+    assert "one of them is active per watched directory (a lock on `.iii-bridge.lock` there)" in section
 
 
 def test_without_payload_template_the_event_fields_are_listed(tmp_path: Path) -> None:
@@ -130,6 +143,16 @@ def test_without_payload_template_the_event_fields_are_listed(tmp_path: Path) ->
     assert "| `region` | one of `\"eu\"`, `\"us\"` | - | yes | where |" in text
     assert example_bind_config(config.sources[0]) == {"region": "eu", "limit": 10}
     assert "none (`ordering: none`): up to 64 events in parallel" in text
+
+
+def test_outage_and_replica_figures_come_from_the_engine_config(tmp_path: Path) -> None:
+    (tmp_path / "bridge.yaml").write_text(
+        "version: 1\nengine: {rebind_grace_ms: 4500, reconcile_interval_ms: 1500}\nsources:\n"
+        "  raw:\n    kafka: {bootstrap_servers: 'b:9092', topics: [t]}\n"
+    )
+    text = render_docs(_load(tmp_path / "bridge.yaml"))
+    assert "up to `engine.rebind_grace_ms` (4500 ms) after the reconnect" in text
+    assert "every `engine.reconcile_interval_ms` (1500 ms)" in text
 
 
 SECRETS = ("hunter2-kafka", "s3cr3t-dsn", "tok-9f8e7d", "bind-default-pw", "pw-in-description")

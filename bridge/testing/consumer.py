@@ -82,7 +82,8 @@ def _strip_caller(payload: Any) -> Any:
 class Consumer:
     """A real SDK client (own loop, own non-daemon thread: always close() it). With ``engine`` given (the
     fixtures do), function() and bind() return once the engine has stored the registration, and
-    registration_errors() works."""
+    registration_errors() works. ``reconnect_*`` set the SDK's reconnect backoff (a test that needs this consumer
+    back after the bridge gives a long delay and no jitter)."""
 
     __test__ = False
 
@@ -96,6 +97,7 @@ class Consumer:
         invocation_timeout_ms: int = 30_000,
         reconnect_initial_delay_ms: int = 50,
         reconnect_max_delay_ms: int = 500,
+        reconnect_jitter: float = 0.3,
     ) -> None:
         # Unique by default: the engine rejects a second live worker with the same name in a namespace.
         self.worker_name = worker_name or f"test-consumer-{os.getpid()}-{next(_names)}"
@@ -113,7 +115,8 @@ class Consumer:
             invocation_timeout_ms=invocation_timeout_ms,
             # Fast reconnects keep reconnect tests short; the SDK default starts at 1 s.
             reconnection_config=ReconnectionConfig(
-                initial_delay_ms=reconnect_initial_delay_ms, max_delay_ms=reconnect_max_delay_ms
+                initial_delay_ms=reconnect_initial_delay_ms, max_delay_ms=reconnect_max_delay_ms,
+                jitter_factor=reconnect_jitter,
             ),
         ))
 

@@ -91,6 +91,15 @@ class BridgeProcess:
             self.proc.kill()
         self.proc.wait()
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process keeps its connections but does nothing (a stalled host); :meth:`thaw` resumes it."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def __enter__(self) -> BridgeProcess:
         return self.start()
 
