@@ -224,8 +224,14 @@ def _dead_letters(dead: DeadLetterConfig, base: Path) -> str:
         where = f"the table `{redact(dead.postgres_table)}` in the source's database"
     return (
         f"{where}, one record per failed (event, binding): `source`, `event`, `binding`, `payload`, `error` "
-        "(`code`, `message`), `attempts`, `first_attempt_at`, `last_attempt_at`. An event that cannot be decoded "
-        "gets one record with `binding: null`. `bridge deadletters list|show|replay` inspects and re-delivers them."
+        "(`code`, `message`), `attempts`, `first_attempt_at`, `last_attempt_at`. Every event ends delivered, filtered "
+        "or dead-lettered, whatever it holds. JSON is decoded strictly (RFC 8259: `NaN`/`Infinity`, numbers beyond a "
+        "double's range, integers over 4,300 digits, lone surrogates and nesting deeper than 512 levels are "
+        "undecodable); an event that cannot be decoded gets one record with `binding: null` and its raw content "
+        "(text, or base64 in `raw_b64`) and is acknowledged, and the stream goes on. Only a destination that refuses "
+        "the write (disk full, broker down) holds an event: it is retried, logged and counted in "
+        "`bridge_dead_letter_failures_total`, and nothing is acknowledged before its record is durable. "
+        "`bridge deadletters list|show|replay` inspects and re-delivers them."
     )
 
 
