@@ -20,7 +20,7 @@ from typing import Any, Literal
 import jsonschema
 
 from bridge.errors import BindConfigError, PayloadSchemaError
-from bridge.yamlpos import Positions, load_yaml
+from bridge.yamlpos import TOO_DEEP, TOO_LARGE, Positions, load_yaml
 
 __all__ = [
     "KINDS",
@@ -289,6 +289,9 @@ def check_user_schema(schema: Any, *, must_be_object: bool) -> list[Finding]:
     return found
 
 
+_LIMITS = (TOO_DEEP, TOO_LARGE)
+
+
 class SchemaFileError(Exception):
     """A referenced schema file is missing, unreadable or not JSON; ``line``/``col`` are 1-based, 0 = none."""
 
@@ -320,10 +323,15 @@ def load_schema_file(path: Path) -> tuple[Any, Positions | None]:
             reason = first.message if first else "the file is empty"
             raise SchemaFileError(f"not valid YAML: {reason}", first.line if first else 0, first.col if first else 0)
         return document.data, positions
+    refused = next((p for p in problems if p.message in _LIMITS), None)
+    if refused is not None:  # too deep or too large for the checks after this one, though JSON might parse it
+        raise SchemaFileError(refused.message, refused.line, refused.col)
     try:
         return json.loads(text), positions
     except json.JSONDecodeError as exc:
         raise SchemaFileError(f"not valid JSON: {exc.msg}", exc.lineno, exc.colno) from None
+    except (ValueError, RecursionError):  # an integer beyond int()'s limit; nesting beyond the stack
+        raise SchemaFileError("not valid JSON: a number is too large or the nesting too deep") from None
 
 
 def resolve_pointer(document: Any, fragment: str) -> tuple[Any, SchemaPath]:

@@ -16,7 +16,6 @@ strings (JSON has no dates).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,11 @@ __all__ = ["Position", "Positions", "YamlDocument", "decode_text", "load_yaml"]
 KeyPath = tuple[str | int, ...]
 
 _MAX_NODES = 100_000  # far beyond any real config; stops "billion laughs" alias expansion early
+# Far deeper than any real config, and shallow enough that every later step (schema checks, templates, docs),
+# which recurse once or more per level, stays well inside Python's recursion limit.
+MAX_DEPTH = 64
+# Python refuses to print integers of more than 4,300 digits; no config number comes near this.
+MAX_INTEGER_BITS = 3322  # 10**1000 has 3,322 bits
 
 _TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {f"{_TAG}{t}" for t in ("str", "null", "bool", "int", "float")}
@@ -144,6 +148,45 @@ def _short(tag: str) -> str:
     return "!!" + tag[len(_TAG) :] if tag.startswith(_TAG) else tag
 
 
+TOO_DEEP = f"the document is nested deeper than {MAX_DEPTH} levels here"
+_TOO_DEEP_HINT = "flatten this part of the file"
+TOO_LARGE = "the number is too large (more than 1,000 digits)"
+
+
+def is_huge_int(value: Any) -> bool:
+    return isinstance(value, int) and value.bit_length() > MAX_INTEGER_BITS
+
+
+class _DepthLoader(yaml.SafeLoader):
+    """SafeLoader that stops composing at ``MAX_DEPTH`` nested collections, at the node that passes it."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        # Stopped while scanning: PyYAML's scanner slows down quadratically with `[[[[...` before the
+        # composer would see the first of them.
+        if self.flow_level >= MAX_DEPTH:
+            raise _TooDeep(self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH + 1:
+                raise _TooDeep(self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark: Any) -> None:
+        super().__init__()
+        self.mark = mark
+
+
 class _Abort(Exception):
     """The walk cannot go on (alias bomb); the problem is already recorded."""
 
@@ -180,6 +223,9 @@ class _Walker:
             self.problem("yaml-syntax", path, node,
                          f"the document expands to more than {_MAX_NODES} values (an alias bomb?)")
             raise _Abort
+        if len(path) > MAX_DEPTH:  # aliases can nest deeper than the text does
+            self.problem("yaml-syntax", path[:MAX_DEPTH], node, TOO_DEEP, _TOO_DEEP_HINT)
+            raise _Abort
         self.positions.values[path] = self._position(node)
         if isinstance(node, ScalarNode):
             return self._scalar(node, path)
@@ -207,7 +253,14 @@ class _Walker:
             self.problem("yaml-syntax", path, node, f"unsupported tag {_short(node.tag)}", _NO_TAGS)
             return node.value
         construct = self._constructor.yaml_constructors[node.tag]
-        return construct(self._constructor, node)
+        try:
+            value = construct(self._constructor, node)
+        except ValueError:  # an integer beyond the limit of int()
+            value = None
+        if (value is None and node.tag == f"{_TAG}int") or is_huge_int(value):
+            self.problem("yaml-syntax", path, node, TOO_LARGE)
+            return None
+        return value
 
     def _mapping(self, node: MappingNode, path: KeyPath) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -288,11 +341,18 @@ def load_yaml(text: str, file: str | None = None) -> tuple[YamlDocument | None, 
     """Parse ``text``. On a syntax error the document is None; otherwise it may come with problems
     (duplicate keys, tags) and a best-effort value. An empty document has ``data`` None."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = _DepthLoader(text)
+    except yaml.YAMLError as exc:  # the reader checks every character first
+        return None, [_syntax_problem(exc, text, file)]
+    try:
+        root = loader.get_single_node()
     except yaml.YAMLError as exc:
         return None, [_syntax_problem(exc, text, file)]
-    except RecursionError:
-        return None, [Problem("yaml-syntax", "", "the document is nested too deeply", None, 0, 0, file)]
+    except _TooDeep as exc:
+        line, col = exc.mark.line + 1, exc.mark.column + 1
+        return None, [Problem("yaml-syntax", "", TOO_DEEP, _TOO_DEEP_HINT, line, col, file)]
+    finally:
+        loader.dispose()
     walker = _Walker(text, file)
     if root is None:
         return YamlDocument(None, walker.positions), []
@@ -300,10 +360,6 @@ def load_yaml(text: str, file: str | None = None) -> tuple[YamlDocument | None, 
         data = walker.value(root, ())
     except _Abort:
         return None, walker.problems
-    except RecursionError:
-        limit = sys.getrecursionlimit()
-        return None, [Problem("yaml-syntax", "", f"the document is nested deeper than ~{limit // 3} levels",
-                              None, 0, 0, file)]
     problems = sorted(walker.problems, key=lambda p: (p.line, p.col))
     return YamlDocument(data, walker.positions, walker.invalid), problems
 
