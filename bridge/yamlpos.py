@@ -224,7 +224,11 @@ class _Walker:
                          f"the document expands to more than {_MAX_NODES} values (an alias bomb?)")
             raise _Abort
         if len(path) > MAX_DEPTH:  # aliases can nest deeper than the text does
-            self.problem("yaml-syntax", path[:MAX_DEPTH], node, TOO_DEEP, _TOO_DEEP_HINT)
+            # Blame the entry that holds it (the alias), not the anchor's text far away.
+            named = path[: next((i for i, p in enumerate(path) if not isinstance(p, str)), len(path))][:8]
+            at = self.positions.keys.get(named) or self._position(node)
+            self.problems.append(Problem("yaml-syntax", format_path(named), TOO_DEEP, _TOO_DEEP_HINT, at.line,
+                                         at.col, self.file))
             raise _Abort
         self.positions.values[path] = self._position(node)
         if isinstance(node, ScalarNode):
@@ -258,7 +262,8 @@ class _Walker:
         except ValueError:  # an integer beyond the limit of int()
             value = None
         if (value is None and node.tag == f"{_TAG}int") or is_huge_int(value):
-            self.problem("yaml-syntax", path, node, TOO_LARGE)
+            self.problem("value", path, node, TOO_LARGE)
+            self.invalid.add(path)
             return None
         return value
 
