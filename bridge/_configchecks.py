@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bridge._redact import redact_dsn
 from bridge.diagnostics import Problem, Severity, format_path
 from bridge.schemas import KINDS, SchemaFileError, check_user_schema, load_schema_file, resolve_pointer
 from bridge.templates import TemplateCompileError, compile_tree, compile_when
@@ -63,6 +64,12 @@ class Semantics:
         self.missing.append((problem, parent, names))
 
     def run(self) -> None:
+        url = as_mapping(self.data.get("engine")).get("url")
+        if isinstance(url, str) and ("@" in url.partition("://")[2] or redact_dsn(url) != url):
+            self.add("url-credentials", ("engine", "url"),
+                     "the URL carries credentials; the iii SDK writes it into a file under ~/.iii/run that "
+                     "other users of this machine can read", "set III_TOKEN instead (sent as a bearer token)",
+                     severity="warning")
         state_dir = self.data.get("state_dir", ".bridge")
         if isinstance(state_dir, str):
             self.directory(("state_dir",), state_dir, warn_missing=False)

@@ -25,6 +25,7 @@ path-missing         (warning) a watched directory does not exist yet
 path-not-dir         a path that must be a directory is something else
 file-missing         a file the config names (TLS certificate, key) does not exist or is a directory
 file-unreadable      bridge.yaml itself cannot be read
+url-credentials      (warning) ``engine.url`` carries a password or token, which the iii SDK writes to disk
 ==================== ======================================================================================
 """
 
