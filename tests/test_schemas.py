@@ -207,6 +207,28 @@ def test_load_schema_file_json_yaml_and_errors(tmp_path: Path) -> None:
         load_schema_file(tmp_path / "bin.json")
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{\n  "default": ' + "9" * 5000 + "\n}\n",
+         ("the number is too large (more than 1,000 digits)", 2, 14)),
+        ('{"a":\n' + "[" * 5000 + "]" * 5000 + "}\n",
+         ("the document is nested deeper than 64 levels here", 2, 64)),
+        ('{\n\t"default": ' + "9" * 5000 + "\n}\n",  # a tab: YAML refuses it before it sees the number
+         ("not valid JSON: a number is too large or the nesting too deep", 0, 0)),
+        ('{\n\t"a": ' + "[" * 5000 + "]" * 5000 + "\n}\n",
+         ("not valid JSON: a number is too large or the nesting too deep", 0, 0)),
+    ],
+)
+def test_load_schema_file_refuses_what_the_checks_cannot_handle(
+    tmp_path: Path, text: str, expected: tuple[str, int, int]
+) -> None:
+    (tmp_path / "s.json").write_text(text)
+    with pytest.raises(SchemaFileError) as caught:
+        load_schema_file(tmp_path / "s.json")
+    assert (caught.value.message, caught.value.line, caught.value.col) == expected
+
+
 def test_resolve_pointer() -> None:
     doc = {"$defs": {"a/b": {"type": "string"}, "list": [{"x": 1}]}}
     assert resolve_pointer(doc, "") == (doc, ())

@@ -17,7 +17,7 @@ from bridge import cli
 ROOT = Path(__file__).resolve().parent.parent
 BROKEN = sorted((Path(__file__).resolve().parent / "data" / "broken").glob("*.yaml"))
 SHIPPED = [ROOT / "bridge.yaml", *sorted((ROOT / "examples").glob("*/bridge.yaml"))]
-LINE = re.compile(r"^\S[^:]*(:\d+:\d+)?: (error|warning)\[[a-z-]+\] ")
+LINE = re.compile(r"^\S[^:]*:\d+:\d+: (error|warning)\[[a-z-]+\] ")  # every problem has a real line:col
 
 VALID = "version: 1\nsources:\n  inbox:\n    file: {path: .}\n"
 INVALID = "version: 1\nsources:\n  inbox:\n    file: {path: ., recursiv: true}\n    when: 5\n"
@@ -156,6 +156,46 @@ def test_broken_corpus_never_tracebacks(
     assert all(p["severity"] in ("error", "warning") for p in json.loads(out))
 
 
+_DEEP = "the document is nested deeper than 64 levels here; flatten this part of the file"
+_LARGE = "the number is too large (more than 1,000 digits)"
+_UNUSABLE = "not a usable path: File name too long"
+# The corpus files that once crashed validate ("internal error"), with their exact diagnostics.
+EXPECTED = {
+    "deep-nesting.yaml": [f"2:74: error[yaml-syntax] {_DEEP}"],
+    "deep-block-nesting.yaml": [f"67:129: error[yaml-syntax] {_DEEP}"],
+    "alias-nesting.yaml": [f"66:7: error[yaml-syntax] sources.s.payload.a60: {_DEEP}"],
+    "huge-integers.yaml": [
+        f"4:32: error[value] sources.s.file.settle_ms: {_LARGE}",
+        f"5:20: error[value] sources.s.max_in_flight: {_LARGE}",
+        f"6:18: error[value] sources.s.payload.n: {_LARGE}",
+    ],
+    "env-huge-default.yaml": [f"3:18: error[value] defaults.max_in_flight: {_LARGE}"],
+    "long-paths.yaml": [
+        f"2:12: error[value] state_dir: {_UNUSABLE}",
+        f"5:18: error[value] sources.s.file.path: {_UNUSABLE}",
+        f"5:351: error[value] sources.s.file.move_to: {_UNUSABLE}",
+    ],
+    "template-bombs.yaml": [
+        "5:11: error[template-syntax] sources.s.when: the template is nested too deeply to compile (RecursionError); "
+        "simplify it",
+        "9:12: error[template-syntax] sources.s.payload.ifs: the template is nested too deeply to compile "
+        "(IndentationError); simplify it",
+        "10:14: error[template-syntax] sources.s.payload.chain: the template is nested too deeply to compile "
+        "(SyntaxError); simplify it",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_broken_corpus_exact_diagnostics(
+    name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(BROKEN[0].parent)
+    code, out, err = run(capsys, "validate", "--offline", "-c", name)
+    assert (code, err) == (1, "")
+    assert out.splitlines()[:-1] == [f"{name}:{line}" for line in EXPECTED[name]]
+
+
 def test_broken_corpus_is_there() -> None:
     names = {p.name for p in BROKEN}
     assert {"binary-garbage.yaml", "latin1-bytes.yaml", "tabs.yaml", "empty.yaml", "duplicate-keys.yaml"} <= names
@@ -194,3 +234,59 @@ def test_the_installed_entry_point(tmp_path: Path) -> None:
     )
     assert done.returncode == 1 and done.stderr == ""
     assert done.stdout.splitlines()[-1].endswith(": 2 errors")
+
+
+SECRETS = {"III_URL": "ws://bridge:ur#l?pa/ss@127.0.0.1:49134", "KAFKA_BOOTSTRAP": "u:bo@tpass@k1:9092",
+           "KAFKA_PASSWORD": "0123", "DATABASE_URL": "postgresql://app:p#ss?w/rd@db:5432/app"}
+SECRET_CONFIG = """\
+version: 1
+engine:
+  url: ${III_URL}
+sources:
+  orders:
+    kafka:
+      bootstrap_servers: ${KAFKA_BOOTSTRAP}
+      topics: [orders]
+      security:
+        protocol: SASL_PLAINTEXT
+        sasl_mechanism: PLAIN
+        username: bridge
+        password: ${KAFKA_PASSWORD}
+    bind_schema:
+      type: object
+      properties:
+        api_key: {type: string, writeOnly: true, default: wo-s3cret, examples: [wo-s3cret-example]}
+        region: {type: string, default: eu}
+  signups:
+    postgres:
+      dsn: ${DATABASE_URL}
+      channels: [signup]
+"""
+
+
+def test_secrets_never_appear_in_validate_or_docs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text(SECRET_CONFIG)
+    secrets = ["ur#l", "pa/ss", "bo@tpass", "0123", "p#ss", "w/rd", "wo-s3cret"]
+    warning = ("bridge.yaml:3:8: warning[url-credentials] engine.url: the URL carries credentials; the iii SDK "
+               "writes it into a file under ~/.iii/run that other users of this machine can read; "
+               "set III_TOKEN instead (sent as a bearer token)")
+    code, out, err = run(capsys, "validate", "--offline")
+    assert (code, out.splitlines(), err) == (0, [warning, "bridge.yaml: valid, 2 sources, 1 warning"], "")
+    code, json_out, _ = run(capsys, "validate", "--offline", "--format", "json")
+    code, docs, docs_err = run(capsys, "docs")
+    assert code == 0 and "| `api_key` | string | `\"***\"` | no |" in docs
+    for text in (out, json_out, docs, docs_err):
+        assert not [s for s in secrets if s in text]
+    Path("bridge.yaml").write_text(SECRET_CONFIG.replace("password: ${KAFKA_PASSWORD}", "password: [x]"))
+    code, out, _ = run(capsys, "validate", "--offline")
+    assert code == 1 and "security.password: expected a string or null, got a list" in out
+    Path("bridge.yaml").write_text(SECRET_CONFIG.replace("url: ${III_URL}", "url: ${III_URL}x"))
+    monkeypatch.setenv("III_URL", "http://bridge:ur#l?pa/ss@127.0.0.1:49134")
+    code, out, _ = run(capsys, "validate", "--offline")
+    assert "engine.url: 'http://bridge:***@127.0.0.1:49134x' does not match ^wss?://" in out
+    assert not [s for s in secrets if s in out]
