@@ -187,6 +187,11 @@ class Semantics:
             self.require(here, (name,), f"cert_file and key_file go together; {name} is missing")
 
     def postgres(self, here: KeyPath, block: dict[str, Any]) -> None:
+        dsn = block.get("dsn")
+        if isinstance(dsn, str) and _unencoded_password(dsn):
+            self.add("value", (*here, "dsn"), "the password seems to hold an unencoded # ? / or @, which the "
+                     "database client reads as the end of the host", "percent-encode them: %23 %3F %2F %40",
+                     severity="warning")
         mode = block.get("mode", "listen")
         table = block.get("outbox_table")
         if mode == "outbox" and not _set(table):
@@ -338,6 +343,20 @@ def _failing_leaves(tree: Any, root: KeyPath) -> list[tuple[KeyPath, int, str]]:
         except _COMPILER_FAILURES:
             out.append((path, 1, _TOO_COMPLEX))
     return out
+
+
+def _unencoded_password(dsn: str) -> bool:
+    """Whether a URL DSN's password (up to the LAST @) holds a character that ends the host for a URL parser.
+    ``host:5432/db?x=a@b`` is a port and a query, not a password: digits before the first / ? # are a port."""
+    scheme, sep, rest = dsn.partition("://")
+    at = rest.rfind("@")
+    if not sep or not scheme or at < 0:
+        return False
+    user, colon, password = rest[:at].partition(":")
+    if not colon or any(c in user for c in "/?#"):
+        return False
+    head = re.split(r"[/?#]", password, maxsplit=1)[0]
+    return any(c in password for c in "/?#@") and not head.isdigit()
 
 
 def merge_delivery(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -1071,3 +1071,24 @@ def test_a_template_compiler_crash_is_still_a_template_problem(
         "bridge.yaml:8:12: error[template-syntax] sources.s.payload.bad: the template is nested too deeply to compile",
         "bridge.yaml:9:15: error[template-syntax] sources.s.payload.broken: expected name or number",
     ]
+
+
+@pytest.mark.parametrize(
+    ("dsn", "warned"),
+    [
+        ("postgresql://app:p#ss@db/app", True),
+        ("postgresql://app:p?ss@db/app", True),
+        ("postgresql://app:p/ss@db/app", True),
+        ("postgresql://app:p@ss@db/app", True),
+        ("postgresql://app:p%23ss@db/app", False),
+        ("postgresql://app:secret@db:5432/app", False),
+        ("postgresql://db:5432/app?user=a@b", False),  # a port and a query, not a password
+        ("host=db password=p#ss", False),
+    ],
+)
+def test_a_dsn_password_with_unencoded_characters_is_a_warning(check: Check, dsn: str, warned: bool) -> None:
+    problems = check(f"version: 1\nsources:\n  s:\n    postgres: {{dsn: '{dsn}', channels: [c]}}\n")
+    assert problems == ([
+        "bridge.yaml:4:21: warning[value] sources.s.postgres.dsn: the password seems to hold an unencoded # ? / "
+        "or @, which the database client reads as the end of the host; percent-encode them: %23 %3F %2F %40"
+    ] if warned else [])

@@ -139,6 +139,14 @@ def test_an_unexpected_error_is_one_line_and_exit_2(
     assert (code, out) == (2, "")
     assert err == "bridge: internal error: RuntimeError: boom (please report this)\n"
 
+    def leaky(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("cannot use postgresql://app:p#ss@db/app (password=s3cret)")
+
+    monkeypatch.setattr("bridge.config.check_config", leaky)
+    code, out, err = run(capsys, "validate", "-c", str(tmp_path / "x.yaml"))
+    assert err == ("bridge: internal error: ValueError: cannot use postgresql://app:***@db/app (password=***) "
+                   "(please report this)\n")
+
 
 @pytest.mark.parametrize("path", BROKEN, ids=[p.name for p in BROKEN])
 def test_broken_corpus_never_tracebacks(
@@ -275,8 +283,11 @@ def test_secrets_never_appear_in_validate_or_docs(
     warning = ("bridge.yaml:3:8: warning[url-credentials] engine.url: the URL carries credentials; the iii SDK "
                "writes it into a file under ~/.iii/run that other users of this machine can read; "
                "set III_TOKEN instead (sent as a bearer token)")
+    dsn = ("bridge.yaml:21:12: warning[value] sources.signups.postgres.dsn: the password seems to hold an "
+           "unencoded # ? / or @, which the database client reads as the end of the host; "
+           "percent-encode them: %23 %3F %2F %40")
     code, out, err = run(capsys, "validate", "--offline")
-    assert (code, out.splitlines(), err) == (0, [warning, "bridge.yaml: valid, 2 sources, 1 warning"], "")
+    assert (code, out.splitlines(), err) == (0, [warning, dsn, "bridge.yaml: valid, 2 sources, 2 warnings"], "")
     code, json_out, _ = run(capsys, "validate", "--offline", "--format", "json")
     code, docs, docs_err = run(capsys, "docs")
     assert code == 0 and "| `api_key` | string | `\"***\"` | no |" in docs
@@ -290,3 +301,25 @@ def test_secrets_never_appear_in_validate_or_docs(
     code, out, _ = run(capsys, "validate", "--offline")
     assert "engine.url: 'http://bridge:***@127.0.0.1:49134x' does not match ^wss?://" in out
     assert not [s for s in secrets if s in out]
+
+
+@pytest.mark.parametrize("password", ["p#ss?w/rd", "p@ss:w", "9ss?w/rd"])
+def test_an_unparseable_dsn_is_a_warning_not_an_internal_error(
+    password: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Online validate asks the database client to connect; it raises ValueError on such a DSN, quoting part
+    # of the password. Nothing is reached: the client refuses the DSN before connecting.
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://app:{password}@127.0.0.1:5432/postgres")
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  o:\n    postgres:\n      dsn: ${DATABASE_URL}\n"
+                                   "      mode: outbox\n      outbox_table: bridge_outbox\n")
+    code, out, err = run(capsys, "validate")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "bridge.yaml:5:12: warning[value] sources.o.postgres.dsn: the password seems to hold an unencoded # ? / "
+        "or @, which the database client reads as the end of the host; percent-encode them: %23 %3F %2F %40",
+        "bridge.yaml:3:1: warning[outbox-unchecked] sources.o.postgres.outbox_table: not checked: cannot connect "
+        "to postgresql://app:***@127.0.0.1:5432/postgres: the client cannot parse the DSN "
+        "(percent-encode # ? / @ : in the password)",
+        "bridge.yaml: valid, 1 source, 2 warnings",
+    ]
