@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from bridge.schemas import bridge_schema
-from bridge.yamlpos import TOO_LARGE, KeyPath, is_huge_int
+from bridge.yamlpos import TOO_LARGE, KeyPath, has_surrogate, is_huge_int
 
 if TYPE_CHECKING:
     from bridge._configload import Analysis
@@ -142,6 +142,8 @@ def substitute(result: Analysis, env: Mapping[str, str]) -> set[KeyPath]:
             return value
         try:
             text, refs = _substitute_text(value, env)
+            if has_surrogate(text):  # a value that is not UTF-8 (os.environ keeps its bytes as surrogates)
+                raise _EnvError("value", "the substituted value is not UTF-8 text", "")
             whole = refs == 1 and value.startswith("${") and value.endswith("}") and value.find("}") == len(value) - 1
             return _as_scalar(text, wanted_types(path)) if whole else text
         except _EnvError as exc:

@@ -16,6 +16,7 @@ strings (JSON has no dates).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +154,26 @@ _TOO_DEEP_HINT = "flatten this part of the file"
 TOO_LARGE = "the number is too large (more than 1,000 digits)"
 
 
+NOT_TEXT = "holds a lone surrogate escape (\\ud800-\\udfff), which is not a character"  # after "the text"/"the key"
+NOT_TEXT_HINT = "write the character itself, or \\U0001F600 for one beyond \\uFFFF"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_surrogate(text: str) -> bool:
+    """Whether ``text`` cannot be written as UTF-8 (a ``"\\ud800"`` escape; a non-UTF-8 environment value)."""
+    return _SURROGATE.search(text) is not None
+
+
+def join_surrogates(text: str) -> str | None:
+    """``text`` with each ``\\ud83d\\ude00`` pair (YAML keeps the two halves apart) joined into its character;
+    None when a half has no partner."""
+    try:
+        joined = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeDecodeError:
+        return None
+    return None if has_surrogate(joined) else joined
+
+
 def is_huge_int(value: Any) -> bool:
     return isinstance(value, int) and value.bit_length() > MAX_INTEGER_BITS
 
@@ -256,6 +277,12 @@ class _Walker:
         if node.tag not in _SCALAR_TAGS:
             self.problem("yaml-syntax", path, node, f"unsupported tag {_short(node.tag)}", _NO_TAGS)
             return node.value
+        if node.tag == f"{_TAG}str" and has_surrogate(node.value):
+            joined = join_surrogates(node.value)
+            if joined is None:
+                self.problem("value", path, node, f"the text {NOT_TEXT}", NOT_TEXT_HINT)
+                self.invalid.add(path)
+            return joined
         construct = self._constructor.yaml_constructors[node.tag]
         try:
             value = construct(self._constructor, node)
@@ -283,6 +310,12 @@ class _Walker:
                 self.problem("yaml-syntax", path, key_node, "a key must be a plain string, not a list or mapping")
                 continue
             key = str(key_node.value)
+            if has_surrogate(key):
+                joined = join_surrogates(key)
+                if joined is None:
+                    self.problem("yaml-syntax", path, key_node, f"the key {NOT_TEXT}", NOT_TEXT_HINT)
+                    continue
+                key = joined
             if key in seen:
                 self._duplicate(key, path, key_node, seen[key])
                 continue

@@ -150,6 +150,26 @@ def test_yaml_problems(text: str, expected: str) -> None:
     assert [p.format_text() for p in problems] == [expected]
 
 
+_NOT_TEXT = ("holds a lone surrogate escape (\\ud800-\\udfff), which is not a character; "
+             "write the character itself, or \\U0001F600 for one beyond \\uFFFF")
+
+
+def test_lone_surrogates_are_refused_and_pairs_joined() -> None:
+    doc, problems = load_yaml('a: "\\ud83d\\ude00"\nb: "x\\ud800"\n"\\udc80": 1\n', "f")
+    assert [p.format_text() for p in problems] == [
+        f"f:2:4: error[value] b: the text {_NOT_TEXT}",
+        f"f:3:1: error[yaml-syntax] the key {_NOT_TEXT}",
+    ]
+    assert doc is not None and doc.data == {"a": "\U0001f600", "b": None}
+
+
+def test_an_environment_value_that_is_not_utf8_is_refused(check: Check) -> None:
+    # os.environ keeps the bytes of a value that is not UTF-8 as lone surrogates
+    assert check("version: 1\nsources: {s: {file: {path: .}, description: '${D}'}}\n", env={"D": "caf\udce9"}) == [
+        "bridge.yaml:2:45: error[value] sources.s.description: the substituted value is not UTF-8 text",
+    ]
+
+
 def test_limits_leave_real_documents_alone() -> None:
     doc, problems = load_yaml("a: " + "[" * 63 + "]" * 63 + "\nb: " + "9" * 1000 + "\n", "f")
     assert problems == [] and doc is not None

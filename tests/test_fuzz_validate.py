@@ -8,6 +8,7 @@ through the whole command line.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -30,7 +31,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*/bridge.yaml"))
 SEED = int(os.environ.get("BRIDGE_FUZZ_SEED", "20261206"))
 PER_EXAMPLE = 520  # four examples: 2,080 mutants
 BOUND_S = 10.0  # per mutant; generous, the machine is shared
-ENV = {"III_URL": "ws://127.0.0.1:49134", "KAFKA_PASSWORD": "0123"}
+ENV = {"III_URL": "ws://127.0.0.1:49134", "KAFKA_PASSWORD": "0123", "NOT_UTF8": "\udcff"}
 
 # ---------------------------------------------------------------------------------------------------------
 # values that replace a scalar
@@ -60,7 +61,8 @@ _ODD_VALUES = [
     "[" * 10000 + "]" * 10000, "{a: " * 3000 + "1" + "}" * 3000,
     "\"\\u200f\\u202eevil\"", "\"a\\0b\"", "\"\\ud800\"", "\"\\udfff x\"", "\"\\uFEFF\"", "\"\\x85\\u2028\"",
     "'${'", "'${A'", "'${${A}}'", "'$${A}'", "'${}'", "'${:x}'", "'${A:${B}}'", "'${A:" + "x" * 20_000 + "}'",
-    "'${KAFKA_PASSWORD}'", "'${UNSET_VAR}'", "'${A-B}'", "'$'", "'$$'", "'${A:}'", "'${" + "A" * 5000 + "}'",
+    "'${KAFKA_PASSWORD}'", "'${UNSET_VAR}'", "'${NOT_UTF8}'", "\"\\ud83d\\ude00\"",
+    "'${A-B}'", "'$'", "'$$'", "'${A:}'", "'${" + "A" * 5000 + "}'",
     "'" + "a" * 300 + "'", "'" + "/".join(["x" * 255] * 20) + "'", "'" + "a/" * 3000 + "'", "'~nosuchuser/x'",
     "'/dev/null'", "'/proc/self'", "'.'", "'..'",
     "*nosuchanchor", "&a 1", "!!binary aGk=", "!!python/object:os.system x", "|\n  block", ">-\n  folded",
@@ -228,8 +230,10 @@ def _validate(path: Path) -> str | None:
     for p in problems:
         if p.line <= 0 or p.col <= 0:
             return f"no line:col: {p.format_text()[:300]}"
+        p.format_text().encode()  # what the CLI prints must be printable (no lone surrogates)
+        json.dumps(p.to_json(), ensure_ascii=False).encode()
     if config is not None:
-        render_docs(config)
+        render_docs(config).encode()
     return None
 
 
