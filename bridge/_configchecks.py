@@ -153,7 +153,7 @@ class Semantics:
         if pattern and isinstance(block["topic_pattern"], str):
             try:
                 re.compile(block["topic_pattern"])
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError) as exc:  # a{99999999999}; ((((...)))) nested deep
                 self.add("value", (*here, "topic_pattern"), f"not a valid regular expression: {exc}")
         security = block.get("security")
         if isinstance(security, dict):

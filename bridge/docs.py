@@ -136,6 +136,9 @@ def _bind_table(source: SourceConfig) -> list[str]:
     return out
 
 
+_MAX_NESTED_PROPERTIES = 8
+
+
 def _properties(root: Any, schema: Any, prefix: str) -> Iterator[tuple[str, dict[str, Any], bool]]:
     """(dotted name, subschema, required) of an object schema's properties, nested objects flattened."""
     schema = _deref(root, schema)
@@ -147,7 +150,8 @@ def _properties(root: Any, schema: Any, prefix: str) -> Iterator[tuple[str, dict
         if not isinstance(sub, dict):
             continue
         yield f"{prefix}{name}", sub, name in required
-        if isinstance(sub.get("properties"), dict):
+        # A schema may refer to itself ($ref: '#'): its table shows a few levels, not an endless one.
+        if isinstance(sub.get("properties"), dict) and prefix.count(".") < _MAX_NESTED_PROPERTIES:
             yield from _properties(root, sub, f"{prefix}{name}.")
 
 

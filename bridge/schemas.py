@@ -269,9 +269,33 @@ def _dangling_refs(root: Any, node: Any, path: SchemaPath) -> Iterator[Finding]:
             yield from _dangling_refs(root, value, (*path, key))
 
 
+def _uncompilable_patterns(node: Any, path: SchemaPath) -> Iterator[Finding]:
+    """``pattern``s (and ``patternProperties`` names) that Python's ``re`` refuses with something other than
+    ``re.error`` (``a{99999999999999999999}``), which no regex check expects."""
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _uncompilable_patterns(item, (*path, index))
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        texts = [((*path, key), value)] if key == "pattern" and isinstance(value, str) else []
+        if key == "patternProperties" and isinstance(value, dict):
+            texts += [((*path, key, name), name) for name in value]
+        for where, text in texts:
+            try:
+                re.compile(text)
+            except re.error:
+                pass  # the meta-schema reports these
+            except (OverflowError, RecursionError, MemoryError) as exc:
+                yield Finding(where, "bind-schema-invalid", f"not a usable regular expression: {exc}")
+        yield from _uncompilable_patterns(value, (*path, key))
+
+
 def check_user_schema(schema: Any, *, must_be_object: bool) -> list[Finding]:
     """Every reason ``schema`` is not a usable 2020-12 schema (errors), and unknown keywords (warnings)."""
-    found: list[Finding] = []
+    found: list[Finding] = list(_uncompilable_patterns(schema, ()))
+    if found:  # the meta-schema's own regex check would crash on these
+        return found
     for error in _META.iter_errors(schema):
         path = tuple(error.absolute_path)
         if path[-1:] == ("type",) and isinstance(error.instance, str):

@@ -292,3 +292,14 @@ def test_every_property_has_a_description() -> None:
 
 def test_bridge_validator_is_built_once() -> None:
     assert bridge_validator() is bridge_validator()
+
+
+def test_check_user_schema_reports_patterns_re_cannot_compile() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "a{99999999999999999999}"}},
+              "patternProperties": {"b{99999999999999999999}": {}}}
+    assert [(f.path, f.code, f.message) for f in check_user_schema(schema, must_be_object=True)] == [
+        (("properties", "a", "pattern"), "bind-schema-invalid",
+         "not a usable regular expression: the repetition number is too large"),
+        (("patternProperties", "b{99999999999999999999}"), "bind-schema-invalid",
+         "not a usable regular expression: the repetition number is too large"),
+    ]

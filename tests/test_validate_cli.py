@@ -323,3 +323,25 @@ def test_an_unparseable_dsn_is_a_warning_not_an_internal_error(
         "(percent-encode # ? / @ : in the password)",
         "bridge.yaml: valid, 1 source, 2 warnings",
     ]
+
+
+def test_docs_of_a_schema_that_refers_to_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  s:\n    file: {path: .}\n"
+                                   "    bind_schema: {type: object, properties: {a: {$ref: '#'}}}\n")
+    code, out, err = run(capsys, "docs")
+    assert (code, err) == (0, "")
+    assert "| `a.a.a.a.a.a.a.a.a` |" in out and "| `a.a.a.a.a.a.a.a.a.a` |" not in out
+
+
+def test_regular_expressions_re_refuses_are_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  s:\n    kafka: {bootstrap_servers: k, "
+                                   "topic_pattern: 'a{99999999999999999999}'}\n")
+    code, out, _ = run(capsys, "validate", "--offline")
+    assert (code, out.splitlines()[0]) == (1, "bridge.yaml:4:50: error[value] sources.s.kafka.topic_pattern: "
+                                              "not a valid regular expression: the repetition number is too large")
