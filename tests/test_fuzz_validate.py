@@ -65,6 +65,8 @@ _ODD_VALUES = [
     "'${A-B}'", "'$'", "'$$'", "'${A:}'", "'${" + "A" * 5000 + "}'",
     "'" + "a" * 300 + "'", "'" + "/".join(["x" * 255] * 20) + "'", "'" + "a/" * 3000 + "'", "'~nosuchuser/x'",
     "'/dev/null'", "'/proc/self'", "'.'", "'..'",
+    "'a{99999999999999999999}'", "'(?<=a+)b'", "{$ref: '#'}", "{type: object, properties: {a: {$ref: '#'}}}",
+    "{type: object, properties: {a: {type: string, pattern: 'a{99999999999999999999}'}}}",
     "*nosuchanchor", "&a 1", "!!binary aGk=", "!!python/object:os.system x", "|\n  block", ">-\n  folded",
     *_templates(),
 ]
@@ -101,8 +103,28 @@ def _replace_value(rng: random.Random, lines: list[str]) -> str:
     return f"line {i + 1} value -> {value[:60]!r}"
 
 
+_REGEXES = ["'a{99999999999999999999}'", "'('", "'(?<=a+)b'", "'" + "(" * 500 + "a" + ")" * 500 + "'", "'[\\'"]
+
+
+def _regex_op(rng: random.Random, lines: list[str]) -> str:
+    """A bad regular expression where one is compiled: topic_pattern, or a schema's pattern."""
+    regex = rng.choice(_REGEXES)
+    for i, line in enumerate(lines):
+        key = line.strip().partition(":")[0]
+        indent = line[: len(line) - len(line.lstrip())]
+        if key == "topics":
+            lines[i] = f"{indent}topic_pattern: {regex}"
+            return f"topic_pattern {regex[:30]}"
+        if key == "type" and rng.random() < 0.5:
+            lines.insert(i, f"{indent}pattern: {regex}")
+            return f"pattern {regex[:30]} at line {i + 1}"
+    return "no place for a regex"
+
+
 def _line_ops(rng: random.Random, lines: list[str]) -> str:
-    op = rng.randrange(9)
+    op = rng.randrange(10)
+    if op == 9:
+        return _regex_op(rng, lines)
     i = rng.randrange(len(lines))
     j = rng.randrange(len(lines))
     if op == 0:
