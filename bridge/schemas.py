@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import jsonschema
 
+from bridge._redact import REDACTED, is_secret_key, redact
 from bridge.errors import BindConfigError, PayloadSchemaError
 from bridge.yamlpos import TOO_DEEP, TOO_LARGE, Positions, load_yaml
 
@@ -108,8 +109,36 @@ def violations(validator: Any, instance: Any) -> list[str]:
             missing = [k for k in error.validator_value if k not in error.instance]
             out.extend(f"{json_path(where)}: missing required property {k!r}" for k in missing)
         else:
-            out.append(f"{json_path(where)}: {error.message}")
+            out.append(f"{json_path(where)}: {_safe_message(error)}")
     return out
+
+
+def _mask_write_only(instance: Any, schema: Any) -> Any:
+    """``instance`` with the values of properties its schema marks ``writeOnly`` masked."""
+    properties = schema.get("properties") if isinstance(schema, Mapping) else None
+    if not isinstance(instance, dict) or not isinstance(properties, Mapping):
+        return instance
+    return {k: REDACTED if isinstance(properties.get(k), Mapping) and properties[k].get("writeOnly") is True
+            else v for k, v in instance.items()}
+
+
+def _safe_message(error: Any) -> str:
+    """``error.message`` without the value when it is a secret (a secret-named key, ``writeOnly: true``) or a
+    whole object or list (which may hold one): bind configs and payloads carry credentials."""
+    instance = error.instance
+    key = error.absolute_path[-1] if error.absolute_path else None
+    secret = (isinstance(key, str) and is_secret_key(key)) or (
+        isinstance(error.schema, Mapping) and error.schema.get("writeOnly") is True)
+    if not secret and not isinstance(instance, (dict, list)):
+        return str(error.message)
+    shown = "the value"
+    if not secret:
+        masked = redact(_mask_write_only(instance, error.schema))
+        shown = repr(masked) if len(repr(masked)) <= 80 else "the object" if isinstance(instance, dict) else "the list"
+    message = str(error.message).replace(repr(instance), shown)
+    if secret and isinstance(instance, str) and instance and instance in message:
+        return f"{shown} breaks {error.validator!r}"  # the message quoted it some other way
+    return message
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -303,3 +303,20 @@ def test_check_user_schema_reports_patterns_re_cannot_compile() -> None:
         (("patternProperties", "b{99999999999999999999}"), "bind-schema-invalid",
          "not a usable regular expression: the repetition number is too large"),
     ]
+
+
+def test_bind_rejections_never_show_a_secret() -> None:
+    validator = BindValidator("t", {
+        "type": "object", "additionalProperties": False, "not": {"required": ["bad"]},
+        "properties": {"api_key": {"type": "string", "writeOnly": True, "minLength": 20},
+                       "password": {"type": "string", "pattern": "^x"}, "n": {"type": "integer"}},
+    })
+    with pytest.raises(BindConfigError) as caught:
+        validator.check({"api_key": "hunter2", "password": "hunter3", "n": "5", "bad": 1})
+    assert str(caught.value) == (
+        "bind config rejected by trigger type 't': "
+        "$: unknown property 'bad' (allowed: api_key, condition_function_id, n, password); "
+        "$: {'api_key': '***', 'password': '***', 'n': '5', 'bad': 1} should not be valid under {'required': ['bad']}; "
+        "$.api_key: the value is too short; $.password: the value does not match '^x'; "
+        "$.n: '5' is not of type 'integer'"
+    )
