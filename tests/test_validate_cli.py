@@ -345,3 +345,40 @@ def test_regular_expressions_re_refuses_are_problems(
     code, out, _ = run(capsys, "validate", "--offline")
     assert (code, out.splitlines()[0]) == (1, "bridge.yaml:4:50: error[value] sources.s.kafka.topic_pattern: "
                                               "not a valid regular expression: the repetition number is too large")
+
+
+@pytest.mark.parametrize(
+    ("event", "bind_config", "expected"),
+    [
+        ('{"content": ' + "9" * 5000 + "}", None,
+         "bridge: event file event.json holds a number too large or nesting too deep to read\n"),
+        ('{"content": ' + "[" * 100_000 + "]" * 100_000 + "}", None,
+         "bridge: event file event.json holds a number too large or nesting too deep to read\n"),
+        ('{"content": 1}', '{"a": ' + "9" * 5000 + "}",
+         "bridge: --config holds a number too large or nesting too deep to read\n"),
+        ('{"content": 1}', "[" * 100_000, "bridge: --config holds a number too large or nesting too deep to read\n"),
+    ],
+)
+def test_render_refuses_what_json_cannot_read(
+    event: str, bind_config: str | None, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  s:\n    file: {path: ., content: json}\n"
+                                   "    payload: {x: '{{ event.content }}'}\n")
+    Path("event.json").write_text(event)
+    extra = ["--config", bind_config] if bind_config is not None else []
+    code, out, err = run(capsys, "render", "s", "--event", "event.json", *extra)
+    assert (code, out, err) == (1, "", expected)
+
+
+def test_render_prints_a_lone_surrogate_as_an_escape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  s:\n    file: {path: ., content: json}\n"
+                                   "    payload: {x: '{{ event.content }}', y: 'é'}\n")
+    Path("event.json").write_text('{"content": "\\ud800"}')
+    code, out, _ = run(capsys, "render", "s", "--event", "event.json")
+    assert (code, json.loads(out)) == (0, {"x": "\ud800", "y": "é"})
+    assert out.encode() and "\\ud800" in out
