@@ -21,7 +21,7 @@ from bridge._envsubst import substitute
 from bridge._redact import CREDENTIAL_KEYS, is_secret_key, redact_value
 from bridge.diagnostics import Problem, Severity, format_path
 from bridge.schemas import bridge_validator
-from bridge.yamlpos import KeyPath, Positions, decode_text, load_yaml
+from bridge.yamlpos import KeyPath, Positions, decode_text, load_yaml, read_capped
 
 # AIOKafkaConsumer arguments that client_options may not hold (the bridge sets them, or YAML cannot express
 # them), each with where to go instead. Every other argument is in schemas/source-kafka.json.
@@ -81,7 +81,7 @@ def read(path: Path, display: str) -> Analysis:
     """Read and parse bridge.yaml; the result has ``data`` unless the file is unreadable or not a mapping."""
     result = Analysis(Path(os.path.abspath(path)), display)
     try:
-        raw = path.read_bytes()
+        raw = read_capped(path)
     except FileNotFoundError:
         result.problems.append(Problem("file-unreadable", "", "no such file", None, 0, 0, display))
         return result

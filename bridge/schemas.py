@@ -21,7 +21,7 @@ import jsonschema
 
 from bridge._redact import REDACTED, is_secret_key, redact
 from bridge.errors import BindConfigError, PayloadSchemaError
-from bridge.yamlpos import TOO_DEEP, TOO_LARGE, Positions, load_yaml
+from bridge.yamlpos import TOO_DEEP, TOO_LARGE, Positions, load_yaml, read_capped
 
 __all__ = [
     "KINDS",
@@ -358,7 +358,7 @@ class SchemaFileError(Exception):
 def load_schema_file(path: Path) -> tuple[Any, Positions | None]:
     """The JSON document at ``path`` (``.yaml``/``.yml``: YAML) and, when known, where each of its parts is."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_capped(path).decode("utf-8")
     except FileNotFoundError:
         raise SchemaFileError("no such file") from None
     except IsADirectoryError:

@@ -16,9 +16,11 @@ strings (JSON has no dates).
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -111,6 +113,18 @@ def _line_col(text: str, offset: int) -> tuple[int, int]:
     line = text.count("\n", 0, offset) + 1
     col = offset - (text.rfind("\n", 0, offset) + 1) + 1
     return line, col
+
+
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a config is a few kilobytes; this stops `-c /dev/zero`
+
+
+def read_capped(path: Path) -> bytes:
+    """The bytes of ``path``; OSError(EFBIG) when it holds more than ``MAX_FILE_BYTES``."""
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB, too large for a config")
+    return data
 
 
 def decode_text(data: bytes, file: str | None = None) -> tuple[str | None, list[Problem]]:

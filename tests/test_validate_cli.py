@@ -382,3 +382,20 @@ def test_render_prints_a_lone_surrogate_as_an_escape(
     code, out, _ = run(capsys, "render", "s", "--event", "event.json")
     assert (code, json.loads(out)) == (0, {"x": "\ud800", "y": "é"})
     assert out.encode() and "\\ud800" in out
+
+
+def test_an_endless_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, _ = run(capsys, "validate", "-c", "/dev/zero")
+    assert (code, out.splitlines()) == (2, [
+        "/dev/zero: error[file-unreadable] cannot read: larger than 16 MiB, too large for a config",
+        "/dev/zero: 1 error",
+    ])
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  s:\n    file: {path: .}\n"
+                                   "    bind_schema: {$ref: /dev/zero}\n")
+    code, out, _ = run(capsys, "validate")
+    assert (code, out.splitlines()[0]) == (1, "bridge.yaml:5:25: error[schema-ref] sources.s.bind_schema.$ref: "
+                                              "cannot load /dev/zero: cannot read it: larger than 16 MiB, too large "
+                                              "for a config")
