@@ -19,7 +19,9 @@ _SECRET_NAMES = frozenset({"password", "passwd", "secret", "token", "api_key", "
                            "secret_key", "private_key"})
 # Keys whose values are not secret as a whole but may carry credentials (shown with those masked).
 CREDENTIAL_KEYS = frozenset({"dsn", "url", "bootstrap_servers"})
-_PASSWORD_PAIR = re.compile(r"((?:^|(?<=[\s?&;]))\w*password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s;]*)", re.IGNORECASE)
+_SECRET_WORDS = ("password", "passwd", "token", "secret", "apikey", "api_key")
+_PASSWORD_PAIR = re.compile(r"((?:^|(?<=[\s?&;]))\w*(?:password|passwd|token|secret|api_?key)\w*\s*=\s*)"
+                            r"('(?:[^'\\]|\\.)*'|[^&\s;]*)", re.IGNORECASE)
 _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
 
 
@@ -63,10 +65,12 @@ def _mask_urls(text: str) -> str:
 
 
 def redact_dsn(dsn: str) -> str:
-    """``dsn`` with passwords masked: ``postgresql://app:***@db/x``, ``host=db password=***``, ``?password=***``.
+    """``dsn`` with passwords masked: ``postgresql://app:***@db/x``, ``host=db password=***``, ``?password=***``
+    (and ``token=``, ``secret=``, ``api_key=`` pairs).
     User names stay (they help to debug a failed login)."""
     masked = _mask_urls(dsn) if "://" in dsn else dsn
-    if "password" not in masked.lower():
+    lowered = masked.lower()
+    if not any(word in lowered for word in _SECRET_WORDS):
         return masked
     return _PASSWORD_PAIR.sub(lambda m: m.group(1) + REDACTED, masked)
 

@@ -933,6 +933,9 @@ def test_client_options_are_the_consumer_arguments_the_bridge_does_not_set() -> 
         ("mailto: ops@example.com", "mailto: ops@example.com"),
         ("x://", "x://"),
         ("://u:p@h", "://u:p@h"),  # no scheme, no URL
+        ("wss://engine/?token=abc&x=1", "wss://engine/?token=***&x=1"),
+        ("wss://engine/?api_key=abc", "wss://engine/?api_key=***"),
+        ("tokens and secrets", "tokens and secrets"),
     ],
 )
 def test_redact_dsn(dsn: str, shown: str) -> None:
@@ -1051,6 +1054,14 @@ def test_diagnostics_never_show_a_secret(check: Check) -> None:
         "bridge.yaml:10:21: error[type] sources.p.postgres.dsn: expected a string, got a list",
     ]
     assert not any(secret in "\n".join(problems) for secret in ("hu#nt", "12345678", "hunter5"))
+
+
+def test_a_token_in_the_engine_url_is_warned_about(check: Check) -> None:
+    assert check("version: 1\nengine: {url: 'wss://e:443/?token=t0k'}\nsources: {s: {file: {path: .}}}\n") == [
+        "bridge.yaml:2:15: warning[url-credentials] engine.url: the URL carries credentials; the iii SDK writes "
+        "it into a file under ~/.iii/run that other users of this machine can read; "
+        "set III_TOKEN instead (sent as a bearer token)",
+    ]
 
 
 def test_a_url_without_credentials_gets_no_warning(check: Check) -> None:
