@@ -131,10 +131,14 @@ def _json_type(value: Any) -> str:
 # JSON Schema
 
 
+def _is_secret(path: KeyPath) -> bool:
+    return bool(path) and isinstance(path[-1], str) and is_secret_key(path[-1])
+
+
 def _describe(value: Any, path: KeyPath = ()) -> str:
     """``value`` as a diagnostic shows it: never a secret (DESIGN.md §1), credentials in URLs masked."""
     key = path[-1] if path else None
-    if isinstance(key, str) and is_secret_key(key):
+    if _is_secret(path):
         return _TYPE_NAMES[_json_type(value)]
     if isinstance(key, str) and key in CREDENTIAL_KEYS:
         value = redact_value(key, value)
@@ -185,7 +189,7 @@ def schema_problems(result: Analysis, skip: set[KeyPath],
             options = [o for o in value if isinstance(o, str)]
             shown = ", ".join("null" if o is None else str(o) for o in value)
             hint = did_you_mean(instance, options, 0.75) if isinstance(instance, str) else None
-            secret = _describe(instance, path) != _describe(instance)
+            secret = _is_secret(path)
             message = "not one of the allowed values" if secret else f"{_describe(instance)} is not one of: {shown}"
             result.add("value", path, message, hint if hint and hint.startswith("did") and not secret else None)
         elif kind == "const":
@@ -208,8 +212,8 @@ def schema_problems(result: Analysis, skip: set[KeyPath],
         elif kind == "pattern":
             result.add("value", path, f"{_describe(instance, path)} does not match {value}")
         else:
-            secret = _describe(instance, path) != _describe(instance)
-            result.add("value", path, f"not allowed ({kind})" if secret else error.message)
+            hidden = _is_secret(path) or path[-1:] in {(k,) for k in CREDENTIAL_KEYS}  # the message quotes it
+            result.add("value", path, f"not allowed ({kind})" if hidden else error.message)
 
 
 _SAFE_INTEGER = 2**53 - 1  # beyond it JSON numbers lose precision, and timers overflow long before

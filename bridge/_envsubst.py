@@ -63,7 +63,7 @@ def _resolve(node: Any) -> Any:
     return node
 
 
-def wanted_types(path: KeyPath) -> frozenset[str]:
+def _wanted_types(path: KeyPath) -> frozenset[str]:
     """The JSON types bridge.yaml's schema allows at ``path`` (empty when any, or when the path is unknown)."""
     node: Any = _schema()
     for part in path:
@@ -145,7 +145,7 @@ def substitute(result: Analysis, env: Mapping[str, str]) -> set[KeyPath]:
             if has_surrogate(text):  # a value that is not UTF-8 (os.environ keeps its bytes as surrogates)
                 raise _EnvError("value", "the substituted value is not UTF-8 text", "")
             whole = refs == 1 and value.startswith("${") and value.endswith("}") and value.find("}") == len(value) - 1
-            return _as_scalar(text, wanted_types(path)) if whole else text
+            return _as_scalar(text, _wanted_types(path)) if whole else text
         except _EnvError as exc:
             result.add(exc.code, path, exc.message, exc.hint or None)
             failed.add(path)
