@@ -19,9 +19,10 @@ from bridge._configchecks import Semantics, as_mapping, did_you_mean
 from bridge._configchecks import merge_delivery as merge_delivery  # config.py imports it from here
 from bridge._envsubst import substitute
 from bridge._redact import CREDENTIAL_KEYS, is_secret_key, redact_value
+from bridge._yamllimits import read_capped
 from bridge.diagnostics import Problem, Severity, format_path
 from bridge.schemas import bridge_validator
-from bridge.yamlpos import KeyPath, Positions, decode_text, load_yaml, read_capped
+from bridge.yamlpos import KeyPath, Positions, decode_text, load_yaml
 
 # AIOKafkaConsumer arguments that client_options may not hold (the bridge sets them, or YAML cannot express
 # them), each with where to go instead. Every other argument is in schemas/source-kafka.json.

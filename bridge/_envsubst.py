@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from bridge._yamllimits import TOO_LARGE, has_surrogate, is_huge_int
 from bridge.schemas import bridge_schema
-from bridge.yamlpos import TOO_LARGE, KeyPath, has_surrogate, is_huge_int
+from bridge.yamlpos import KeyPath
 
 if TYPE_CHECKING:
     from bridge._configload import Analysis

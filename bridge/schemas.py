@@ -20,8 +20,9 @@ from typing import Any, Literal
 import jsonschema
 
 from bridge._redact import REDACTED, is_secret_key, redact
+from bridge._yamllimits import TOO_DEEP, TOO_LARGE, read_capped
 from bridge.errors import BindConfigError, PayloadSchemaError
-from bridge.yamlpos import TOO_DEEP, TOO_LARGE, Positions, load_yaml, read_capped
+from bridge.yamlpos import Positions, load_yaml
 
 __all__ = [
     "KINDS",

@@ -6,7 +6,9 @@ at the exact spot in the file. What it refuses, as problems rather than exceptio
 
 - bytes that are not UTF-8 text, control characters (binary files), syntax errors, tab indentation;
 - duplicate keys (reported at the second occurrence, naming the first);
-- keys that are not scalars, tags other than YAML's core types, recursive aliases, alias "bombs".
+- keys that are not scalars, tags other than YAML's core types, recursive aliases, alias "bombs";
+- what later checks could not handle (``bridge._yamllimits``): nesting deeper than 64 levels (reported where it
+  passes the limit, also through aliases), integers of more than 1,000 digits, lone surrogate escapes.
 
 Decisions: keys are always strings, exactly as written (``on:`` and ``1:`` are the keys "on" and "1", as in
 JSON). Aliases are allowed and so are merge keys (``<<: *base``, or a list of them): keys written next to
@@ -16,16 +18,26 @@ strings (JSON has no dates).
 
 from __future__ import annotations
 
-import errno
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from bridge._yamllimits import (
+    MAX_DEPTH,
+    NOT_TEXT,
+    NOT_TEXT_HINT,
+    TOO_DEEP,
+    TOO_DEEP_HINT,
+    TOO_LARGE,
+    DepthLoader,
+    TooDeep,
+    has_surrogate,
+    is_huge_int,
+    join_surrogates,
+)
 from bridge.diagnostics import Problem, format_path
 
 __all__ = ["Position", "Positions", "YamlDocument", "decode_text", "load_yaml"]
@@ -33,11 +45,6 @@ __all__ = ["Position", "Positions", "YamlDocument", "decode_text", "load_yaml"]
 KeyPath = tuple[str | int, ...]
 
 _MAX_NODES = 100_000  # far beyond any real config; stops "billion laughs" alias expansion early
-# Far deeper than any real config, and shallow enough that every later step (schema checks, templates, docs),
-# which recurse once or more per level, stays well inside Python's recursion limit.
-MAX_DEPTH = 64
-# Python refuses to print integers of more than 4,300 digits; no config number comes near this.
-MAX_INTEGER_BITS = 3322  # 10**1000 has 3,322 bits
 
 _TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {f"{_TAG}{t}" for t in ("str", "null", "bool", "int", "float")}
@@ -115,18 +122,6 @@ def _line_col(text: str, offset: int) -> tuple[int, int]:
     return line, col
 
 
-MAX_FILE_BYTES = 16 * 1024 * 1024  # a config is a few kilobytes; this stops `-c /dev/zero`
-
-
-def read_capped(path: Path) -> bytes:
-    """The bytes of ``path``; OSError(EFBIG) when it holds more than ``MAX_FILE_BYTES``."""
-    with open(path, "rb") as fh:
-        data = fh.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise OSError(errno.EFBIG, f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB, too large for a config")
-    return data
-
-
 def decode_text(data: bytes, file: str | None = None) -> tuple[str | None, list[Problem]]:
     """UTF-8 (optionally with a BOM) → text, or a problem pointing at the first byte that is not."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -161,65 +156,6 @@ def _block_start(lines: list[str], first: int) -> tuple[int, int]:
 
 def _short(tag: str) -> str:
     return "!!" + tag[len(_TAG) :] if tag.startswith(_TAG) else tag
-
-
-TOO_DEEP = f"the document is nested deeper than {MAX_DEPTH} levels here"
-_TOO_DEEP_HINT = "flatten this part of the file"
-TOO_LARGE = "the number is too large (more than 1,000 digits)"
-
-
-NOT_TEXT = "holds a lone surrogate escape (\\ud800-\\udfff), which is not a character"  # after "the text"/"the key"
-NOT_TEXT_HINT = "write the character itself, or \\U0001F600 for one beyond \\uFFFF"
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def has_surrogate(text: str) -> bool:
-    """Whether ``text`` cannot be written as UTF-8 (a ``"\\ud800"`` escape; a non-UTF-8 environment value)."""
-    return _SURROGATE.search(text) is not None
-
-
-def join_surrogates(text: str) -> str | None:
-    """``text`` with each ``\\ud83d\\ude00`` pair (YAML keeps the two halves apart) joined into its character;
-    None when a half has no partner."""
-    try:
-        joined = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
-    except UnicodeDecodeError:
-        return None
-    return None if has_surrogate(joined) else joined
-
-
-def is_huge_int(value: Any) -> bool:
-    return isinstance(value, int) and value.bit_length() > MAX_INTEGER_BITS
-
-
-class _DepthLoader(yaml.SafeLoader):
-    """SafeLoader that stops composing at ``MAX_DEPTH`` nested collections, at the node that passes it."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self._depth = 0
-
-    def fetch_flow_collection_start(self, token_class: Any) -> None:
-        # Stopped while scanning: PyYAML's scanner slows down quadratically with `[[[[...` before the
-        # composer would see the first of them.
-        if self.flow_level >= MAX_DEPTH:
-            raise _TooDeep(self.get_mark())
-        super().fetch_flow_collection_start(token_class)
-
-    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH + 1:
-                raise _TooDeep(self.peek_event().start_mark)  # type: ignore[no-untyped-call]
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-class _TooDeep(Exception):
-    def __init__(self, mark: Any) -> None:
-        super().__init__()
-        self.mark = mark
 
 
 class _Abort(Exception):
@@ -262,7 +198,7 @@ class _Walker:
             # Blame the entry that holds it (the alias), not the anchor's text far away.
             named = path[: next((i for i, p in enumerate(path) if not isinstance(p, str)), len(path))][:8]
             at = self.positions.keys.get(named) or self._position(node)
-            self.problems.append(Problem("yaml-syntax", format_path(named), TOO_DEEP, _TOO_DEEP_HINT, at.line,
+            self.problems.append(Problem("yaml-syntax", format_path(named), TOO_DEEP, TOO_DEEP_HINT, at.line,
                                          at.col, self.file))
             raise _Abort
         self.positions.values[path] = self._position(node)
@@ -393,16 +329,16 @@ def load_yaml(text: str, file: str | None = None) -> tuple[YamlDocument | None, 
     """Parse ``text``. On a syntax error the document is None; otherwise it may come with problems
     (duplicate keys, tags) and a best-effort value. An empty document has ``data`` None."""
     try:
-        loader = _DepthLoader(text)
+        loader = DepthLoader(text)
     except yaml.YAMLError as exc:  # the reader checks every character first
         return None, [_syntax_problem(exc, text, file)]
     try:
         root = loader.get_single_node()
     except yaml.YAMLError as exc:
         return None, [_syntax_problem(exc, text, file)]
-    except _TooDeep as exc:
+    except TooDeep as exc:
         line, col = exc.mark.line + 1, exc.mark.column + 1
-        return None, [Problem("yaml-syntax", "", TOO_DEEP, _TOO_DEEP_HINT, line, col, file)]
+        return None, [Problem("yaml-syntax", "", TOO_DEEP, TOO_DEEP_HINT, line, col, file)]
     finally:
         loader.dispose()
     walker = _Walker(text, file)
