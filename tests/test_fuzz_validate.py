@@ -225,6 +225,9 @@ def _time_bound(seconds: float) -> Iterator[None]:
     def alarm(_signum: int, _frame: FrameType | None) -> None:
         raise _Hang(f"no answer within {seconds:.0f} s")
 
+    # pytest-timeout may be using the same timer for the whole test: hand it back what is left of it.
+    outer, _ = signal.getitimer(signal.ITIMER_REAL)
+    started = time.monotonic()
     previous = signal.signal(signal.SIGALRM, alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -232,6 +235,8 @@ def _time_bound(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 0.001))
 
 
 def _problem_of(run: Callable[[], str | None]) -> str | None:
