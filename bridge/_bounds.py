@@ -1,10 +1,11 @@
 """Bounds on what one template render may compute (DESIGN.md §2: templates run on the event loop).
 
 The operations that turn a small input into a huge result are checked before they run: ``**`` (an exponent over
-10,000, or an integer result over 1 MiB), ``*`` repeating a string or list, ``+`` concatenating them, ``%`` and
-``format`` widths, the string methods that pad, replace or join, ``int.to_bytes``, and the Jinja filters that
-pad, indent, wrap, join, batch or slice. What grows by at most a small factor per step (``~``, captured output,
-the rendered text) is checked after each step against a larger limit, so a doubling loop stops early.
+10,000, or an integer result over 1 MiB of decimal digits), ``*`` repeating a string or list, ``+`` concatenating
+them, ``%`` and ``format`` widths, the string methods that pad, replace or join, ``int.to_bytes``, ``tojson``'s
+indent, and the Jinja filters that pad, indent, wrap, join, batch or slice. What grows by at most a small factor per
+step (``~``, captured output, the rendered text) is checked after each step against a larger limit, so a doubling
+loop stops early. Repetition itself (loops, calls) is bounded by ``bridge.templates``' step and time budgets.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ MAX_RESULT = 1 << 20
 MAX_ITEMS = 100_000
 """Items a capped operation may produce (the sandbox's own limit of ``range``)."""
 MAX_EXPONENT = 10_000
-MAX_INT_BITS = 8 * MAX_RESULT
+MAX_INT_BITS = 3_483_294
+"""An integer of MAX_RESULT decimal digits (log2(10) bits a digit): one multiplication of two such takes ~0.3 s."""
 MAX_OUTPUT = 16 * MAX_RESULT
 """Characters a whole rendered string, a captured block or a ``~`` concatenation may hold."""
 
@@ -284,3 +286,39 @@ def bounded_join(join: Callable[[Iterable[Any]], str]) -> Callable[[Iterable[Any
         return join(items)
 
     return bounded
+
+
+def bounded_tojson(tojson: Callable[..., str]) -> Callable[..., str]:
+    """The ``tojson`` filter refusing an ``indent`` that would make the text over MAX_RESULT: each line of
+    indented JSON carries its depth times ``indent`` spaces, so a wide indent on deep data multiplies it."""
+
+    def bounded(value: Any, indent: int | None = None) -> str:
+        if indent is not None:
+            step = _int(indent)
+            if step is None:
+                raise LimitError(f"tojson: indent must be an integer, not {type(indent).__name__}")
+            if step > 0 and _indented_size(value, step) > MAX_RESULT:
+                raise _too_big("tojson with indent", _indented_size(value, step), MAX_RESULT)
+        return tojson(value, indent)
+
+    return bounded
+
+
+def _indented_size(value: Any, step: int) -> int:
+    """An upper bound of the indentation ``tojson(value, indent=step)`` adds (stops counting past MAX_RESULT)."""
+    total = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack and total <= MAX_RESULT:
+        node, depth = stack.pop()
+        children: Iterable[Any]
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        for child in children:
+            total += 1 + (depth + 1) * step
+            stack.append((child, depth + 1))
+        total += 1 + depth * step  # the closing bracket's line
+    return total

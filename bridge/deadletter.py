@@ -1,19 +1,23 @@
 """Dead-letter destinations.
 
 A destination receives one record per failed (event, binding), or one with ``binding: null`` for an event that
-failed before any binding was involved. ``write`` returns only once the record is durable; if it raises, the
-event must not be acknowledged.
+failed before any binding was involved. ``write`` returns only once the record is durable; if it raises (always a
+DeadLetterError: a destination that refuses, never the record's content), the event must not be acknowledged.
+Every destination serialises with ``bridge._dlencode``, which cannot fail on content.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from bridge._dlencode import encode_record
 from bridge.config import DeadLetterConfig, SourceConfig
 from bridge.errors import DeadLetterError
 
@@ -32,7 +36,9 @@ class FileDeadLetter:
     """Appends one JSON object per line; each write is flushed and fsynced before it returns.
 
     Writes that arrive together share one fsync (group commit), so a burst of failures does not cost one
-    disk flush per record.
+    disk flush per record. A torn last line (a short write on a full disk, a crash mid-write) is cut off before
+    the next write, so a retried record starts on a line of its own; the directory is fsynced when the file is
+    created, so a durable record is never in a file that the directory forgets.
     """
 
     def __init__(self, path: Path) -> None:
@@ -44,7 +50,10 @@ class FileDeadLetter:
         return f"file {self.path}"
 
     async def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        try:
+            line = encode_record(record) + "\n"
+        except Exception as exc:  # MemoryError and the like: a refusal to retry, never an escape
+            raise DeadLetterError(f"cannot serialise a dead letter for {self.path}: {exc!r}") from exc
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((line, done))
         if self._flusher is None or self._flusher.done():
@@ -56,7 +65,7 @@ class FileDeadLetter:
             batch, self._pending = self._pending, []
             try:
                 await asyncio.to_thread(_append_durably, self.path, "".join(line for line, _ in batch))
-            except OSError as exc:
+            except Exception as exc:  # not only OSError: whatever stops this write must reach the writers
                 err = DeadLetterError(f"cannot write dead letter to {self.path}: {exc}")
                 for _, fut in batch:
                     if not fut.done():
@@ -72,11 +81,63 @@ class FileDeadLetter:
 
 
 def _append_durably(path: Path, text: str) -> None:
+    data = text.encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        created = True
+    except FileExistsError:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)  # read: to find a torn line
+        created = False
+    try:
+        if created:
+            _fsync_directory(path.parent)
+        else:
+            _cut_torn_line(fd)
+        before = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, "no progress writing the dead letter")
+                view = view[written:]
+            os.fsync(fd)
+        except OSError:
+            # Every record of this batch will be written again: take back what got through, so that complete
+            # lines of the batch are not recorded twice (if this fails too, the next write cuts the torn line).
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, before)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _cut_torn_line(fd: int) -> None:
+    """Truncate the file to its last complete line when it does not end with a newline."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        chunk = os.pread(fd, end - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            os.ftruncate(fd, start + newline + 1)
+            break
+        end = start
+    else:
+        os.ftruncate(fd, 0)
+    os.fsync(fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -90,7 +151,7 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict):
                 yield number, record

@@ -65,6 +65,7 @@ class Stats:
     deliveries_ok: int = 0
     deliveries_failed: int = 0
     retries: int = 0
+    dead_letter_failures: int = 0  # refused dead-letter writes (each is retried: the event is held meanwhile)
     # successful invocations by duration: latency_counts[i] counts those <= LATENCY_BUCKETS_S[i] and above the
     # bound before it; the last entry counts those above every bound
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
@@ -288,12 +289,23 @@ class Dispatcher:
             try:
                 await self.dead_letters.write(record)
                 return
-            except DeadLetterError as exc:
+            except Exception as exc:
                 # Never acknowledge an event whose dead letter is not durable: hold it (and, through the
-                # in-flight window, the source) until the destination works again.
+                # in-flight window, the source) until the destination works again. Destinations raise only
+                # DeadLetterError; anything else is a bug of one, held and retried all the same rather than lost.
+                self.stats.dead_letter_failures += 1
                 log.error(
-                    "event %s: %s; the event stays unacknowledged, retrying in %.1f s", event.id, exc, delay,
-                    extra=self._log_context(event, binding),
+                    "event %s: %s; the event stays unacknowledged, retrying in %.1f s", event.id,
+                    exc if isinstance(exc, DeadLetterError) else f"dead-letter write failed: {exc!r}", delay,
+                    exc_info=not isinstance(exc, DeadLetterError), extra=self._log_context(event, binding),
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+    async def dead_letter_internal_error(self, event: Event, exc: BaseException) -> Outcome:
+        """Dead-letter an event whose delivery failed with an error nothing else handled (a bug), so that it
+        still ends: code ``internal_error``, no binding. Returns once the record is durable."""
+        message = f"{type(exc).__name__}: {exc}"
+        await self._dead_letter(event, None, None, "internal_error", message, 0, _Attempts())
+        self.stats.dead_lettered += 1
+        return "dead_lettered"

@@ -63,6 +63,12 @@ class _Collector(Collector):
             "bridge_deliveries", "Invocation attempts of bound functions, by result.", labels=[*tt, "outcome"]
         )
         retries = CounterMetricFamily("bridge_retries", "Invocations retried after a failure.", labels=tt)
+        dl_failures = CounterMetricFamily(
+            "bridge_dead_letter_failures",
+            "Dead-letter writes the destination refused (disk full, broker or database down); each is retried "
+            "and its event stays unacknowledged meanwhile.",
+            labels=tt,
+        )
         in_flight = GaugeMetricFamily("bridge_events_in_flight", "Events accepted and not done yet.", labels=tt)
         bindings = GaugeMetricFamily("bridge_bindings", "Functions bound to the trigger type.", labels=tt)
         running = GaugeMetricFamily(
@@ -96,6 +102,7 @@ class _Collector(Collector):
             deliveries.add_metric([sid, "ok"], stats.deliveries_ok)
             deliveries.add_metric([sid, "error"], stats.deliveries_failed)
             retries.add_metric(label, stats.retries)
+            dl_failures.add_metric(label, stats.dead_letter_failures)
             in_flight.add_metric(label, runner.in_flight())
             bindings.add_metric(label, len(runner.table))
             running.add_metric(label, 1 if rt.source_states.get(sid) == "running" else 0)
@@ -105,7 +112,9 @@ class _Collector(Collector):
                 _source_figures(sid, source, lag, gaps, dropped)
         engine = GaugeMetricFamily("bridge_engine_connected", "1 while the iii engine link is up, else 0.")
         engine.add_metric([], 1 if rt.engine_connected() else 0)
-        families: list[Metric] = [received, done, deliveries, retries, in_flight, bindings, running, latency]
+        families: list[Metric] = [
+            received, done, deliveries, retries, dl_failures, in_flight, bindings, running, latency
+        ]
         families.extend(f for f in (lag, gaps, dropped) if f.samples)
         families.append(engine)
         return families

@@ -117,15 +117,26 @@ class SourceRunner:
             if previous is not None:
                 await asyncio.shield(previous)
             await self.table.wait_non_empty()
-            outcome = await self.dispatcher.deliver(event)
+            extra = {"trigger_type": self.config.id, "event_id": event.id}
+            try:
+                outcome = await self.dispatcher.deliver(event)
+            except Exception as exc:
+                # The dispatcher handles every failure of a delivery; reaching here is a bug. The event must
+                # still end: it is dead-lettered (internal_error, no binding) and acknowledged, so it cannot
+                # hold its partition, outbox row or file. The dead letter is retried until it is durable (as
+                # any dead letter: the dispatcher holds the event while the destination refuses, and treats
+                # any error of the destination as a refusal), so the event is never acknowledged unrecorded.
+                log.exception("event %s of %s: unexpected error while delivering it; dead-lettering it",
+                              event.id, self.config.id, extra=extra)
+                outcome = await self.dispatcher.dead_letter_internal_error(event, exc)
             try:
                 await on_done(outcome)
             except Exception:
                 log.exception("event %s of %s: acknowledgement failed; it stays unacknowledged", event.id,
-                              self.config.id, extra={"trigger_type": self.config.id, "event_id": event.id})
+                              self.config.id, extra=extra)
         except Exception:
-            # The dispatcher handles every failure of a delivery; reaching here is a bug, and one event must
-            # still never take the bridge down.
+            # Only waiting for an earlier event or for bindings can get here (both are plain futures): log it
+            # loudly, the event stays unacknowledged and a restart redelivers it.
             log.exception("event %s of %s: unexpected error; it stays unacknowledged", event.id, self.config.id,
                           extra={"trigger_type": self.config.id, "event_id": event.id})
         finally:

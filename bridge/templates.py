@@ -13,14 +13,16 @@ Deviations from plain Jinja, chosen for JSON events:
   event, which is shared by every binding of a fan-out and kept for dead letters.
 - ``map``/``select``/dict views returned by a lone expression become lists (Jinja returns generators).
 - Renders are bounded (``bridge._bounds``): operators and calls that could build a huge result are checked
-  before they run, loops share a budget of iterations per render, ``lipsum`` is not offered, and any error
-  inside a render is a RenderError. The checked operators are intercepted, which also keeps Jinja from
+  before they run; loop iterations, calls and checked operations share a budget of steps and of time per
+  render (STEP_BUDGET, TIME_BUDGET_S); ``lipsum`` is not offered; and any error inside a render is a
+  RenderError. The checked operators are intercepted, which also keeps Jinja from
   folding them at compile time, so compiling never evaluates one.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,7 @@ from bridge._bounds import (
     MAX_OUTPUT,
     LimitError,
     bounded_join,
+    bounded_tojson,
     check_binop,
     check_call,
     check_result,
@@ -109,29 +112,44 @@ class _BridgeEnvironment(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        _spend(context)
         check_binop(operator, left, right)
         result = super().call_binop(context, operator, left, right)
         return check_result(operator, result) if operator == "%" else result
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _spend(__context)
         args = check_call(__obj, args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)
 
 
-LOOP_BUDGET = 1_000_000
-"""Loop iterations one render may run, all loops together (nested loops multiply)."""
+STEP_BUDGET = 1_000_000
+"""Loop iterations, calls and checked operations one render may run, all together (nested loops multiply)."""
+TIME_BUDGET_S = 0.5
+"""How long a render may keep running loops, calls and checked operations after its first one. Each capped
+operation is bounded, but a loop (or a recursive macro, or a long chain of big-number operations) can repeat
+one; no sensible template comes near this."""
 _LOOP_FILTER = "_bridge_loop_budget"
+
+
+def _spend(context: Context) -> None:
+    """Count one step of the render ``context`` belongs to (a macro shares its template's context)."""
+    steps = getattr(context, "_bridge_steps", 0) + 1
+    context._bridge_steps = steps  # type: ignore[attr-defined]
+    if steps == 1:
+        context._bridge_started = time.monotonic()  # type: ignore[attr-defined]
+        return
+    if steps > STEP_BUDGET:
+        raise LimitError(f"the template ran over the limit of {STEP_BUDGET} loop iterations and calls")
+    if time.monotonic() - context._bridge_started > TIME_BUDGET_S:  # type: ignore[attr-defined]
+        raise LimitError(f"the template ran its loops and calls for over {TIME_BUDGET_S:g} s")
 
 
 @pass_context
 def _loop_budget(context: Context, iterable: Any) -> Any:
-    """Wraps the iterable of every ``{% for %}``: counts the iterations of the render ``context`` belongs to."""
-    spent = getattr(context, "_bridge_loop_steps", 0)
+    """Wraps the iterable of every ``{% for %}``: each iteration is a step of the render."""
     for item in iterable:
-        spent = getattr(context, "_bridge_loop_steps", spent) + 1
-        if spent > LOOP_BUDGET:
-            raise LimitError(f"the loops of this template ran over the limit of {LOOP_BUDGET} iterations")
-        context._bridge_loop_steps = spent  # type: ignore[attr-defined]
+        _spend(context)
         yield item
 
 
@@ -140,6 +158,7 @@ def _loop_budget(context: Context, iterable: Any) -> Any:
 _ENV = _BridgeEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True, optimized=False)
 _ENV.filters.update(BOUNDED_FILTERS)
 _ENV.filters.update(FILTERS)
+_ENV.filters["tojson"] = bounded_tojson(FILTERS["tojson"])
 _ENV.filters[_LOOP_FILTER] = _loop_budget
 _ENV.globals.pop("lipsum", None)
 _ENV.concat = bounded_join(_ENV.concat)  # type: ignore[method-assign]
@@ -194,9 +213,29 @@ def _plain(value: Any) -> Any:
         return value
     if kind is float:
         return _finite(value)
+    # Plain dicts and lists are copied here rather than in _plain_dict/_plain_list: one stack frame per level
+    # of nesting, so data as deep as strict decoding allows (512 levels) fits Python's recursion limit.
+    if kind is list:
+        items: list[Any] = []
+        for index, item in enumerate(value):
+            try:
+                items.append(_plain(item))
+            except _NotPlain as exc:
+                exc.where.append(index)
+                raise
+        return items
+    if kind is dict and all(type(key) is str for key in value):
+        fields: dict[str, Any] = {}
+        for key, item in value.items():
+            try:
+                fields[key] = _plain(item)
+            except _NotPlain as exc:
+                exc.where.append(key)
+                raise
+        return fields
     if kind is dict:
         return _plain_dict(value)
-    if kind is list or kind is tuple:
+    if kind is tuple:
         return _plain_list(value)
     if isinstance(value, Mapping):
         return _plain_dict(value)

@@ -133,6 +133,7 @@ def test_counters_move_and_readiness_follows_the_engine(
     assert _value(samples, "bridge_deliveries_total", trigger_type="inbox", outcome="ok") == 3
     assert _value(samples, "bridge_deliveries_total", trigger_type="inbox", outcome="error") == 1
     assert _value(samples, "bridge_retries_total", trigger_type="inbox") == 1
+    assert _value(samples, "bridge_dead_letter_failures_total", trigger_type="inbox") == 0
     assert _value(samples, "bridge_events_in_flight", trigger_type="inbox") == 0
     assert _value(samples, "bridge_bindings", trigger_type="inbox") == 1
     assert _value(samples, "bridge_delivery_seconds_count", trigger_type="inbox") == 3

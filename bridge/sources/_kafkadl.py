@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import weakref
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 
+from bridge._dlencode import encode_record, encode_value
 from bridge.config import DeadLetterConfig, KafkaSourceConfig, SourceConfig
 from bridge.errors import DeadLetterError
 from bridge.sources._kafkaconn import connection_options
@@ -56,19 +56,19 @@ def track_raw_keys(source_id: str, source: RawKeys) -> None:
 
 
 def _encode(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+    return encode_value(value).encode("utf-8")
 
 
 def truncation_marker(value: Any) -> dict[str, Any]:
     """What stands in for a value cut from a dead letter."""
-    raw = value.encode("utf-8") if isinstance(value, str) else _encode(value)
+    raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else _encode(value)
     return {"truncated": True, "original_bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def fit_record(record: dict[str, Any], limit: int) -> tuple[bytes, list[str]]:
     """``record`` as JSON of at most ``limit`` bytes if it can be (see the module docstring), and the dotted paths
     of the values replaced by markers. ``record`` itself is left as it is."""
-    encoded = _encode(record)
+    encoded = encode_record(record).encode("utf-8")
     if len(encoded) <= limit:
         return encoded, []
     # One level deeper than the top is copied: markers replace values of "event", "binding" and "error".
@@ -86,7 +86,7 @@ def fit_record(record: dict[str, Any], limit: int) -> tuple[bytes, list[str]]:
             parent[path[-1]] = truncation_marker(parent[path[-1]])
             cut.append(".".join(path))
             fitted["truncated"] = cut
-            encoded = _encode(fitted)
+            encoded = encode_record(fitted).encode("utf-8")
             if len(encoded) <= limit:
                 return encoded, cut
     return encoded, cut  # everything big is a marker now: the smallest this record gets
@@ -126,8 +126,8 @@ class KafkaDeadLetter:
         key = _dead_letter_key(record)
         error = record.get("error") or {}
         headers = [
-            ("error_code", str(error.get("code", "")).encode("utf-8")),
-            ("source", str(record.get("source", "")).encode("utf-8")),
+            ("error_code", str(error.get("code", "")).encode("utf-8", "backslashreplace")),
+            ("source", str(record.get("source", "")).encode("utf-8", "backslashreplace")),
         ]
         framing = _FRAMING_BYTES + len(key) + sum(len(name) + len(value) for name, value in headers)
         limit = self._limit
@@ -144,7 +144,7 @@ class KafkaDeadLetter:
                 limit = max(_MIN_LIMIT_BYTES, min(limit, len(value) + framing) // 2)
                 self._lower_limit(limit, len(value) + framing, exc)
                 continue
-            except KafkaError as exc:
+            except Exception as exc:  # KafkaError, a socket error while starting: a refusal, retried by the caller
                 raise DeadLetterError(f"cannot write a dead letter to Kafka topic {self.topic}: {exc!r}") from exc
             if cut:
                 log.warning("dead letter of event %s: %s cut to a truncation marker (size, sha256) to fit the "
@@ -172,7 +172,7 @@ def _dead_letter_key(record: dict[str, Any]) -> bytes:
     event_id = _event_id(record)
     source = _LIVE.get(str(record.get("source")))
     raw = source.raw_key(event_id) if source is not None else None
-    return raw if raw is not None else event_id.encode("utf-8")
+    return raw if raw is not None else event_id.encode("utf-8", "backslashreplace")
 
 
 def kafka_dead_letter(config: DeadLetterConfig, source: SourceConfig) -> KafkaDeadLetter:

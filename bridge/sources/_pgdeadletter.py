@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 from typing import Any
 
 import asyncpg
 
+from bridge._dlencode import encode_value, storable_json, storable_text
 from bridge.config import redact_dsn
 from bridge.errors import DeadLetterError
 from bridge.sources._pgconn import (
@@ -22,24 +21,16 @@ from bridge.sources._pgconn import (
 )
 
 _WRITE_TIMEOUT_S = 10.0
-# A NUL escape, not preceded by an escaped backslash: Postgres text and jsonb cannot hold U+0000.
-_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
-def _json(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return _JSON_NUL.sub(lambda m: m.group(1) + "\\ufffd", _valid_utf8(text))
+def _json(value: Any, notes: list[str]) -> str | None:
+    # The same serialiser as the file and Kafka destinations, then made acceptable to jsonb (no \u0000, no lone
+    # surrogate escape: those are kept as their escape text).
+    return None if value is None else storable_json(encode_value(value, notes))
 
 
 def _text(value: Any) -> str | None:
-    return None if value is None else _valid_utf8(str(value)).replace("\x00", "\ufffd")
-
-
-def _valid_utf8(text: str) -> str:
-    # Lone surrogates (bytes decoded with surrogateescape) cannot be sent; a dead letter must never fail on data.
-    return text.encode("utf-8", "replace").decode("utf-8")
+    return None if value is None else storable_text(str(value))
 
 
 class PostgresDeadLetter:
@@ -93,13 +84,18 @@ class PostgresDeadLetter:
 
     async def write(self, record: dict[str, Any]) -> None:
         error = record.get("error") or {}
+        notes: list[str] = []
+        event, binding, payload = (_json(record.get(k), notes) for k in ("event", "binding", "payload"))
+        message = _text(error.get("message")) or ""
+        if notes:  # the file and Kafka records carry these as "encoding_notes"; the table has no such column
+            message += f" [dead-letter encoding: {'; '.join(sorted(set(notes)))}]"
         args = (
             _text(record.get("source")),
-            _json(record.get("event")),
-            _json(record.get("binding")),
-            _json(record.get("payload")),
+            event,
+            binding,
+            payload,
             _text(error.get("code")) or "unknown",
-            _text(error.get("message")) or "",
+            message,
             int(record.get("attempts") or 0),
             record.get("first_attempt_at"),
             record.get("last_attempt_at"),
@@ -116,6 +112,8 @@ class PostgresDeadLetter:
             if isinstance(exc, asyncpg.UndefinedTableError):
                 self._ready = False  # dropped under us: create it again on the next try
             raise DeadLetterError(f"cannot write dead letter to {self.describe()}: {describe_error(exc)}") from None
+        except Exception as exc:  # whatever else refuses the row is a refusal too: the event is held, never lost
+            raise DeadLetterError(f"cannot write dead letter to {self.describe()}: {describe_error(exc)}") from exc
 
     async def close(self) -> None:
         async with self._setup:

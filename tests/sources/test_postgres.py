@@ -626,7 +626,7 @@ async def test_postgres_dead_letter_creates_its_table_and_writes_records(pg_data
         rows = await conn.fetch("SELECT * FROM app_dead_letters ORDER BY id")
     assert len(rows) == 2
     assert rows[0]["source"] == "signups" and rows[0]["binding"] is None and rows[0]["payload"] is None
-    assert json.loads(rows[0]["event"])["payload"] == "bad\ufffd value"
+    assert json.loads(rows[0]["event"])["payload"] == "bad\\u0000 value"  # NUL kept as its escape text
     assert (rows[0]["error_code"], rows[0]["error_message"], rows[0]["attempts"]) == ("decode_error", "not JSON", 0)
     assert json.loads(rows[1]["binding"])["function_id"] == "users::welcome"
     assert json.loads(rows[1]["payload"]) == {"user": 1}
