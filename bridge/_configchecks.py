@@ -6,15 +6,17 @@ the helpers they share with ``bridge._configload``, which runs :class:`Semantics
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bridge._redact import redact_dsn
 from bridge.diagnostics import Problem, Severity, format_path
 from bridge.schemas import KINDS, SchemaFileError, check_user_schema, load_schema_file, resolve_pointer
 from bridge.templates import TemplateCompileError, compile_tree, compile_when
-from bridge.yamlpos import KeyPath
+from bridge.yamlpos import KeyPath, iter_paths
 
 if TYPE_CHECKING:
     from bridge._configload import Analysis
@@ -62,6 +64,12 @@ class Semantics:
         self.missing.append((problem, parent, names))
 
     def run(self) -> None:
+        url = as_mapping(self.data.get("engine")).get("url")
+        if isinstance(url, str) and ("@" in url.partition("://")[2] or redact_dsn(url) != url):
+            self.add("url-credentials", ("engine", "url"),
+                     "the URL carries credentials; the iii SDK writes it into a file under ~/.iii/run that "
+                     "other users of this machine can read", "set III_TOKEN instead (sent as a bearer token)",
+                     severity="warning")
         state_dir = self.data.get("state_dir", ".bridge")
         if isinstance(state_dir, str):
             self.directory(("state_dir",), state_dir, warn_missing=False)
@@ -76,9 +84,23 @@ class Semantics:
     def resolve(self, value: str) -> Path:
         return Path(os.path.abspath(self.r.base_dir / os.path.expanduser(value)))
 
+    def _unusable(self, path: KeyPath, target: Path) -> bool:
+        """Whether ``target`` cannot even be looked up (a name too long, a loop of links); reported if so."""
+        try:
+            os.stat(target)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return False
+            self.add("value", path, f"not a usable path: {exc.strerror or exc}")
+            return True
+        except ValueError:  # a NUL character
+            self.add("value", path, "not a usable path: it contains a NUL character")
+            return True
+        return False
+
     def directory(self, path: KeyPath, value: str, *, warn_missing: bool) -> None:
         target = self.resolve(value)
-        if target.is_dir():
+        if self._unusable(path, target) or target.is_dir():
             return
         if target.exists():
             self.add("path-not-dir", path, f"{target} is not a directory")
@@ -88,6 +110,8 @@ class Semantics:
 
     def existing_file(self, path: KeyPath, value: str) -> None:
         target = self.resolve(value)
+        if self._unusable(path, target):
+            return
         if target.is_dir():
             self.add("file-missing", path, f"{target} is a directory, not a file")
         elif not target.exists():
@@ -129,7 +153,7 @@ class Semantics:
         if pattern and isinstance(block["topic_pattern"], str):
             try:
                 re.compile(block["topic_pattern"])
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError) as exc:  # a{99999999999}; ((((...)))) nested deep
                 self.add("value", (*here, "topic_pattern"), f"not a valid regular expression: {exc}")
         security = block.get("security")
         if isinstance(security, dict):
@@ -163,6 +187,11 @@ class Semantics:
             self.require(here, (name,), f"cert_file and key_file go together; {name} is missing")
 
     def postgres(self, here: KeyPath, block: dict[str, Any]) -> None:
+        dsn = block.get("dsn")
+        if isinstance(dsn, str) and _unencoded_password(dsn):
+            self.add("value", (*here, "dsn"), "the password seems to hold an unencoded # ? / or @, which the "
+                     "database client reads as the end of the host", "percent-encode them: %23 %3F %2F %40",
+                     severity="warning")
         mode = block.get("mode", "listen")
         table = block.get("outbox_table")
         if mode == "outbox" and not _set(table):
@@ -278,17 +307,56 @@ class Semantics:
                 compile_tree(payload, root=(*here, "payload"))
             except TemplateCompileError as exc:
                 found.extend((p.path, p.line, p.message) for p in exc.problems)
+            except _COMPILER_FAILURES:
+                found.extend(_failing_leaves(payload, (*here, "payload")))
         if isinstance(when, str):
             try:
                 compile_when(when)
             except TemplateCompileError as exc:
                 found.extend(((*here, "when"), p.line, p.message) for p in exc.problems)
+            except _COMPILER_FAILURES:
+                found.append(((*here, "when"), 1, _TOO_COMPLEX))
         for path, line, message in found:
             row, col, exact = self.r.positions.in_text(tuple(path), line)
             if not exact:
                 message += f" (line {line} of the template)"
             self.r.problems.append(Problem("template-syntax", format_path(path), message, None, row, col,
                                            self.r.display))
+
+
+# What Python's own compiler raises on a template nested past its limits (70 parentheses, 100 nested ifs);
+# templates.py turns these into template problems itself, this is the last line of defence.
+_COMPILER_FAILURES = (RecursionError, SyntaxError, MemoryError)
+_TOO_COMPLEX = "the template is nested too deeply to compile"
+
+
+def _failing_leaves(tree: Any, root: KeyPath) -> list[tuple[KeyPath, int, str]]:
+    """Each string leaf of ``tree`` that does not compile, with why, for a tree whose compile crashed."""
+    out: list[tuple[KeyPath, int, str]] = []
+    for path, value in iter_paths(tree, root):
+        if not isinstance(value, str):
+            continue
+        try:
+            compile_tree(value, root=path)
+        except TemplateCompileError as exc:
+            out.extend((p.path, p.line, p.message) for p in exc.problems)
+        except _COMPILER_FAILURES:
+            out.append((path, 1, _TOO_COMPLEX))
+    return out
+
+
+def _unencoded_password(dsn: str) -> bool:
+    """Whether a URL DSN's password (up to the LAST @) holds a character that ends the host for a URL parser.
+    ``host:5432/db?x=a@b`` is a port and a query, not a password: digits before the first / ? # are a port."""
+    scheme, sep, rest = dsn.partition("://")
+    at = rest.rfind("@")
+    if not sep or not scheme or at < 0:
+        return False
+    user, colon, password = rest[:at].partition(":")
+    if not colon or any(c in user for c in "/?#"):
+        return False
+    head = re.split(r"[/?#]", password, maxsplit=1)[0]
+    return any(c in password for c in "/?#@") and not head.isdigit()
 
 
 def merge_delivery(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

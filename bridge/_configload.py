@@ -18,6 +18,8 @@ from typing import Any
 from bridge._configchecks import Semantics, as_mapping, did_you_mean
 from bridge._configchecks import merge_delivery as merge_delivery  # config.py imports it from here
 from bridge._envsubst import substitute
+from bridge._redact import CREDENTIAL_KEYS, is_secret_key, redact_value
+from bridge._yamllimits import read_capped
 from bridge.diagnostics import Problem, Severity, format_path
 from bridge.schemas import bridge_validator
 from bridge.yamlpos import KeyPath, Positions, decode_text, load_yaml
@@ -80,7 +82,7 @@ def read(path: Path, display: str) -> Analysis:
     """Read and parse bridge.yaml; the result has ``data`` unless the file is unreadable or not a mapping."""
     result = Analysis(Path(os.path.abspath(path)), display)
     try:
-        raw = path.read_bytes()
+        raw = read_capped(path)
     except FileNotFoundError:
         result.problems.append(Problem("file-unreadable", "", "no such file", None, 0, 0, display))
         return result
@@ -130,22 +132,33 @@ def _json_type(value: Any) -> str:
 # JSON Schema
 
 
-def _describe(value: Any) -> str:
+def _is_secret(path: KeyPath) -> bool:
+    return bool(path) and isinstance(path[-1], str) and is_secret_key(path[-1])
+
+
+def _describe(value: Any, path: KeyPath = ()) -> str:
+    """``value`` as a diagnostic shows it: never a secret (DESIGN.md §1), credentials in URLs masked."""
+    key = path[-1] if path else None
+    if _is_secret(path):
+        return _TYPE_NAMES[_json_type(value)]
+    if isinstance(key, str) and key in CREDENTIAL_KEYS:
+        value = redact_value(key, value)
     if isinstance(value, str):
         return repr(value if len(value) <= 40 else value[:37] + "...")
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
     if isinstance(value, (int, float)):
-        return str(value)
+        text = str(value)
+        return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
     return _TYPE_NAMES[_json_type(value)]
 
 
-def _type_message(expected: Any, instance: Any) -> str:
+def _type_message(expected: Any, instance: Any, path: KeyPath) -> str:
     names = [expected] if isinstance(expected, str) else list(expected)
     wanted = " or ".join(_TYPE_NAMES.get(n, n) for n in names if n != "null" or len(names) == 1)
     if "null" in names and len(names) > 1:
         wanted += " or null"
-    return f"expected {wanted}, got {_describe(instance)}"
+    return f"expected {wanted}, got {_describe(instance, path)}"
 
 
 def schema_problems(result: Analysis, skip: set[KeyPath],
@@ -172,20 +185,21 @@ def schema_problems(result: Analysis, skip: set[KeyPath],
                     problem = result.add("missing-key", path, f"missing required key {name!r}", key=True)
                     missing.append((problem, path, (name,)))
         elif kind == "type":
-            result.add("type", path, _type_message(value, instance))
+            result.add("type", path, _type_message(value, instance, path))
         elif kind == "enum":
             options = [o for o in value if isinstance(o, str)]
             shown = ", ".join("null" if o is None else str(o) for o in value)
             hint = did_you_mean(instance, options, 0.75) if isinstance(instance, str) else None
-            result.add("value", path, f"{_describe(instance)} is not one of: {shown}",
-                       hint if hint and hint.startswith("did") else None)
+            secret = _is_secret(path)
+            message = "not one of the allowed values" if secret else f"{_describe(instance)} is not one of: {shown}"
+            result.add("value", path, message, hint if hint and hint.startswith("did") and not secret else None)
         elif kind == "const":
             hint = "this bridge reads version: 1" if path == ("version",) else None
-            result.add("value", path, f"must be {_describe(value)}, got {_describe(instance)}", hint)
+            result.add("value", path, f"must be {_describe(value, path)}, got {_describe(instance, path)}", hint)
         elif kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
             words = {"minimum": "at least", "exclusiveMinimum": "more than", "maximum": "at most",
                      "exclusiveMaximum": "less than"}[kind]
-            result.add("value", path, f"must be {words} {value}, got {_describe(instance)}")
+            result.add("value", path, f"must be {words} {value}, got {_describe(instance, path)}")
         elif kind == "minLength":
             result.add("value", path, "must not be empty" if value == 1 else f"must be at least {value} characters")
         elif kind == "maxLength":
@@ -195,11 +209,12 @@ def schema_problems(result: Analysis, skip: set[KeyPath],
             result.add("value", path, f"must have at least {value} {noun}{'' if value == 1 else 's'}")
         elif kind == "uniqueItems":
             twice = next((v for i, v in enumerate(instance) if v in instance[:i]), None)
-            result.add("value", path, f"{_describe(twice)} is listed more than once")
+            result.add("value", path, f"{_describe(twice, path)} is listed more than once")
         elif kind == "pattern":
-            result.add("value", path, f"{_describe(instance)} does not match {value}")
+            result.add("value", path, f"{_describe(instance, path)} does not match {value}")
         else:
-            result.add("value", path, error.message)
+            hidden = _is_secret(path) or path[-1:] in {(k,) for k in CREDENTIAL_KEYS}  # the message quotes it
+            result.add("value", path, f"not allowed ({kind})" if hidden else error.message)
 
 
 _SAFE_INTEGER = 2**53 - 1  # beyond it JSON numbers lose precision, and timers overflow long before

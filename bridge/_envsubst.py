@@ -1,18 +1,23 @@
 """``${VAR}`` substitution in bridge.yaml (DESIGN.md §1): every string value's ``${VAR}`` and
 ``${VAR:default}`` references are replaced from the environment and ``$${`` is unescaped, before the
-JSON Schema checks see the document. A value that is exactly one reference is read as a YAML scalar.
+JSON Schema checks see the document. A value that is exactly one reference is read as a YAML scalar, except
+where bridge.yaml's schema wants a string: a password ``0123`` stays the string "0123" (a schema that also
+allows null still reads ``null``, ``~`` and the empty text as null).
 
 Part of the checks of ``bridge._configload``, which runs :func:`substitute` after reading the file.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from bridge._yamllimits import TOO_LARGE, has_surrogate, is_huge_int
+from bridge.schemas import bridge_schema
 from bridge.yamlpos import KeyPath
 
 if TYPE_CHECKING:
@@ -25,12 +30,58 @@ _CONSTRUCTOR = yaml.constructor.SafeConstructor()
 _TYPED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float")}
 
 
-def _as_scalar(text: str) -> Any:
-    """``text`` read as a plain YAML scalar: "9092" → 9092, "false" → False, "" → None; else the text."""
+_NULL = "tag:yaml.org,2002:null"
+
+
+def _as_scalar(text: str, wanted: frozenset[str]) -> Any:
+    """``text`` read as a plain YAML scalar: "9092" → 9092, "false" → False, "" → None; else the text.
+    Where the schema wants a string (``wanted``), the text stays as it is (null only when null is allowed)."""
     tag = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
+    if "string" in wanted:
+        return None if tag == _NULL and "null" in wanted else text
     if tag not in _TYPED_TAGS:
         return text
-    return _CONSTRUCTOR.yaml_constructors[tag](_CONSTRUCTOR, yaml.ScalarNode(tag, text))
+    try:
+        value = _CONSTRUCTOR.yaml_constructors[tag](_CONSTRUCTOR, yaml.ScalarNode(tag, text))
+    except ValueError:  # an integer beyond the limit of int()
+        raise _EnvError("value", TOO_LARGE, "") from None
+    if is_huge_int(value):
+        raise _EnvError("value", TOO_LARGE, "")
+    return value
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    return bridge_schema()
+
+
+def _resolve(node: Any) -> Any:
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
+        target: Any = _schema()
+        for part in node["$ref"][2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        node = target
+    return node
+
+
+def _wanted_types(path: KeyPath) -> frozenset[str]:
+    """The JSON types bridge.yaml's schema allows at ``path`` (empty when any, or when the path is unknown)."""
+    node: Any = _schema()
+    for part in path:
+        node = _resolve(node)
+        if not isinstance(node, dict):
+            return frozenset()
+        if isinstance(part, int):
+            node = node.get("items")
+        else:
+            properties = node.get("properties")
+            if isinstance(properties, dict) and part in properties:
+                node = properties[part]
+            else:
+                node = node.get("additionalProperties")
+    node = _resolve(node)
+    kind = node.get("type") if isinstance(node, dict) else None
+    return frozenset([kind] if isinstance(kind, str) else kind if isinstance(kind, list) else [])
 
 
 class _EnvError(Exception):
@@ -92,12 +143,14 @@ def substitute(result: Analysis, env: Mapping[str, str]) -> set[KeyPath]:
             return value
         try:
             text, refs = _substitute_text(value, env)
+            if has_surrogate(text):  # a value that is not UTF-8 (os.environ keeps its bytes as surrogates)
+                raise _EnvError("value", "the substituted value is not UTF-8 text", "")
+            whole = refs == 1 and value.startswith("${") and value.endswith("}") and value.find("}") == len(value) - 1
+            return _as_scalar(text, _wanted_types(path)) if whole else text
         except _EnvError as exc:
-            result.add(exc.code, path, exc.message, exc.hint)
+            result.add(exc.code, path, exc.message, exc.hint or None)
             failed.add(path)
             return value
-        whole = refs == 1 and value.startswith("${") and value.endswith("}") and value.find("}") == len(value) - 1
-        return _as_scalar(text) if whole else text
 
     assert result.data is not None
     result.data = walk(result.data, ())

@@ -343,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_OK
     except Exception as exc:
-        _print_error(f"internal error: {type(exc).__name__}: {exc} (please report this)")
+        from bridge.logs import redact_text  # the message may quote a DSN or a password
+
+        _print_error(redact_text(f"internal error: {type(exc).__name__}: {exc} (please report this)"))
         return EXIT_USAGE
 
 

@@ -5,15 +5,16 @@ The dataclasses below are the contract every other module reads. Loading (``load
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from bridge._configload import Analysis, analyze, merge_delivery
+from bridge._redact import REDACTED as REDACTED
+from bridge._redact import redact as redact
+from bridge._redact import redact_dsn as redact_dsn
 from bridge.diagnostics import Problem, has_errors
 from bridge.errors import ConfigError
 
@@ -269,46 +270,3 @@ def _build(result: Analysis) -> BridgeConfig:
         default_max_in_flight=default_max,
         sources=tuple(sources),
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# redaction
-
-REDACTED = "***"
-_SECRET_NAMES = frozenset({"password", "passwd", "secret", "token", "api_key", "apikey", "access_key",
-                           "secret_key", "private_key", "sasl_plain_password", "sasl_oauth_token_provider"})
-_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*):([^/?#\s]*)@")
-_PASSWORD_PAIR = re.compile(r"((?:^|(?<=[\s?&;]))\w*password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s;]*)", re.IGNORECASE)
-
-
-def _is_secret(name: str) -> bool:
-    lowered = name.lower()
-    return lowered in _SECRET_NAMES or lowered.endswith(("_password", "_secret", "_token"))
-
-
-def redact_dsn(dsn: str) -> str:
-    """``dsn`` with passwords masked: ``postgresql://app:***@db/x``, ``host=db password=***``, ``?password=***``.
-    User names stay (they help to debug a failed login)."""
-    masked = _URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}:{REDACTED}@" if m.group(2) else m.group(0), dsn)
-    return _PASSWORD_PAIR.sub(lambda m: m.group(1) + REDACTED, masked)
-
-
-def redact(obj: Any) -> Any:
-    """A copy of ``obj`` (mappings, lists, config dataclasses, strings) fit to print or log: values of secret
-    keys (password, token, secret, SASL password) become ``***`` and credentials in URLs and DSNs are masked."""
-    if isinstance(obj, str):
-        return redact_dsn(obj)
-    if isinstance(obj, Mapping):
-        return {k: REDACTED if isinstance(k, str) and _is_secret(k) and obj[k] is not None else redact(obj[k])
-                for k in obj}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(redact(v) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {}
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            new = REDACTED if _is_secret(f.name) and value is not None else redact(value)
-            if new is not value and new != value:
-                changes[f.name] = new
-        return dataclasses.replace(obj, **changes) if changes else obj
-    return obj

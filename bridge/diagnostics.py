@@ -7,12 +7,14 @@ One line per problem, like a compiler::
 Codes are stable (tools and tests match on them):
 
 ==================== ======================================================================================
-yaml-syntax          the file is not YAML (or not UTF-8 text, or uses tabs for indentation, or an alias loop)
+yaml-syntax          the file is not YAML (or not UTF-8 text, or uses tabs for indentation, or an alias loop,
+                     or nests deeper than 64 levels)
 duplicate-key        a key appears twice in one mapping
 unknown-key          a key the schema does not know at that level
 missing-key          a required key is absent
 type                 a value has the wrong type
-value                a value has the right type but is not allowed (enum, range, pattern, combination)
+value                a value has the right type but is not allowed (enum, range, pattern, combination), or a
+                     number of more than 1,000 digits, a lone surrogate escape, a path the system refuses
 env-undefined        ``${VAR}`` names an unset variable and gives no default
 env-syntax           a malformed ``${...}`` reference
 source-kind          a source does not declare exactly one of kafka, postgres, file
@@ -25,6 +27,7 @@ path-missing         (warning) a watched directory does not exist yet
 path-not-dir         a path that must be a directory is something else
 file-missing         a file the config names (TLS certificate, key) does not exist or is a directory
 file-unreadable      bridge.yaml itself cannot be read
+url-credentials      (warning) ``engine.url`` carries a password or token, which the iii SDK writes to disk
 ==================== ======================================================================================
 """
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bridge import _docsprose as prose
-from bridge.config import BridgeConfig, SourceConfig, redact
+from bridge.config import REDACTED, BridgeConfig, SourceConfig, redact
 from bridge.errors import BindConfigError
 from bridge.schemas import BindValidator, SchemaFileError, resolve_pointer
 from bridge.templates import compile_tree
@@ -123,7 +123,7 @@ def _bind_table(source: SourceConfig) -> list[str]:
     schema = BindValidator(source.id, source.bind_schema).advertised
     out = ["| property | type | default | required | description |", "|---|---|---|---|---|"]
     for name, sub, required in _properties(schema, schema, ""):
-        default = f"`{_code(_json(_scrub_value(name, sub['default'])))}`" if "default" in sub else "-"
+        default = f"`{_code(_json(_scrub_value(name, sub['default'], sub)))}`" if "default" in sub else "-"
         out.append(
             f"| `{name}` | {_cell(_type_text(schema, sub))} | {default} | {'yes' if required else 'no'} "
             f"| {_cell(redact(str(sub.get('description', ''))))} |"
@@ -134,6 +134,9 @@ def _bind_table(source: SourceConfig) -> list[str]:
     elif source.bind_schema is None:
         out += ["", "This trigger type takes no options besides `condition_function_id`."]
     return out
+
+
+_MAX_NESTED_PROPERTIES = 8
 
 
 def _properties(root: Any, schema: Any, prefix: str) -> Iterator[tuple[str, dict[str, Any], bool]]:
@@ -147,7 +150,8 @@ def _properties(root: Any, schema: Any, prefix: str) -> Iterator[tuple[str, dict
         if not isinstance(sub, dict):
             continue
         yield f"{prefix}{name}", sub, name in required
-        if isinstance(sub.get("properties"), dict):
+        # A schema may refer to itself ($ref: '#'): its table shows a few levels, not an endless one.
+        if isinstance(sub.get("properties"), dict) and prefix.count(".") < _MAX_NESTED_PROPERTIES:
             yield from _properties(root, sub, f"{prefix}{name}.")
 
 
@@ -205,17 +209,20 @@ def example_bind_config(source: SourceConfig) -> dict[str, Any]:
         return {}
     required = set(schema.get("required") or ())
     config: dict[str, Any] = {}
+    write_only: set[str] = set()
     for name, sub in (schema.get("properties") or {}).items():
         sub = _deref(schema, sub)
         if not isinstance(sub, dict):
             continue
+        if sub.get("writeOnly") is True:
+            write_only.add(name)
         if isinstance(sub.get("examples"), list) and sub["examples"]:
             config[name] = sub["examples"][0]
         elif "default" in sub:
             config[name] = sub["default"]
         elif name in required:
             config[name] = _placeholder(sub)
-    config = {k: _scrub_value(k, v) for k, v in config.items()}
+    config = {k: REDACTED if k in write_only else _scrub_value(k, v) for k, v in config.items()}
     try:
         BindValidator(source.id, schema).check(config)
     except BindConfigError:
@@ -235,8 +242,11 @@ def _placeholder(schema: dict[str, Any]) -> Any:
             "object": {}}.get(str(kind), "…")
 
 
-def _scrub_value(name: str, value: Any) -> Any:
-    """``value`` as shown for the option ``name``: masked when the name says it is a secret."""
+def _scrub_value(name: str, value: Any, schema: Any = None) -> Any:
+    """``value`` as shown for the option ``name``: masked when the name says it is a secret, or its schema
+    marks it ``writeOnly``."""
+    if isinstance(schema, dict) and schema.get("writeOnly") is True:
+        return REDACTED
     return redact({name: value})[name]
 
 
@@ -295,8 +305,8 @@ def _scrub_schema(schema: Any, name: str | None = None) -> Any:
     for key, value in schema.items():
         if key == "properties" and isinstance(value, dict):
             out[key] = {prop: _scrub_schema(sub, prop) for prop, sub in value.items()}
-        elif key in ("default", "examples", "const", "enum") and name is not None:
-            out[key] = _scrub_value(name, value)
+        elif key in ("default", "examples", "const", "enum") and (name is not None or schema.get("writeOnly")):
+            out[key] = _scrub_value(name or "", value, schema)
         else:
             out[key] = _scrub_schema(value, None)
     return out

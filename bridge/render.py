@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from jsonschema import Draft202012Validator
 
+from bridge._yamllimits import has_surrogate
 from bridge.bindings import Binding
 from bridge.config import BridgeConfig, SourceConfig
 from bridge.docs import EVENT_FIELDS
@@ -118,6 +119,8 @@ def run(
         fields = json.loads(text)
     except json.JSONDecodeError as exc:
         return fail(f"{label} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")
+    except (ValueError, RecursionError):  # an integer beyond int()'s limit; nesting beyond the stack
+        return fail(f"{label} holds a number too large or nesting too deep to read")
     if not isinstance(fields, dict):
         return fail(f"{label} must be a JSON object of the {source.kind} event fields ({fields_doc}), "
                     f"not {_json_type(fields)}")
@@ -125,6 +128,8 @@ def run(
         bind_config = json.loads(config_arg) if config_arg is not None else {}
     except json.JSONDecodeError as exc:
         return fail(f"--config is not valid JSON: {exc.msg} (column {exc.colno})")
+    except (ValueError, RecursionError):
+        return fail("--config holds a number too large or nesting too deep to read")
     bind_validator = BindValidator(source.id, source.bind_schema)
     validator = Draft202012Validator(bind_validator.advertised, format_checker=Draft202012Validator.FORMAT_CHECKER)
     found = violations(validator, bind_config)
@@ -140,7 +145,10 @@ def run(
     except BindConfigError as exc:  # checked above; kept for a schema the pre-check reads differently
         return fail(str(exc))
     _report(result, stderr)
-    print(json.dumps(result.payload, indent=2, ensure_ascii=False), file=stdout)
+    text = json.dumps(result.payload, indent=2, ensure_ascii=False)
+    if has_surrogate(text):  # a lone "\ud800" from the event or a template: printable only as an escape
+        text = json.dumps(result.payload, indent=2)
+    print(text, file=stdout)
     return EXIT_INVALID if result.schema_violations else EXIT_OK
 
 

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import jsonschema
 
+from bridge._redact import REDACTED, is_secret_key, redact
+from bridge._yamllimits import TOO_DEEP, TOO_LARGE, read_capped
 from bridge.errors import BindConfigError, PayloadSchemaError
 from bridge.yamlpos import Positions, load_yaml
 
@@ -108,8 +110,36 @@ def violations(validator: Any, instance: Any) -> list[str]:
             missing = [k for k in error.validator_value if k not in error.instance]
             out.extend(f"{json_path(where)}: missing required property {k!r}" for k in missing)
         else:
-            out.append(f"{json_path(where)}: {error.message}")
+            out.append(f"{json_path(where)}: {_safe_message(error)}")
     return out
+
+
+def _mask_write_only(instance: Any, schema: Any) -> Any:
+    """``instance`` with the values of properties its schema marks ``writeOnly`` masked."""
+    properties = schema.get("properties") if isinstance(schema, Mapping) else None
+    if not isinstance(instance, dict) or not isinstance(properties, Mapping):
+        return instance
+    return {k: REDACTED if isinstance(properties.get(k), Mapping) and properties[k].get("writeOnly") is True
+            else v for k, v in instance.items()}
+
+
+def _safe_message(error: Any) -> str:
+    """``error.message`` without the value when it is a secret (a secret-named key, ``writeOnly: true``) or a
+    whole object or list (which may hold one): bind configs and payloads carry credentials."""
+    instance = error.instance
+    key = error.absolute_path[-1] if error.absolute_path else None
+    secret = (isinstance(key, str) and is_secret_key(key)) or (
+        isinstance(error.schema, Mapping) and error.schema.get("writeOnly") is True)
+    if not secret and not isinstance(instance, (dict, list)):
+        return str(error.message)
+    shown = "the value"
+    if not secret:
+        masked = redact(_mask_write_only(instance, error.schema))
+        shown = repr(masked) if len(repr(masked)) <= 80 else "the object" if isinstance(instance, dict) else "the list"
+    message = str(error.message).replace(repr(instance), shown)
+    if secret and isinstance(instance, str) and instance and instance in message:
+        return f"{shown} breaks {error.validator!r}"  # the message quoted it some other way
+    return message
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,9 +299,33 @@ def _dangling_refs(root: Any, node: Any, path: SchemaPath) -> Iterator[Finding]:
             yield from _dangling_refs(root, value, (*path, key))
 
 
+def _uncompilable_patterns(node: Any, path: SchemaPath) -> Iterator[Finding]:
+    """``pattern``s (and ``patternProperties`` names) that Python's ``re`` refuses with something other than
+    ``re.error`` (``a{99999999999999999999}``), which no regex check expects."""
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _uncompilable_patterns(item, (*path, index))
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        texts = [((*path, key), value)] if key == "pattern" and isinstance(value, str) else []
+        if key == "patternProperties" and isinstance(value, dict):
+            texts += [((*path, key, name), name) for name in value]
+        for where, text in texts:
+            try:
+                re.compile(text)
+            except re.error:
+                pass  # the meta-schema reports these
+            except (OverflowError, RecursionError, MemoryError) as exc:
+                yield Finding(where, "bind-schema-invalid", f"not a usable regular expression: {exc}")
+        yield from _uncompilable_patterns(value, (*path, key))
+
+
 def check_user_schema(schema: Any, *, must_be_object: bool) -> list[Finding]:
     """Every reason ``schema`` is not a usable 2020-12 schema (errors), and unknown keywords (warnings)."""
-    found: list[Finding] = []
+    found: list[Finding] = list(_uncompilable_patterns(schema, ()))
+    if found:  # the meta-schema's own regex check would crash on these
+        return found
     for error in _META.iter_errors(schema):
         path = tuple(error.absolute_path)
         if path[-1:] == ("type",) and isinstance(error.instance, str):
@@ -289,6 +343,9 @@ def check_user_schema(schema: Any, *, must_be_object: bool) -> list[Finding]:
     return found
 
 
+_LIMITS = (TOO_DEEP, TOO_LARGE)
+
+
 class SchemaFileError(Exception):
     """A referenced schema file is missing, unreadable or not JSON; ``line``/``col`` are 1-based, 0 = none."""
 
@@ -302,7 +359,7 @@ class SchemaFileError(Exception):
 def load_schema_file(path: Path) -> tuple[Any, Positions | None]:
     """The JSON document at ``path`` (``.yaml``/``.yml``: YAML) and, when known, where each of its parts is."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_capped(path).decode("utf-8")
     except FileNotFoundError:
         raise SchemaFileError("no such file") from None
     except IsADirectoryError:
@@ -320,10 +377,15 @@ def load_schema_file(path: Path) -> tuple[Any, Positions | None]:
             reason = first.message if first else "the file is empty"
             raise SchemaFileError(f"not valid YAML: {reason}", first.line if first else 0, first.col if first else 0)
         return document.data, positions
+    refused = next((p for p in problems if p.message in _LIMITS), None)
+    if refused is not None:  # too deep or too large for the checks after this one, though JSON might parse it
+        raise SchemaFileError(refused.message, refused.line, refused.col)
     try:
         return json.loads(text), positions
     except json.JSONDecodeError as exc:
         raise SchemaFileError(f"not valid JSON: {exc.msg}", exc.lineno, exc.colno) from None
+    except (ValueError, RecursionError):  # an integer beyond int()'s limit; nesting beyond the stack
+        raise SchemaFileError("not valid JSON: a number is too large or the nesting too deep") from None
 
 
 def resolve_pointer(document: Any, fragment: str) -> tuple[Any, SchemaPath]:

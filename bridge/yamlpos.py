@@ -6,7 +6,9 @@ at the exact spot in the file. What it refuses, as problems rather than exceptio
 
 - bytes that are not UTF-8 text, control characters (binary files), syntax errors, tab indentation;
 - duplicate keys (reported at the second occurrence, naming the first);
-- keys that are not scalars, tags other than YAML's core types, recursive aliases, alias "bombs".
+- keys that are not scalars, tags other than YAML's core types, recursive aliases, alias "bombs";
+- what later checks could not handle (``bridge._yamllimits``): nesting deeper than 64 levels (reported where it
+  passes the limit, also through aliases), integers of more than 1,000 digits, lone surrogate escapes.
 
 Decisions: keys are always strings, exactly as written (``on:`` and ``1:`` are the keys "on" and "1", as in
 JSON). Aliases are allowed and so are merge keys (``<<: *base``, or a list of them): keys written next to
@@ -16,7 +18,6 @@ strings (JSON has no dates).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,19 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from bridge._yamllimits import (
+    MAX_DEPTH,
+    NOT_TEXT,
+    NOT_TEXT_HINT,
+    TOO_DEEP,
+    TOO_DEEP_HINT,
+    TOO_LARGE,
+    DepthLoader,
+    TooDeep,
+    has_surrogate,
+    is_huge_int,
+    join_surrogates,
+)
 from bridge.diagnostics import Problem, format_path
 
 __all__ = ["Position", "Positions", "YamlDocument", "decode_text", "load_yaml"]
@@ -180,6 +194,13 @@ class _Walker:
             self.problem("yaml-syntax", path, node,
                          f"the document expands to more than {_MAX_NODES} values (an alias bomb?)")
             raise _Abort
+        if len(path) > MAX_DEPTH:  # aliases can nest deeper than the text does
+            # Blame the entry that holds it (the alias), not the anchor's text far away.
+            named = path[: next((i for i, p in enumerate(path) if not isinstance(p, str)), len(path))][:8]
+            at = self.positions.keys.get(named) or self._position(node)
+            self.problems.append(Problem("yaml-syntax", format_path(named), TOO_DEEP, TOO_DEEP_HINT, at.line,
+                                         at.col, self.file))
+            raise _Abort
         self.positions.values[path] = self._position(node)
         if isinstance(node, ScalarNode):
             return self._scalar(node, path)
@@ -206,8 +227,22 @@ class _Walker:
         if node.tag not in _SCALAR_TAGS:
             self.problem("yaml-syntax", path, node, f"unsupported tag {_short(node.tag)}", _NO_TAGS)
             return node.value
+        if node.tag == f"{_TAG}str" and has_surrogate(node.value):
+            joined = join_surrogates(node.value)
+            if joined is None:
+                self.problem("value", path, node, f"the text {NOT_TEXT}", NOT_TEXT_HINT)
+                self.invalid.add(path)
+            return joined
         construct = self._constructor.yaml_constructors[node.tag]
-        return construct(self._constructor, node)
+        try:
+            value = construct(self._constructor, node)
+        except ValueError:  # an integer beyond the limit of int()
+            value = None
+        if (value is None and node.tag == f"{_TAG}int") or is_huge_int(value):
+            self.problem("value", path, node, TOO_LARGE)
+            self.invalid.add(path)
+            return None
+        return value
 
     def _mapping(self, node: MappingNode, path: KeyPath) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -225,6 +260,12 @@ class _Walker:
                 self.problem("yaml-syntax", path, key_node, "a key must be a plain string, not a list or mapping")
                 continue
             key = str(key_node.value)
+            if has_surrogate(key):
+                joined = join_surrogates(key)
+                if joined is None:
+                    self.problem("yaml-syntax", path, key_node, f"the key {NOT_TEXT}", NOT_TEXT_HINT)
+                    continue
+                key = joined
             if key in seen:
                 self._duplicate(key, path, key_node, seen[key])
                 continue
@@ -288,11 +329,18 @@ def load_yaml(text: str, file: str | None = None) -> tuple[YamlDocument | None, 
     """Parse ``text``. On a syntax error the document is None; otherwise it may come with problems
     (duplicate keys, tags) and a best-effort value. An empty document has ``data`` None."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = DepthLoader(text)
+    except yaml.YAMLError as exc:  # the reader checks every character first
+        return None, [_syntax_problem(exc, text, file)]
+    try:
+        root = loader.get_single_node()
     except yaml.YAMLError as exc:
         return None, [_syntax_problem(exc, text, file)]
-    except RecursionError:
-        return None, [Problem("yaml-syntax", "", "the document is nested too deeply", None, 0, 0, file)]
+    except TooDeep as exc:
+        line, col = exc.mark.line + 1, exc.mark.column + 1
+        return None, [Problem("yaml-syntax", "", TOO_DEEP, TOO_DEEP_HINT, line, col, file)]
+    finally:
+        loader.dispose()
     walker = _Walker(text, file)
     if root is None:
         return YamlDocument(None, walker.positions), []
@@ -300,10 +348,6 @@ def load_yaml(text: str, file: str | None = None) -> tuple[YamlDocument | None, 
         data = walker.value(root, ())
     except _Abort:
         return None, walker.problems
-    except RecursionError:
-        limit = sys.getrecursionlimit()
-        return None, [Problem("yaml-syntax", "", f"the document is nested deeper than ~{limit // 3} levels",
-                              None, 0, 0, file)]
     problems = sorted(walker.problems, key=lambda p: (p.line, p.col))
     return YamlDocument(data, walker.positions, walker.invalid), problems
 

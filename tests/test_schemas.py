@@ -207,6 +207,28 @@ def test_load_schema_file_json_yaml_and_errors(tmp_path: Path) -> None:
         load_schema_file(tmp_path / "bin.json")
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{\n  "default": ' + "9" * 5000 + "\n}\n",
+         ("the number is too large (more than 1,000 digits)", 2, 14)),
+        ('{"a":\n' + "[" * 5000 + "]" * 5000 + "}\n",
+         ("the document is nested deeper than 64 levels here", 2, 64)),
+        ('{\n\t"default": ' + "9" * 5000 + "\n}\n",  # a tab: YAML refuses it before it sees the number
+         ("not valid JSON: a number is too large or the nesting too deep", 0, 0)),
+        ('{\n\t"a": ' + "[" * 5000 + "]" * 5000 + "\n}\n",
+         ("not valid JSON: a number is too large or the nesting too deep", 0, 0)),
+    ],
+)
+def test_load_schema_file_refuses_what_the_checks_cannot_handle(
+    tmp_path: Path, text: str, expected: tuple[str, int, int]
+) -> None:
+    (tmp_path / "s.json").write_text(text)
+    with pytest.raises(SchemaFileError) as caught:
+        load_schema_file(tmp_path / "s.json")
+    assert (caught.value.message, caught.value.line, caught.value.col) == expected
+
+
 def test_resolve_pointer() -> None:
     doc = {"$defs": {"a/b": {"type": "string"}, "list": [{"x": 1}]}}
     assert resolve_pointer(doc, "") == (doc, ())
@@ -270,3 +292,31 @@ def test_every_property_has_a_description() -> None:
 
 def test_bridge_validator_is_built_once() -> None:
     assert bridge_validator() is bridge_validator()
+
+
+def test_check_user_schema_reports_patterns_re_cannot_compile() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "a{99999999999999999999}"}},
+              "patternProperties": {"b{99999999999999999999}": {}}}
+    assert [(f.path, f.code, f.message) for f in check_user_schema(schema, must_be_object=True)] == [
+        (("properties", "a", "pattern"), "bind-schema-invalid",
+         "not a usable regular expression: the repetition number is too large"),
+        (("patternProperties", "b{99999999999999999999}"), "bind-schema-invalid",
+         "not a usable regular expression: the repetition number is too large"),
+    ]
+
+
+def test_bind_rejections_never_show_a_secret() -> None:
+    validator = BindValidator("t", {
+        "type": "object", "additionalProperties": False, "not": {"required": ["bad"]},
+        "properties": {"api_key": {"type": "string", "writeOnly": True, "minLength": 20},
+                       "password": {"type": "string", "pattern": "^x"}, "n": {"type": "integer"}},
+    })
+    with pytest.raises(BindConfigError) as caught:
+        validator.check({"api_key": "hunter2", "password": "hunter3", "n": "5", "bad": 1})
+    assert str(caught.value) == (
+        "bind config rejected by trigger type 't': "
+        "$: unknown property 'bad' (allowed: api_key, condition_function_id, n, password); "
+        "$: {'api_key': '***', 'password': '***', 'n': '5', 'bad': 1} should not be valid under {'required': ['bad']}; "
+        "$.api_key: the value is too short; $.password: the value does not match '^x'; "
+        "$.n: '5' is not of type 'integer'"
+    )

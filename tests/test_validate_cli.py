@@ -17,7 +17,7 @@ from bridge import cli
 ROOT = Path(__file__).resolve().parent.parent
 BROKEN = sorted((Path(__file__).resolve().parent / "data" / "broken").glob("*.yaml"))
 SHIPPED = [ROOT / "bridge.yaml", *sorted((ROOT / "examples").glob("*/bridge.yaml"))]
-LINE = re.compile(r"^\S[^:]*(:\d+:\d+)?: (error|warning)\[[a-z-]+\] ")
+LINE = re.compile(r"^\S[^:]*:\d+:\d+: (error|warning)\[[a-z-]+\] ")  # every problem has a real line:col
 
 VALID = "version: 1\nsources:\n  inbox:\n    file: {path: .}\n"
 INVALID = "version: 1\nsources:\n  inbox:\n    file: {path: ., recursiv: true}\n    when: 5\n"
@@ -139,6 +139,14 @@ def test_an_unexpected_error_is_one_line_and_exit_2(
     assert (code, out) == (2, "")
     assert err == "bridge: internal error: RuntimeError: boom (please report this)\n"
 
+    def leaky(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("cannot use postgresql://app:p#ss@db/app (password=s3cret)")
+
+    monkeypatch.setattr("bridge.config.check_config", leaky)
+    code, out, err = run(capsys, "validate", "-c", str(tmp_path / "x.yaml"))
+    assert err == ("bridge: internal error: ValueError: cannot use postgresql://app:***@db/app (password=***) "
+                   "(please report this)\n")
+
 
 @pytest.mark.parametrize("path", BROKEN, ids=[p.name for p in BROKEN])
 def test_broken_corpus_never_tracebacks(
@@ -154,6 +162,46 @@ def test_broken_corpus_never_tracebacks(
     code, out, _ = run(capsys, "validate", "-c", path.name, "--format", "json")
     assert code == 1
     assert all(p["severity"] in ("error", "warning") for p in json.loads(out))
+
+
+_DEEP = "the document is nested deeper than 64 levels here; flatten this part of the file"
+_LARGE = "the number is too large (more than 1,000 digits)"
+_UNUSABLE = "not a usable path: File name too long"
+# The corpus files that once crashed validate ("internal error"), with their exact diagnostics.
+EXPECTED = {
+    "deep-nesting.yaml": [f"2:74: error[yaml-syntax] {_DEEP}"],
+    "deep-block-nesting.yaml": [f"67:129: error[yaml-syntax] {_DEEP}"],
+    "alias-nesting.yaml": [f"66:7: error[yaml-syntax] sources.s.payload.a60: {_DEEP}"],
+    "huge-integers.yaml": [
+        f"4:32: error[value] sources.s.file.settle_ms: {_LARGE}",
+        f"5:20: error[value] sources.s.max_in_flight: {_LARGE}",
+        f"6:18: error[value] sources.s.payload.n: {_LARGE}",
+    ],
+    "env-huge-default.yaml": [f"3:18: error[value] defaults.max_in_flight: {_LARGE}"],
+    "long-paths.yaml": [
+        f"2:12: error[value] state_dir: {_UNUSABLE}",
+        f"5:18: error[value] sources.s.file.path: {_UNUSABLE}",
+        f"5:351: error[value] sources.s.file.move_to: {_UNUSABLE}",
+    ],
+    "template-bombs.yaml": [
+        "5:11: error[template-syntax] sources.s.when: the template is nested too deeply to compile (RecursionError); "
+        "simplify it",
+        "9:12: error[template-syntax] sources.s.payload.ifs: the template is nested too deeply to compile "
+        "(IndentationError); simplify it",
+        "10:14: error[template-syntax] sources.s.payload.chain: the template is nested too deeply to compile "
+        "(SyntaxError); simplify it",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_broken_corpus_exact_diagnostics(
+    name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(BROKEN[0].parent)
+    code, out, err = run(capsys, "validate", "--offline", "-c", name)
+    assert (code, err) == (1, "")
+    assert out.splitlines()[:-1] == [f"{name}:{line}" for line in EXPECTED[name]]
 
 
 def test_broken_corpus_is_there() -> None:
@@ -194,3 +242,160 @@ def test_the_installed_entry_point(tmp_path: Path) -> None:
     )
     assert done.returncode == 1 and done.stderr == ""
     assert done.stdout.splitlines()[-1].endswith(": 2 errors")
+
+
+SECRETS = {"III_URL": "ws://bridge:ur#l?pa/ss@127.0.0.1:49134", "KAFKA_BOOTSTRAP": "u:bo@tpass@k1:9092",
+           "KAFKA_PASSWORD": "0123", "DATABASE_URL": "postgresql://app:p#ss?w/rd@db:5432/app"}
+SECRET_CONFIG = """\
+version: 1
+engine:
+  url: ${III_URL}
+sources:
+  orders:
+    kafka:
+      bootstrap_servers: ${KAFKA_BOOTSTRAP}
+      topics: [orders]
+      security:
+        protocol: SASL_PLAINTEXT
+        sasl_mechanism: PLAIN
+        username: bridge
+        password: ${KAFKA_PASSWORD}
+    bind_schema:
+      type: object
+      properties:
+        api_key: {type: string, writeOnly: true, default: wo-s3cret, examples: [wo-s3cret-example]}
+        region: {type: string, default: eu}
+  signups:
+    postgres:
+      dsn: ${DATABASE_URL}
+      channels: [signup]
+"""
+
+
+def test_secrets_never_appear_in_validate_or_docs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text(SECRET_CONFIG)
+    secrets = ["ur#l", "pa/ss", "bo@tpass", "0123", "p#ss", "w/rd", "wo-s3cret"]
+    warning = ("bridge.yaml:3:8: warning[url-credentials] engine.url: the URL carries credentials; the iii SDK "
+               "writes it into a file under ~/.iii/run that other users of this machine can read; "
+               "set III_TOKEN instead (sent as a bearer token)")
+    dsn = ("bridge.yaml:21:12: warning[value] sources.signups.postgres.dsn: the password seems to hold an "
+           "unencoded # ? / or @, which the database client reads as the end of the host; "
+           "percent-encode them: %23 %3F %2F %40")
+    code, out, err = run(capsys, "validate", "--offline")
+    assert (code, out.splitlines(), err) == (0, [warning, dsn, "bridge.yaml: valid, 2 sources, 2 warnings"], "")
+    code, json_out, _ = run(capsys, "validate", "--offline", "--format", "json")
+    code, docs, docs_err = run(capsys, "docs")
+    assert code == 0 and "| `api_key` | string | `\"***\"` | no |" in docs
+    for text in (out, json_out, docs, docs_err):
+        assert not [s for s in secrets if s in text]
+    Path("bridge.yaml").write_text(SECRET_CONFIG.replace("password: ${KAFKA_PASSWORD}", "password: [x]"))
+    code, out, _ = run(capsys, "validate", "--offline")
+    assert code == 1 and "security.password: expected a string or null, got a list" in out
+    Path("bridge.yaml").write_text(SECRET_CONFIG.replace("url: ${III_URL}", "url: ${III_URL}x"))
+    monkeypatch.setenv("III_URL", "http://bridge:ur#l?pa/ss@127.0.0.1:49134")
+    code, out, _ = run(capsys, "validate", "--offline")
+    assert "engine.url: 'http://bridge:***@127.0.0.1:49134x' does not match ^wss?://" in out
+    assert not [s for s in secrets if s in out]
+
+
+@pytest.mark.parametrize("password", ["p#ss?w/rd", "p@ss:w", "9ss?w/rd"])
+def test_an_unparseable_dsn_is_a_warning_not_an_internal_error(
+    password: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Online validate asks the database client to connect; it raises ValueError on such a DSN, quoting part
+    # of the password. Nothing is reached: the client refuses the DSN before connecting.
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://app:{password}@127.0.0.1:5432/postgres")
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  o:\n    postgres:\n      dsn: ${DATABASE_URL}\n"
+                                   "      mode: outbox\n      outbox_table: bridge_outbox\n")
+    code, out, err = run(capsys, "validate")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "bridge.yaml:5:12: warning[value] sources.o.postgres.dsn: the password seems to hold an unencoded # ? / "
+        "or @, which the database client reads as the end of the host; percent-encode them: %23 %3F %2F %40",
+        "bridge.yaml:3:1: warning[outbox-unchecked] sources.o.postgres.outbox_table: not checked: cannot connect "
+        "to postgresql://app:***@127.0.0.1:5432/postgres: the client cannot parse the DSN "
+        "(percent-encode # ? / @ : in the password)",
+        "bridge.yaml: valid, 1 source, 2 warnings",
+    ]
+
+
+def test_docs_of_a_schema_that_refers_to_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  s:\n    file: {path: .}\n"
+                                   "    bind_schema: {type: object, properties: {a: {$ref: '#'}}}\n")
+    code, out, err = run(capsys, "docs")
+    assert (code, err) == (0, "")
+    assert "| `a.a.a.a.a.a.a.a.a` |" in out and "| `a.a.a.a.a.a.a.a.a.a` |" not in out
+
+
+def test_regular_expressions_re_refuses_are_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  s:\n    kafka: {bootstrap_servers: k, "
+                                   "topic_pattern: 'a{99999999999999999999}'}\n")
+    code, out, _ = run(capsys, "validate", "--offline")
+    assert (code, out.splitlines()[0]) == (1, "bridge.yaml:4:50: error[value] sources.s.kafka.topic_pattern: "
+                                              "not a valid regular expression: the repetition number is too large")
+
+
+@pytest.mark.parametrize(
+    ("event", "bind_config", "expected"),
+    [
+        ('{"content": ' + "9" * 5000 + "}", None,
+         "bridge: event file event.json holds a number too large or nesting too deep to read\n"),
+        ('{"content": ' + "[" * 100_000 + "]" * 100_000 + "}", None,
+         "bridge: event file event.json holds a number too large or nesting too deep to read\n"),
+        ('{"content": 1}', '{"a": ' + "9" * 5000 + "}",
+         "bridge: --config holds a number too large or nesting too deep to read\n"),
+        ('{"content": 1}', "[" * 100_000, "bridge: --config holds a number too large or nesting too deep to read\n"),
+    ],
+)
+def test_render_refuses_what_json_cannot_read(
+    event: str, bind_config: str | None, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  s:\n    file: {path: ., content: json}\n"
+                                   "    payload: {x: '{{ event.content }}'}\n")
+    Path("event.json").write_text(event)
+    extra = ["--config", bind_config] if bind_config is not None else []
+    code, out, err = run(capsys, "render", "s", "--event", "event.json", *extra)
+    assert (code, out, err) == (1, "", expected)
+
+
+def test_render_prints_a_lone_surrogate_as_an_escape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  s:\n    file: {path: ., content: json}\n"
+                                   "    payload: {x: '{{ event.content }}', y: 'é'}\n")
+    Path("event.json").write_text('{"content": "\\ud800"}')
+    code, out, _ = run(capsys, "render", "s", "--event", "event.json")
+    assert (code, json.loads(out)) == (0, {"x": "\ud800", "y": "é"})
+    assert out.encode() and "\\ud800" in out
+
+
+def test_an_endless_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, _ = run(capsys, "validate", "-c", "/dev/zero")
+    assert (code, out.splitlines()) == (2, [
+        "/dev/zero: error[file-unreadable] cannot read: larger than 16 MiB, too large for a config",
+        "/dev/zero: 1 error",
+    ])
+    monkeypatch.chdir(tmp_path)
+    Path("bridge.yaml").write_text("version: 1\nsources:\n  s:\n    file: {path: .}\n"
+                                   "    bind_schema: {$ref: /dev/zero}\n")
+    code, out, _ = run(capsys, "validate")
+    assert (code, out.splitlines()[0]) == (1, "bridge.yaml:5:25: error[schema-ref] sources.s.bind_schema.$ref: "
+                                              "cannot load /dev/zero: cannot read it: larger than 16 MiB, too large "
+                                              "for a config")

@@ -353,6 +353,9 @@ async def check_outbox_table(dsn: str, table: str, *, timeout_s: float = 5.0) ->
         conn = await connect(dsn, "iii-bridge validate", timeout_s)
     except CONNECTION_ERRORS as exc:
         raise PostgresUnreachable(f"cannot connect to {redact_dsn(dsn)}: {describe_error(exc)}") from None
+    except ValueError:  # the client cannot parse the DSN; its message may quote part of the password
+        raise PostgresUnreachable(f"cannot connect to {redact_dsn(dsn)}: the client cannot parse the DSN "
+                                  "(percent-encode # ? / @ : in the password)") from None
     try:
         return await table_problems(conn, name)
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
