@@ -63,7 +63,8 @@ _FORMATS = _Validator.FORMAT_CHECKER
 CONDITION_PROPERTY: dict[str, Any] = {
     "type": "string",
     "description": "iii convention: a function called with the rendered payload before each delivery (in the "
-    "bound function's namespace); the binding skips the event when it returns false or raises; a call the engine link cuts is retried.",
+    "bound function's namespace); the binding skips the event when it returns false or raises; a call the engine "
+    "link cuts is retried.",
 }
 
 
