@@ -23,7 +23,7 @@ from typing import Any
 from bridge.bindings import Binding, BindingTable
 from bridge.config import DeadLetterConfig, DeliveryConfig, FileSourceConfig
 from bridge.deadletter import FileDeadLetter
-from bridge.dispatch import Dispatcher
+from bridge.dispatch import Dispatcher, Invocation
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
 from bridge.testing.configs import source_config
@@ -35,7 +35,7 @@ class _Invoker:
     async def wait_connected(self) -> None:
         return None
 
-    async def invoke(self, function_id: str, payload: Any, **_: Any) -> Any:
+    async def invoke(self, call: Invocation) -> Any:
         await asyncio.sleep(0)
         return {"ok": True}
 

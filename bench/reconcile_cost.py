@@ -42,8 +42,13 @@ async def _measure(url: str, engine_pid: int, bindings: int, rounds: int) -> dic
     for name in ("replica-a", "replica-b"):
         table = BindingTable(TYPE)
         link = EngineLink(EngineConfig(url=url, worker_name=f"{name}-{bindings}", reconcile_interval_ms=3_600_000))
-        link.start([TriggerTypeSpec(TYPE, "orders", BindValidator(TYPE, _SCHEMA), None, table)])
-        await link.wait_connected()
+        spec = TriggerTypeSpec(TYPE, "orders", BindValidator(TYPE, _SCHEMA), None, table)
+
+        async def start(link: EngineLink = link, spec: TriggerTypeSpec = spec) -> None:
+            link.start([spec])
+
+        await link.on_loop(start)  # each link runs on its own SDK's loop; this script drives them from its own
+        await link.on_loop(link.wait_connected)
         links.append((link, table))
         await asyncio.sleep(0.3)  # replica-b registers last: it is the provider
     (a, a_table), (_b, b_table) = links
@@ -54,13 +59,13 @@ async def _measure(url: str, engine_pid: int, bindings: int, rounds: int) -> dic
             await asyncio.to_thread(consumer.bind, TYPE, "shop::on-order", {"min_total": i})
         while len(b_table) < bindings:
             await asyncio.sleep(0.05)
-        await a.reconcile()
+        await a.on_loop(a.reconcile)
         assert len(a_table) == bindings, (len(a_table), bindings)
         figures: dict[str, float] = {}
         for label, step in (("round", a.reconcile), ("list", lambda: a.list_bindings(TYPE))):
             engine_cpu, own_cpu, wall = _cpu_s(engine_pid), time.process_time(), time.perf_counter()
             for _ in range(rounds):
-                await step()
+                await a.on_loop(step)
             figures[f"{label}_wall_ms"] = (time.perf_counter() - wall) * 1000 / rounds
             figures[f"{label}_engine_cpu_ms"] = (_cpu_s(engine_pid) - engine_cpu) * 1000 / rounds
             figures[f"{label}_bridge_cpu_ms"] = (time.process_time() - own_cpu) * 1000 / rounds
@@ -68,7 +73,8 @@ async def _measure(url: str, engine_pid: int, bindings: int, rounds: int) -> dic
     finally:
         consumer.close()
         for link, _ in links:
-            await link.close()
+            await link.on_loop(link.close)
+            await asyncio.to_thread(link.shutdown)
 
 
 def main(argv: list[str] | None = None) -> int:

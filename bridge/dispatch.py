@@ -28,6 +28,19 @@ from bridge.templates import CompiledTree, CompiledWhen, compile_tree, compile_w
 log = logging.getLogger("bridge.dispatch")
 
 
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """One function call the dispatcher asks its invoker for (the engine link, or the dry-run printer)."""
+
+    function_id: str
+    payload: Any
+    namespace: str | None  # the target's namespace; None means the engine's default
+    timeout_ms: int
+    mode: str = "sync"  # "sync", "void" or "enqueue" (delivery.mode)
+    queue: str | None = None  # with mode "enqueue"
+    metadata: dict[str, Any] | None = None  # the binding's metadata, passed along with the call
+
+
 class Invoker(Protocol):
     """How the dispatcher calls functions (the engine link, or a dry-run printer)."""
 
@@ -36,17 +49,9 @@ class Invoker(Protocol):
 
     async def wait_connected(self) -> None: ...
 
-    async def invoke(
-        self,
-        function_id: str,
-        payload: Any,
-        *,
-        namespace: str | None,
-        timeout_ms: int,
-        mode: str = "sync",
-        queue: str | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> Any: ...
+    async def invoke(self, call: Invocation) -> Any:
+        """The function's result; raises DeliveryError (EngineUnavailable when the link is down)."""
+        ...
 
 
 CONDITION_FAILED = "invocation_failed"
@@ -213,15 +218,10 @@ class Dispatcher:
                     condition = None  # passed: a retry only repeats the delivery
                     calling = binding.function_id
                     started = time.perf_counter()
-                await self.invoker.invoke(
-                    binding.function_id,
-                    payload,
-                    namespace=binding.namespace,
-                    timeout_ms=delivery.timeout_ms,
-                    mode=delivery.mode,
-                    queue=delivery.queue,
-                    metadata=binding.metadata,
-                )
+                await self.invoker.invoke(Invocation(
+                    binding.function_id, payload, binding.namespace, delivery.timeout_ms, delivery.mode,
+                    delivery.queue, binding.metadata,
+                ))
             except DeliveryError as exc:
                 if calling == binding.function_id:
                     self.stats.deliveries_failed += 1
@@ -268,7 +268,7 @@ class Dispatcher:
         condition: it is raised, and retried like a delivery."""
         try:
             result = await self.invoker.invoke(
-                condition, payload, namespace=binding.namespace, timeout_ms=self._delivery.timeout_ms
+                Invocation(condition, payload, binding.namespace, self._delivery.timeout_ms)
             )
         except DeliveryError as exc:
             if exc.code != CONDITION_FAILED:

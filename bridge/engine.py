@@ -1,19 +1,22 @@
 """The engine link: the ONLY module that imports the iii SDK.
 
-The SDK runs its own asyncio loop on its own thread; the bridge runs its own loop. Everything that arrives
-from the SDK (binding callbacks, connection-state changes) is handed over to the bridge loop here, and every
-invocation is awaited from the bridge loop through ``trigger_async``.
+The SDK starts its own asyncio loop on its own thread and offers no way to give it another one, so the link
+owns that loop and the bridge runs on it (DESIGN §5, "One event loop"): :meth:`EngineLink.run` runs the runtime
+there, binding callbacks and connection-state changes arrive on it, and ``trigger_async`` awaited on it skips
+the cross-thread hop the SDK makes for a caller on any other loop. Code on another loop (a replay, a test)
+reaches the link through :meth:`EngineLink.on_loop`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from iii import InitOptions, InvocationError, RegistrationRejectedError
 from iii.iii import III
@@ -22,10 +25,10 @@ from iii.triggers import TriggerConfig, TriggerHandler
 from iii_helpers.observability import ReconnectionConfig
 from websockets.exceptions import ConnectionClosed
 
-from bridge._handover import Handover
 from bridge._reconcile import Reconciler
 from bridge.bindings import Binding, BindingTable
 from bridge.config import EngineConfig
+from bridge.dispatch import Invocation
 from bridge.errors import BindConfigError, DeliveryError, EngineUnavailable
 from bridge.schemas import BindValidator
 
@@ -41,6 +44,11 @@ _LIST_TIMEOUT_MS = 10000
 _RECONNECT = ReconnectionConfig(initial_delay_ms=500, max_delay_ms=5000)
 _UNREACHABLE_FIRST_S = 3.0  # how long a first connection may take before the operator is told
 _UNREACHABLE_REPEAT_S = 30.0  # then how often it is repeated while the engine stays away
+# How often a thread waiting in run() wakes up: a signal delivered to another thread (the SDK's) runs its
+# Python handler only once the main thread executes again, which an untimed wait would put off indefinitely.
+_WAIT_SLICE_S = 0.2
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,8 @@ logging.getLogger("iii.iii").addFilter(_QuietSdk())
 
 
 class _Handler(TriggerHandler[Any]):
-    """Receives bindings on the SDK loop: validates at once (so the binder reads why), applies on the bridge loop."""
+    """Receives bindings on the link's loop (the SDK's, which the bridge runs on): validates at once, so that the
+    binder reads why a config is refused, and applies the binding to the table at once."""
 
     def __init__(self, link: EngineLink, spec: TriggerTypeSpec) -> None:
         self._link = link
@@ -78,7 +87,7 @@ class _Handler(TriggerHandler[Any]):
         try:
             checked = self._spec.bind.check(config.config)
         except BindConfigError as exc:
-            self._link._post(self._link._rejected, self._spec, config.id, config.function_id, str(exc))
+            self._link.binding_rejected(self._spec, config.id, config.function_id, str(exc))
             raise
         namespace = config.namespace if config.namespace not in (None, "", "default") else None
         binding = Binding(
@@ -89,38 +98,31 @@ class _Handler(TriggerHandler[Any]):
             config=checked,
             metadata=config.metadata if isinstance(config.metadata, dict) else None,
         )
-        self._link._post(self._link._bound, self._spec, binding)
+        self._link.binding_added(self._spec, binding)
 
     async def unregister_trigger(self, config: TriggerConfig[Any]) -> None:
-        self._link._post(self._link._unbound, self._spec, config.id)
+        self._link.binding_removed(self._spec, config.id)
 
 
 class EngineLink:
-    """Connects to iii, advertises trigger types, keeps their binding tables, invokes functions."""
+    """Connects to iii, advertises trigger types, keeps their binding tables, invokes functions.
 
-    def __init__(
-        self,
-        config: EngineConfig,
-        *,
-        on_state: Callable[[bool], None] | None = None,
-        on_fatal: Callable[[str], None] | None = None,
-    ) -> None:
-        """``on_fatal(message)``: the engine refused this bridge for good (a worker-name conflict); the SDK does not
-        reconnect, so the caller should stop with an error."""
+    Made on any thread but the SDK's, it creates the SDK client at once: the SDK starts its loop (:attr:`loop`) and
+    connects in the background. Everything else runs on that loop: :meth:`run` runs the bridge there, and
+    :meth:`on_loop` reaches it from another loop.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
         self._config = config
-        self._on_state = on_state
-        self._on_fatal = on_fatal
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: III | None = None
+        self._on_fatal: Callable[[str], None] | None = None
         self._specs: dict[str, TriggerTypeSpec] = {}
         self._connected = False
-        self._connected_event: asyncio.Event | None = None
+        self._connected_event = asyncio.Event()  # bound to the link's loop when first waited on
         self._ever_connected = False
         self._fatal: str | None = None
         self._link_generation = 0  # bumped at every link change: a grace timer of an older link is void
-        self._handover: Handover | None = None
-        # Calls waiting for an answer; failed at once when the link drops (the answer can never come).
-        self._waiting: set[asyncio.Future[Any]] = set()
+        self._started = False
+        self._shut_down = False
         self._reconcile_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._advertised: set[str] = set()  # trigger types this bridge provides (an exclusive standby: not yet)
@@ -132,48 +134,108 @@ class EngineLink:
             advertised=lambda type_id: type_id in self._advertised,
             advertise=self._advertise,
         )
-
-    # lifecycle -----------------------------------------------------------------------------------------------
-
-    def start(self, specs: list[TriggerTypeSpec]) -> None:
-        """Create the SDK client (it connects in the background) and advertise every trigger type."""
-        self._loop = asyncio.get_running_loop()
-        self._connected_event = asyncio.Event()
         options = InitOptions(
-            worker_name=self._config.worker_name,
+            worker_name=config.worker_name,
             worker_description="iii-bridge: Kafka, Postgres and file events as iii function calls",
-            namespace=self._config.namespace,
+            namespace=config.namespace,
             enable_metrics_reporting=False,
             otel={"enabled": False},
             reconnection_config=_RECONNECT,
         )
-        log.info("connecting to the iii engine at %s", self._config.url)
-        # III() connects in the background; register_worker() would block this loop for up to 30 s.
-        self._client = III(self._config.url, options)
-        self._handover = Handover(self._client.trigger_async, self._client._loop, self._loop)
+        log.info("connecting to the iii engine at %s", config.url)
+        # III() connects in the background; register_worker() would block for up to 30 s.
+        self._client = III(config.url, options)
+        self._loop: asyncio.AbstractEventLoop = self._client._loop
+
+    # the loop ------------------------------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The SDK's own loop: the bridge runs on it, and every method below but :meth:`run`, :meth:`on_loop` and
+        :meth:`shutdown` must be called on it."""
+        return self._loop
+
+    def run(self, main: Coroutine[Any, Any, T]) -> T:
+        """Run ``main`` on the link's loop and wait for it on this thread (any but the SDK's); then shut the SDK
+        down. Signal handlers of the main thread keep running meanwhile (the wait wakes up regularly)."""
+        self._not_on_sdk_thread("run")
+        future = asyncio.run_coroutine_threadsafe(main, self._loop)
+        try:
+            while True:
+                try:
+                    return future.result(timeout=_WAIT_SLICE_S)
+                except TimeoutError:
+                    continue
+        finally:
+            self.shutdown()
+
+    async def on_loop(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Await ``work()`` on the link's loop, from any loop: for a replay or a test driving the link from a loop
+        of its own (a cross-thread hop per call; the bridge itself runs on the link's loop and needs none)."""
+        async def there() -> T:
+            return await work()
+
+        if asyncio.get_running_loop() is self._loop:
+            return await there()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(there(), self._loop))
+
+    def shutdown(self) -> None:
+        """Close the SDK client: its connection, its loop and its thread. From any thread but the SDK's, after
+        :meth:`close` ran on the loop (``run`` does this itself once its coroutine ended); idempotent."""
+        self._not_on_sdk_thread("shutdown")
+        if self._shut_down:
+            return
+        self._shut_down = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()  # the SDK's own "disconnected" at shutdown is no outage to report
+        client = self._client
+        if client._thread.is_alive():
+            client.shutdown()
+        # iii-sdk 0.25 leaves its stopped loop open (a ResourceWarning when collected): close it.
+        if not client._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
+        log.info("disconnected from the iii engine")
+
+    def _not_on_sdk_thread(self, what: str) -> None:
+        if threading.current_thread() is self._client._thread:
+            raise RuntimeError(f"EngineLink.{what}() waits for the link's loop: call it from another thread")
+
+    def _on_link_loop(self, what: str) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise RuntimeError(
+                f"EngineLink.{what}() must run on the link's loop (EngineLink.run, or EngineLink.on_loop from another)"
+            )
+
+    # lifecycle -----------------------------------------------------------------------------------------------
+
+    def start(self, specs: list[TriggerTypeSpec], *, on_fatal: Callable[[str], None] | None = None) -> None:
+        """Advertise every trigger type and follow the connection. ``on_fatal(message)``: the engine refused this
+        bridge for good (a worker-name conflict); the SDK does not reconnect, so the caller should stop with an
+        error."""
+        self._on_link_loop("start")
+        self._started = True
+        self._on_fatal = on_fatal
         for spec in specs:
             self._specs[spec.id] = spec
             if not spec.exclusive:
                 self._advertise(spec)
+        # Fired at once with the current state, then on every change, on this loop.
         self._unsubscribe = self._client.add_connection_state_listener(self._state_from_sdk)
         self._reconcile_task = asyncio.create_task(self._reconcile_loop(), name="engine-reconcile")
         self._spawn(self._report_unreachable(), "engine-unreachable-report")
 
     async def close(self) -> None:
+        """Stop following the engine (reconciliation, reports, state changes); :meth:`shutdown` closes the SDK."""
         tasks = [t for t in (self._reconcile_task, *self._background) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._unsubscribe is not None:
             self._unsubscribe()
-        client, self._client = self._client, None
-        if client is not None:
-            # shutdown() joins the SDK thread; keep the bridge loop responsive meanwhile.
-            await asyncio.to_thread(client.shutdown)
-            # iii-sdk 0.25 leaves its stopped loop open (a ResourceWarning when collected): close it.
-            if not client._thread.is_alive() and not client._loop.is_closed():
-                client._loop.close()
-        log.info("disconnected from the iii engine")
 
     @property
     def connected(self) -> bool:
@@ -183,49 +245,32 @@ class EngineLink:
     def worker_name(self) -> str | None:
         """The worker name this bridge registers under, as the SDK reports it to the engine (``III_WORKER_NAME``
         wins over ``engine.worker_name``; the default is ``hostname:pid``)."""
-        client = self._client
-        return client._worker_name() if client is not None else None
+        return str(self._client._worker_name())
 
     async def wait_connected(self) -> None:
-        assert self._connected_event is not None
         await self._connected_event.wait()
 
     # invocation ----------------------------------------------------------------------------------------------
 
-    async def invoke(
-        self,
-        function_id: str,
-        payload: Any,
-        *,
-        namespace: str | None,
-        timeout_ms: int,
-        mode: str = "sync",
-        queue: str | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> Any:
+    async def invoke(self, call: Invocation) -> Any:
         """Invoke a function; raise DeliveryError (EngineUnavailable when the link is down or fails under the
         call)."""
-        client = self._client
-        if client is None or not self._connected:
+        if not self._connected:
             raise EngineUnavailable()
         request: dict[str, Any] = {
-            "function_id": function_id,
-            "payload": payload,
-            "namespace": namespace or "default",
-            "timeout_ms": timeout_ms,
+            "function_id": call.function_id,
+            "payload": call.payload,
+            "namespace": call.namespace or "default",
+            "timeout_ms": call.timeout_ms,
         }
-        if metadata:
-            request["metadata"] = metadata
-        if mode == "void":
+        if call.metadata:
+            request["metadata"] = call.metadata
+        if call.mode == "void":
             request["action"] = {"type": "void"}
-        elif mode == "enqueue":
-            request["action"] = {"type": "enqueue", "queue": queue}
-        handover = self._handover
-        assert handover is not None
-        future = handover.submit(request)
-        self._waiting.add(future)
+        elif call.mode == "enqueue":
+            request["action"] = {"type": "enqueue", "queue": call.queue}
         try:
-            return await future
+            return await self._client.trigger_async(request)
         except DeliveryError:
             raise  # set by this link when it dropped under the call (EngineUnavailable): already what it is
         except InvocationError as exc:
@@ -238,30 +283,30 @@ class EngineLink:
             # Anything else the SDK raises (a payload it cannot serialise, a bug) must still end in a retry or a
             # dead letter, never in an event that is silently left unacknowledged.
             raise DeliveryError("client_error", f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            self._waiting.discard(future)
 
     async def _call_engine(self, function_id: str, payload: dict[str, Any]) -> Any:
-        return await self.invoke(function_id, payload, namespace=None, timeout_ms=_LIST_TIMEOUT_MS)
+        return await self.invoke(Invocation(function_id, payload, None, _LIST_TIMEOUT_MS))
 
     async def list_bindings(self, trigger_type: str) -> set[str]:
         """The ids of the engine's live bindings of ``trigger_type``."""
         return {str(r["id"]) for r in await self._reconciler.binding_rows(trigger_type)}
 
-    # SDK → bridge loop ---------------------------------------------------------------------------------------
-
-    def _post(self, fn: Callable[..., None], *args: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(fn, *args)
+    # SDK → bridge (on the link's loop) -----------------------------------------------------------------------
 
     def _state_from_sdk(self, state: str) -> None:
         fatal: str | None = None
         if state == "failed":
             # The SDK gives up for good only when the engine refused this worker (it sets the error first).
-            client = self._client
-            fatal = _refusal_text(client._fatal_error if client is not None else None, self._config.url)
-        self._post(self._set_state, state == "connected", fatal)
+            fatal = _refusal_text(self._client._fatal_error, self._config.url)
+        self._set_state(state == "connected", fatal)
+
+    def _fail_calls_in_flight(self) -> None:
+        """The engine cannot answer calls sent on a link that dropped: fail them now instead of at their timeout.
+        They are the SDK's pending invocations (all this client's calls are the bridge's)."""
+        dropped = EngineUnavailable("the engine link dropped during the call")
+        for pending in list(self._client._pending.values()):
+            if not pending.future.done():
+                pending.future.set_exception(dropped)
 
     def _set_state(self, connected: bool, fatal: str | None = None) -> None:
         if fatal is not None and self._fatal is None:
@@ -273,7 +318,6 @@ class EngineLink:
             return
         self._connected = connected
         self._link_generation += 1
-        assert self._connected_event is not None
         if connected:
             self._connected_event.set()
             if self._ever_connected:
@@ -293,12 +337,7 @@ class EngineLink:
                 )
             for spec in self._specs.values():
                 spec.table.mark_stale()
-            # In-flight calls would only time out: the engine cannot answer them any more.
-            for future in list(self._waiting):
-                if not future.done():
-                    future.set_exception(EngineUnavailable("the engine link dropped during the call"))
-        if self._on_state is not None:
-            self._on_state(connected)
+            self._fail_calls_in_flight()
 
     async def _expire_stale(self, generation: int) -> None:
         """After the grace period, drop the bindings nobody replayed since the link came back."""
@@ -315,7 +354,8 @@ class EngineLink:
                     extra={"trigger_type": spec.id, "binding_id": binding.id, "function_id": binding.function_id},
                 )
 
-    def _bound(self, spec: TriggerTypeSpec, binding: Binding) -> None:
+    def binding_added(self, spec: TriggerTypeSpec, binding: Binding) -> None:
+        """The engine bound (or replayed) ``binding`` of ``spec``'s type; its config is checked."""
         was_stale = spec.table.is_stale(binding.id)
         change = spec.table.upsert(binding)
         if change != "unchanged":
@@ -331,12 +371,14 @@ class EngineLink:
         elif was_stale:
             log.debug("binding %s of %s replayed", binding.id, spec.id)
 
-    def _unbound(self, spec: TriggerTypeSpec, binding_id: str) -> None:
+    def binding_removed(self, spec: TriggerTypeSpec, binding_id: str) -> None:
+        """The engine unbound ``binding_id`` of ``spec``'s type."""
         binding = spec.table.remove(binding_id)
         if binding is not None:
             log.info("binding %s removed: %s → %s", binding_id, spec.id, binding.function_id)
 
-    def _rejected(self, spec: TriggerTypeSpec, binding_id: str, function_id: str, message: str) -> None:
+    def binding_rejected(self, spec: TriggerTypeSpec, binding_id: str, function_id: str, message: str) -> None:
+        """A binding's config does not fit ``spec``'s bind schema: refused (the binder reads ``message``)."""
         log.warning("binding %s of %s → %s rejected: %s", binding_id, spec.id, function_id, message)
 
     # advertising and reconciliation --------------------------------------------------------------------------
@@ -345,60 +387,43 @@ class EngineLink:
         """The source of ``trigger_type`` became the active replica: provide the type from now on (registering
         last makes the engine route every binding here, replaying the current ones)."""
         spec = self._specs.get(trigger_type)
-        if spec is not None and self._client is not None:
+        if spec is not None:
             self._advertise(spec)
             self._schedule_reconcile(delay_s=1.0)
 
     def deactivate(self, trigger_type: str) -> None:
         """The source of ``trigger_type`` stopped being the active replica: stop providing and reconciling the type,
         and keep the SDK from registering it again on a reconnect (it replays every type it was given)."""
-        client = self._client
-        if trigger_type not in self._advertised or client is None:
+        if trigger_type not in self._advertised:
             return
+        self._on_link_loop("deactivate")
         self._advertised.discard(trigger_type)
-
-        def unregister() -> None:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"unregister_trigger_type")
-                client.unregister_trigger_type(RegisterTriggerTypeInput(id=trigger_type, description=""))
-
-        self._on_sdk_loop(client, unregister)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"unregister_trigger_type")
+            self._client.unregister_trigger_type(RegisterTriggerTypeInput(id=trigger_type, description=""))
         log.info("trigger type %s: this replica is no longer the active one; it stops providing the type",
                  trigger_type)
 
     def _advertise(self, spec: TriggerTypeSpec) -> None:
-        client = self._client
-        assert client is not None
+        # On the link's loop, which is the SDK's: the SDK schedules the frame and stores the handler before it
+        # runs again, so a binding the engine replays at once always finds the handler.
+        self._on_link_loop("advertise")
         request = RegisterTriggerTypeInput(
             id=spec.id,
             description=spec.description,
             trigger_request_format=spec.bind.advertised,
             call_request_format=spec.payload_schema,
         )
-        handler = _Handler(self, spec)
-
-        def register() -> None:
-            with warnings.catch_warnings():
-                # iii-sdk 0.25 deprecates the trigger-type API in favour of observe; the bridge keeps using it until
-                # engines speak observe (the binding table does not care where a binding came from).
-                warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"register_trigger_type")
-                client.register_trigger_type(request, handler)
-
-        # On the SDK's own loop: the SDK sends the frame first and stores the handler after it, so called from
-        # another thread, a binding the engine replays at once could find no handler and be dropped unanswered.
-        self._on_sdk_loop(client, register)
+        with warnings.catch_warnings():
+            # iii-sdk 0.25 deprecates the trigger-type API in favour of observe; the bridge keeps using it until
+            # engines speak observe (the binding table does not care where a binding came from).
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"register_trigger_type")
+            self._client.register_trigger_type(request, _Handler(self, spec))
         if spec.id in self._advertised:
             log.debug("registered trigger type %s again", spec.id)
         else:
             self._advertised.add(spec.id)
             log.info("advertised trigger type %s", spec.id)
-
-    @staticmethod
-    def _on_sdk_loop(client: III, fn: Callable[[], None]) -> None:
-        try:
-            client._loop.call_soon_threadsafe(fn)
-        except RuntimeError:  # the SDK was shut down: nothing to register with any more
-            log.debug("the iii SDK is shut down; not registering")
 
     def _schedule_reconcile(self, delay_s: float) -> None:
         async def later() -> None:

@@ -35,7 +35,7 @@ from bridge.config import BridgeConfig, SourceConfig
 from bridge.deadletter import read_records
 from bridge.dispatch import Dispatcher
 from bridge.errors import BridgeError
-from bridge.sources import Event
+from bridge.sources import Event, Outcome
 
 if TYPE_CHECKING:
     from bridge.engine import EngineLink  # the iii SDK: imported only when a replay connects
@@ -238,17 +238,22 @@ class _Replayer:
         from bridge.engine import EngineLink
 
         if self._link is None:
-            self._link = EngineLink(self._config.engine)
-            self._link.start([])
+            link = self._link = EngineLink(self._config.engine)
+
+            async def start() -> None:
+                link.start([])
+
+            await link.on_loop(start)
             try:
-                await asyncio.wait_for(self._link.wait_connected(), self._connect_timeout_s)
+                await asyncio.wait_for(link.on_loop(link.wait_connected), self._connect_timeout_s)
             except TimeoutError:
                 raise BridgeError(f"the iii engine at {self._config.engine.url} is unreachable") from None
         return self._link
 
     async def close(self) -> None:
         if self._link is not None:
-            await self._link.close()
+            await self._link.on_loop(self._link.close)
+            await asyncio.to_thread(self._link.shutdown)
 
     async def replay_one(self, letter: DeadLetter) -> bool:
         rec = letter.record
@@ -268,13 +273,20 @@ class _Replayer:
         except (KeyError, TypeError, ValueError) as exc:
             self._out.write(f"{ref}: skipped: the record is incomplete ({type(exc).__name__}: {exc})\n")
             return False
-        dispatcher, table, captured = self._dispatcher(source, await self._connected())
-        for old in table.snapshot():
-            table.remove(old.id)
-        table.upsert(bound)
-        captured.records.clear()
+        link = await self._connected()
+        dispatcher, table, captured = self._dispatcher(source, link)
+
+        async def deliver() -> Outcome:
+            # On the link's loop, with the table the dispatcher reads there (a replay is no hot path: the hop per
+            # record from this command's own loop costs nothing worth keeping the link's loop busy for).
+            for old in table.snapshot():
+                table.remove(old.id)
+            table.upsert(bound)
+            captured.records.clear()
+            return await dispatcher.deliver(event)
+
         with _QuietDispatch():
-            outcome = await dispatcher.deliver(event)
+            outcome = await link.on_loop(deliver)
         if outcome == "delivered":
             return True
         if outcome == "filtered":

@@ -8,7 +8,6 @@ runs ahead of delivery and memory stays bounded whatever the backlog.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -22,13 +21,14 @@ from bridge._window import Window
 from bridge.bindings import Binding, BindingTable
 from bridge.config import BridgeConfig, DeadLetterConfig, SourceConfig, redact_dsn
 from bridge.deadletter import DeadLetterSink, destination_key, open_destination
-from bridge.dispatch import Dispatcher, Invoker, Stats
+from bridge.dispatch import Dispatcher, Invocation, Invoker, Stats
 from bridge.errors import BindConfigError
 from bridge.schemas import BindValidator
 from bridge.sources import REGISTRY, SHUTDOWN_GRACE_S, Event, OnDone, Source, exclusive
 from bridge.status import SourceStatus, StatusLine, status_enabled
 
 if TYPE_CHECKING:
+    from bridge.engine import EngineLink
     from bridge.metrics import MetricsServer
 
 log = logging.getLogger("bridge.runtime")
@@ -178,36 +178,30 @@ class DryRunInvoker:
     async def wait_connected(self) -> None:
         return None
 
-    async def invoke(
-        self,
-        function_id: str,
-        payload: Any,
-        *,
-        namespace: str | None,
-        timeout_ms: int,
-        mode: str = "sync",
-        queue: str | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> Any:
-        line = json.dumps({"function_id": function_id, "payload": payload}, ensure_ascii=False, default=str)
+    async def invoke(self, call: Invocation) -> Any:
+        line = json.dumps({"function_id": call.function_id, "payload": call.payload}, ensure_ascii=False, default=str)
         self._out.write(line + "\n")
         self._out.flush()
         return None
 
 
 class Runtime:
-    """Runs every configured source until ``stop`` is set."""
+    """Runs every configured source until ``stop`` is set, on the engine link's loop (see :func:`run_up`)."""
 
     def __init__(
         self,
         config: BridgeConfig,
         *,
+        link: EngineLink | None = None,
         dry_run: bool = False,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
         out: TextIO = sys.stdout,
         status: TextIO | None = None,
     ) -> None:
-        """``status``: draw the live status line on this stream (a terminal) while running."""
+        """``link``: the engine link, whose loop :meth:`run` must run on (a dry run has none and needs none).
+        ``status``: draw the live status line on this stream (a terminal) while running."""
+        if link is None and not dry_run:
+            raise ValueError("a Runtime needs an engine link, unless it is a dry run")
         self._dry_run_dir: tempfile.TemporaryDirectory[str] | None = None
         if dry_run:
             self._dry_run_dir = tempfile.TemporaryDirectory(prefix="bridge-dry-run-")
@@ -220,7 +214,7 @@ class Runtime:
         self.tables: dict[str, BindingTable] = {}
         self.validators: dict[str, BindValidator] = {}
         self._sinks: dict[str, DeadLetterSink] = {}
-        self._link: Any = None
+        self._link = None if dry_run else link
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
         self.sources: dict[str, Source] = {}  # the current Source object of each source (metrics read it)
         self.source_states: dict[str, str] = {}  # "running", or why not (readiness, metrics)
@@ -349,16 +343,14 @@ class Runtime:
     # wiring --------------------------------------------------------------------------------------------------
 
     def _make_invoker(self) -> Invoker:
-        if self.dry_run:
+        if self._link is None:
             return DryRunInvoker(self._out)
-        from bridge.engine import EngineLink  # the SDK is imported only when the engine is really used
-
-        self._link = EngineLink(self.config.engine, on_fatal=self._engine_refused)
-        link: Invoker = self._link
-        return link
+        return self._link
 
     def _start_engine(self) -> None:
-        from bridge.engine import TriggerTypeSpec
+        from bridge.engine import TriggerTypeSpec  # the SDK is imported only when the engine is really used
+
+        assert self._link is not None
 
         specs = [
             TriggerTypeSpec(
@@ -371,7 +363,7 @@ class Runtime:
             )
             for s in self.config.sources
         ]
-        self._link.start(specs)
+        self._link.start(specs, on_fatal=self._engine_refused)
 
     def _activate(self, source_id: str) -> None:
         if self._link is not None:
@@ -436,35 +428,48 @@ def _dry_run_config(config: BridgeConfig, scratch: Path) -> BridgeConfig:
     return dataclasses.replace(config, state_dir=scratch, sources=tuple(sources))
 
 
-def install_signal_handlers(stop: asyncio.Event, on_second: Callable[[], None]) -> None:
-    """First SIGINT/SIGTERM: graceful stop. Second: ``on_second`` (exit at once)."""
+def install_signal_handlers(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, on_second: Callable[[], None]
+) -> None:
+    """First SIGINT/SIGTERM: set ``stop`` on ``loop`` (graceful stop). Second: ``on_second`` (exit at once).
+
+    Installed on the main thread, which is not the thread the runtime runs on when an engine link owns its loop;
+    the handlers run there and hand the stop over to the loop."""
     import signal
 
-    loop = asyncio.get_running_loop()
+    received: list[str] = []
 
-    def handler(signame: str) -> None:
-        if stop.is_set():
-            log.warning("second %s: exiting now; in-flight events stay unacknowledged", signame)
+    def handler(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if received:
+            log.warning("second %s: exiting now; in-flight events stay unacknowledged", name)
             on_second()
             return
-        log.info("%s received", signame)
-        stop.set()
+        received.append(name)
+        log.info("%s received", name)
+        loop.call_soon_threadsafe(stop.set)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, handler, sig.name)
+        signal.signal(sig, handler)
 
 
 def run_up(config: BridgeConfig, *, dry_run: bool = False, quiet: bool = False) -> int:
     """`bridge up`: run until SIGINT/SIGTERM; exit 0 after a graceful stop. The live status line is drawn on
-    stderr when it is a terminal, unless ``quiet``."""
+    stderr when it is a terminal, unless ``quiet``.
+
+    With an engine, the runtime runs on the engine link's loop (the SDK's own: DESIGN §5, "One event loop"); a
+    dry run connects to nothing and runs on a loop of its own."""
     import os
 
     status = sys.stderr if status_enabled(sys.stderr, quiet=quiet) else None
+    stop = asyncio.Event()
+    if dry_run:
+        loop = asyncio.new_event_loop()
+        install_signal_handlers(loop, stop, lambda: os._exit(1))
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            return runner.run(Runtime(config, dry_run=True, status=status).run(stop))
+    from bridge.engine import EngineLink
 
-    async def main() -> int:
-        stop = asyncio.Event()
-        install_signal_handlers(stop, lambda: os._exit(1))
-        return await Runtime(config, dry_run=dry_run, status=status).run(stop)
-
-    return asyncio.run(main())
+    link = EngineLink(config.engine)
+    install_signal_handlers(link.loop, stop, lambda: os._exit(1))
+    return link.run(Runtime(config, link=link, status=status).run(stop))

@@ -24,7 +24,7 @@ from bridge._dlencode import encode_record
 from bridge.bindings import Binding, BindingTable
 from bridge.config import DeadLetterConfig, DeliveryConfig, FileSourceConfig, RetryConfig
 from bridge.deadletter import FileDeadLetter, read_records
-from bridge.dispatch import Dispatcher
+from bridge.dispatch import Dispatcher, Invocation
 from bridge.errors import DeliveryError
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
@@ -136,7 +136,7 @@ class _Failing:
     async def wait_connected(self) -> None:
         return None
 
-    async def invoke(self, function_id: str, payload: Any, **_: Any) -> Any:
+    async def invoke(self, call: Invocation) -> Any:
         raise DeliveryError("invocation_failed", "boom")
 
 

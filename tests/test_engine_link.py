@@ -2,7 +2,8 @@
 period; conditions are retried on link failures; replicas mirror the engine's list instead of re-registering; an
 exclusive standby never registers; a worker-name conflict stops `bridge up`.
 
-Everything runs the real iii-sdk (the bridge's EngineLink and test consumers) against the test engine.
+Everything runs the real iii-sdk (the bridge's EngineLink and test consumers) against the test engine. Each link
+runs on its own SDK's loop, as `bridge up` does; the tests drive it from theirs through ``EngineLink.on_loop``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bridge.bindings import BindingTable
+from bridge.bindings import Binding, BindingTable, Change
 from bridge.config import DeadLetterConfig, DeliveryConfig, EngineConfig, FileSourceConfig, RetryConfig
 from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher
@@ -44,7 +45,14 @@ class Bridge:
 
     def deliver(self, n: int) -> asyncio.Task[Outcome]:
         event = Event(id=f"e{n}", source=TYPE, fields={"n": n})
-        return asyncio.create_task(self.dispatcher.deliver(event))
+        return asyncio.create_task(self.link.on_loop(lambda: self.dispatcher.deliver(event)))
+
+    async def call(self, fn: Callable[..., object], *args: Any) -> None:
+        """``fn(*args)`` on the link's loop, where the link and its tables live."""
+        async def there() -> None:
+            fn(*args)
+
+        await self.link.on_loop(there)
 
     async def until(self, predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
         deadline = time.monotonic() + timeout
@@ -83,13 +91,15 @@ async def bridge(
     spec = TriggerTypeSpec(TYPE, "orders", BindValidator(TYPE, bind_schema), None, table, exclusive=exclusive)
     link = EngineLink(config)
     dead = FileDeadLetter(tmp_path / f"dead-{worker_name or 'bridge'}.jsonl")
-    link.start([spec])
+    b = Bridge(link, table, Dispatcher(source, table, link, dead), spec)
     try:
-        await asyncio.wait_for(link.wait_connected(), 20)
-        yield Bridge(link, table, Dispatcher(source, table, link, dead), spec)
+        await b.call(link.start, [spec])
+        await asyncio.wait_for(link.on_loop(link.wait_connected), 20)
+        yield b
     finally:
-        await link.close()
-        await dead.close()
+        await link.on_loop(link.close)
+        await link.on_loop(dead.close)
+        await asyncio.to_thread(link.shutdown)
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -392,7 +402,7 @@ async def test_a_provider_that_lost_a_binding_on_the_way_registers_again_to_get_
         await p.until(lambda: bound.id in p.table, what="the binding")
         await asyncio.sleep(0.6)
         assert _registrations(iii_engine, "provider") == 1  # a table in line with the list: nothing to do
-        p.table.remove(str(bound.id))  # as if the registertrigger frame had been lost
+        await p.call(p.table.remove, str(bound.id))  # as if the registertrigger frame had been lost
         await p.until(lambda: bound.id in p.table, what="the replay")
         assert _registrations(iii_engine, "provider") == 2
 
@@ -407,9 +417,9 @@ async def test_an_exclusive_standby_never_registers_its_trigger_type(
                       what="the standby reconnects")
         await asyncio.sleep(0.6)
         assert _registrations(iii_engine, "standby") == 0
-        s.link.activate(TYPE)  # it took the lock
+        await s.call(s.link.activate, TYPE)  # it took the lock
         await s.until(lambda: _registrations(iii_engine, "standby") == 1, what="the active replica registers")
-        s.link.deactivate(TYPE)  # it lost the lock
+        await s.call(s.link.deactivate, TYPE)  # it lost the lock
         await _in_thread(iii_engine.disconnect, "standby")
         await s.until(lambda: s.link.connected, what="the reconnect")
         await asyncio.sleep(1.0)
@@ -453,11 +463,87 @@ def test_a_second_bridge_with_the_same_worker_name_exits_1_and_says_why(
 
 
 def test_the_sdk_internals_the_link_relies_on_exist() -> None:
+    """The link runs the bridge on the SDK's own loop and reads a few SDK internals: an SDK that changed them fails
+    here, naming what is missing, rather than in a delivery."""
+    import inspect
+    from importlib.metadata import version
+
     from iii.iii import III
 
-    assert callable(III._worker_name)
-    for name in ("_fatal_error", "_loop", "_thread", "_trigger_types"):
-        assert f"self.{name}" in __import__("inspect").getsource(III.__init__), name
+    sdk = version("iii-sdk")
+    assert sdk.startswith("0.25."), f"iii-sdk {sdk}: the engine link is written against 0.25.* (pyproject pins it)"
+    init = inspect.getsource(III.__init__)
+    needed = {
+        "_loop": "(the SDK's own loop, which the bridge runs on)",
+        "_thread": "(the thread running that loop: run() and shutdown() must not block it)",
+        "_fatal_error": "(why the engine refused this worker for good)",
+        "_pending": "(the calls in flight, failed at once when the link drops)",
+    }
+    for name, why in needed.items():
+        assert f"self.{name}" in init, f"iii-sdk {sdk}: III.{name} is gone; the engine link needs it {why}"
+    assert "self._loop = asyncio.new_event_loop()" in init and "target=self._loop.run_forever" in init, (
+        f"iii-sdk {sdk} no longer runs its own loop on a thread of its own: EngineLink.run() must be rethought"
+    )
+    assert callable(III._worker_name), f"iii-sdk {sdk}: III._worker_name() is gone (the worker name in logs)"
+    from iii.iii import _PendingInvocation
+
+    assert "future" in _PendingInvocation.__annotations__, (
+        f"iii-sdk {sdk}: a pending invocation has no .future any more; the link cannot fail calls cut off by an outage"
+    )
+    assert "get_running_loop() is self._loop" in inspect.getsource(III._on_sdk_loop), (
+        f"iii-sdk {sdk}: a call made on the SDK's own loop no longer skips the cross-thread hop (DESIGN §5)"
+    )
+    assert "_on_sdk_loop" in inspect.getsource(III.trigger_async), f"iii-sdk {sdk}: trigger_async changed its path"
+
+
+def test_the_bridge_binds_and_calls_on_the_sdks_own_loop_without_a_hop(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `bridge up` does: the runtime runs on the link's loop (EngineLink.run); a binding is applied on that
+    loop, by the SDK's own callback, and a call made there crosses no thread."""
+    import threading
+
+    from bridge.dispatch import Invocation
+
+    threads: dict[str, threading.Thread] = {}
+
+    class Table(BindingTable):
+        def upsert(self, binding: Binding) -> Change:
+            threads["binding applied"] = threading.current_thread()
+            return super().upsert(binding)
+
+    table = Table(TYPE)
+    link = EngineLink(EngineConfig(url=iii_engine.url, worker_name="one-loop"))
+    hops: list[object] = []
+    real_hop = asyncio.run_coroutine_threadsafe
+
+    def counted_hop(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        hops.append(coro)
+        return real_hop(coro, loop)
+
+    async def main() -> Any:
+        threads["runtime"] = threading.current_thread()
+        link.start([TriggerTypeSpec(TYPE, "orders", BindValidator(TYPE, None), None, table)])
+        await asyncio.wait_for(link.wait_connected(), 20)
+        await asyncio.to_thread(consumer.function, "shop::echo", lambda payload: {"echo": payload["n"]})
+        bound = await asyncio.to_thread(consumer.bind, TYPE, "shop::echo")
+        while bound.id not in table:
+            await asyncio.sleep(0.01)
+        monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", counted_hop)
+        try:
+            result = await link.invoke(Invocation("shop::echo", {"n": 7}, None, 5000))
+        finally:
+            monkeypatch.undo()
+        await link.close()
+        return result
+
+    with pytest.raises(RuntimeError, match=r"must run on the link's loop \(EngineLink.run"):
+        link.start([])  # from this thread: refused, and nothing was started
+    assert link.run(main()) == {"echo": 7}
+    sdk_thread = link._client._thread
+    assert threads == {"runtime": sdk_thread, "binding applied": sdk_thread}
+    assert hops == [], "a call on the SDK's own loop was handed over to another thread"
+    assert link.loop.is_closed() and not sdk_thread.is_alive()
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ import pytest
 from bridge.bindings import Binding, BindingTable
 from bridge.config import DeadLetterConfig, DeliveryConfig, FileSourceConfig, RetryConfig, SourceConfig
 from bridge.deadletter import FileDeadLetter
-from bridge.dispatch import Dispatcher, backoff_s
+from bridge.dispatch import Dispatcher, Invocation, backoff_s
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
 from bridge.testing.configs import source_config
@@ -39,14 +39,14 @@ class _Invoker:
     async def wait_connected(self) -> None:
         return None
 
-    async def invoke(self, function_id: str, payload: Any, **_: Any) -> Any:
+    async def invoke(self, call: Invocation) -> Any:
         self.now += 1
         self.peak = max(self.peak, self.now)
         try:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s * random.random())
             if self.record:
-                self.calls.append((function_id, payload))
+                self.calls.append((call.function_id, call.payload))
             return {"ok": True}
         finally:
             self.now -= 1
@@ -176,8 +176,8 @@ class _Gate:
     async def wait_connected(self) -> None:
         return None
 
-    async def invoke(self, function_id: str, payload: Any, **_: Any) -> Any:
-        self.calls.append(payload)
+    async def invoke(self, call: Invocation) -> Any:
+        self.calls.append(call.payload)
         gate = asyncio.get_running_loop().create_future()
         self._waiting.append(gate)
         await gate

@@ -14,7 +14,7 @@ import asyncpg
 from bridge.bindings import Binding, BindingTable
 from bridge.config import DeadLetterConfig, DeliveryConfig, KafkaSourceConfig, RetryConfig
 from bridge.deadletter import FileDeadLetter, read_records
-from bridge.dispatch import Dispatcher
+from bridge.dispatch import Dispatcher, Invocation
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
 from bridge.sources._pgdeadletter import PostgresDeadLetter
@@ -94,7 +94,7 @@ class _Invoker:
     async def wait_connected(self) -> None:
         return None
 
-    async def invoke(self, function_id: str, payload: Any, **_: Any) -> Any:
+    async def invoke(self, call: Invocation) -> Any:
         return None
 
 
