@@ -1,22 +1,24 @@
-"""Kafka → function throughput: the bridge against a minimal hand-written aiokafka + iii-sdk loop, same run.
+"""Kafka → function throughput: the bridge against what a user would write by hand, in the same run.
 
-    python bench/kafka_throughput.py [--messages 200000] [--rounds 2]
+    python bench/kafka_throughput.py [--messages 20000] [--rounds 3] [--kinds ...]
 
-Starts a Tansu broker, the iii test engine in a process of its own (in-process it would share the GIL with the
-SDK clients it routes for), and a consumer process whose no-op function counts its calls. N small JSON messages
-go to a 4-partition topic once; then, alternating (a)(b)(a)(b)..., with a fresh consumer group each time:
+Starts a Tansu broker, the iii test engine in a process of its own (no WebSocket compression, as the real engine;
+in-process it would share the GIL with the SDK clients it routes for), and a consumer process whose no-op
+function counts its calls. N small JSON messages go to a 4-partition topic once; then every kind runs once per
+round, in turn (interleaved, so that all see the same machine), each with a fresh consumer group:
 
-(a) the bridge: `bridge up` with a kafka source (ordering partition, default max_in_flight and commit interval),
-    the consumer's function bound to it, the default payload (the whole event);
-(b) a hand-written loop in its own process: aiokafka fetches, one task per partition invokes the function with
-    ``trigger_async`` once per message, the same payload, one call in flight per partition with partitions in
-    parallel, and every second commits each partition up to its lowest offset not done (at-least-once).
+- ``bridge-partition`` / ``bridge-none``: `bridge up` with a kafka source, ``ordering: partition`` / ``none``
+  (default ``max_in_flight`` 64 and commit interval), the consumer's function bound to it, the default payload;
+- ``handwritten-partition`` / ``handwritten-none``: aiokafka on its own loop calling ``trigger_async`` with the same
+  ordering and commit rule (bench/_kafka_relays.py);
+- ``faststream``: a faststream subscriber with an at-least-once ack policy (``AckPolicy.ACK``) calling
+  ``trigger_async`` (``pip install -e '.[bench]'``; left out when faststream is not installed);
+- ``limit``: 64 calls in flight made on the SDK's own loop, no Kafka: the engine path's limit here.
 
-The rate is events/s at the function from its first call to its N-th (group joins and start-up excluded).
-For each process it also prints CPU µs per event (utime+stime from /proc over the same span, also for the
-engine, the consumer and the broker) and peak RSS (VmHWM). The target is a bridge/hand-written ratio of at least
-0.9. Run it on an otherwise idle machine: with 2 cores, other work shifts single rounds by 10-20 %, so the
-summary takes the median of the rounds. ``--profile DIR`` samples each round's process with py-spy
+The rate is events/s at the function from its first call to its N-th (group joins and start-up excluded). For
+each process it also prints CPU µs per event (utime+stime from /proc over the same span, also for the engine,
+the consumer and the broker) and peak RSS (VmHWM). The summary takes the median of the rounds of each kind and
+prints the ratios against their targets. ``--profile DIR`` samples each round's process with py-spy
 (``pip install py-spy`` into the venv; it slows the rounds down).
 """
 
@@ -25,8 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
-import logging
 import os
 import shutil
 import signal
@@ -37,26 +39,29 @@ import tempfile
 import threading
 import time
 import uuid
-import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from _kafka_relays import GROUP_TIMINGS, TRIGGER_TYPE
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from iii import InitOptions, register_worker
-from iii.iii_types import RegisterTriggerInput
 
 from bridge.testing.services import TansuBroker
 
 PARTITIONS = 4
-TRIGGER_TYPE = "bench.orders"
-FUNCTION_ID = "bench::sink"
-GROUP_TIMINGS = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 500, "rebalance_timeout_ms": 3000}
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _STALL_S = 60.0  # a round fails when the function got no call for this long
-_COMMIT_INTERVAL_S = 1.0
+_RELAYS = str(Path(__file__).with_name("_kafka_relays.py"))
+KINDS = ("bridge-partition", "handwritten-partition", "bridge-none", "handwritten-none", "faststream", "limit")
+TARGETS = (  # (numerator, denominator, target): the ratios issue 13 asks for on this machine kind
+    ("bridge-partition", "handwritten-partition", 1.2),
+    ("bridge-none", "handwritten-none", 1.25),
+    ("bridge-none", "limit", 0.85),
+    ("bridge-partition", "faststream", 1.8),
+    ("bridge-none", "faststream", 1.8),
+)
 
 BRIDGE_CONFIG = """\
 version: 1
@@ -71,6 +76,7 @@ sources:
       topics: [{topic}]
       group_id: {group}
       start_from: earliest
+      ordering: {ordering}
       client_options: {client_options}
 """
 
@@ -92,131 +98,6 @@ def _peak_rss_kib(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     return 0
-
-
-# ------------------------------------------------------------------------------------------ children
-
-
-def _sdk(url: str, name: str) -> Any:
-    return register_worker(url, InitOptions(worker_name=name, otel={"enabled": False}, enable_metrics_reporting=False))
-
-
-def _consumer_main(url: str) -> None:
-    """The function author: a no-op function that counts its calls. Commands on stdin: ``reset``, ``stat``."""
-    state = {"count": 0, "first": 0.0, "last": 0.0}
-
-    async def sink(payload: Any, metadata: Any = None) -> None:
-        now = time.monotonic()
-        if state["count"] == 0:
-            state["first"] = now
-        state["count"] += 1
-        state["last"] = now
-
-    iii = _sdk(url, f"bench-consumer-{os.getpid()}")
-    try:
-        iii.register_function(FUNCTION_ID, sink)
-        with warnings.catch_warnings():
-            # iii-sdk 0.25 deprecates trigger bindings (a warning and a log line); the bridge still serves them.
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            logging.getLogger("iii.iii").setLevel(logging.ERROR)
-            iii.register_trigger(RegisterTriggerInput(type=TRIGGER_TYPE, function_id=FUNCTION_ID, config={}))
-        print("ready", flush=True)
-        for line in sys.stdin:
-            if line.strip() == "reset":
-                state.update(count=0, first=0.0, last=0.0)
-            print(json.dumps(state), flush=True)
-    finally:
-        iii.shutdown()
-
-
-def _event(record: Any) -> dict[str, Any]:
-    """The same payload the bridge sends by default: the whole event."""
-    timestamp = record.timestamp
-    seconds, millis = divmod(timestamp, 1000)
-    return {
-        "id": f"kafka:{record.topic}:{record.partition}:{record.offset}",
-        "source": TRIGGER_TYPE,
-        "topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
-        "key": None if record.key is None else record.key.decode(),
-        "value": json.loads(record.value),
-        "headers": {k: v.decode() for k, v in record.headers},
-        "timestamp": timestamp,
-        "timestamp_iso": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z",
-    }
-
-
-class _Partition:
-    def __init__(self) -> None:
-        self.records: deque[Any] = deque()
-        self.ready = asyncio.Event()
-        self.next_commit: int | None = None  # lowest offset not done (records run one at a time, in order)
-        self.committed: int | None = None
-
-
-async def _handwritten(url: str, bootstrap: str, topic: str, group: str) -> None:
-    iii = _sdk(url, f"bench-loop-{os.getpid()}")
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                                auto_offset_reset="earliest", **GROUP_TIMINGS)
-    parts: dict[Any, _Partition] = {}
-    workers: list[asyncio.Task[None]] = []
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-
-    async def work(part: _Partition) -> None:
-        while True:
-            if not part.records:
-                part.ready.clear()
-                await part.ready.wait()
-                continue
-            record = part.records[0]
-            await iii.trigger_async({"function_id": FUNCTION_ID, "payload": _event(record), "namespace": "default",
-                                     "timeout_ms": 30_000})
-            part.records.popleft()
-            part.next_commit = record.offset + 1
-
-    async def commit() -> None:
-        due = {tp: p.next_commit for tp, p in parts.items() if p.next_commit not in (None, p.committed)}
-        if due:
-            await consumer.commit(due)
-            for tp, offset in due.items():
-                parts[tp].committed = offset
-
-    async def commit_loop() -> None:
-        while True:
-            await asyncio.sleep(_COMMIT_INTERVAL_S)
-            await commit()
-
-    async def fetch_loop() -> None:
-        while True:
-            # A short wait: a paused partition is resumed here, soon after its worker drained it.
-            batch = await consumer.getmany(timeout_ms=100, max_records=500)
-            for tp, records in batch.items():
-                part = parts.get(tp)
-                if part is None:
-                    part = parts[tp] = _Partition()
-                    part.next_commit = records[0].offset
-                    workers.append(asyncio.create_task(work(part)))
-                part.records.extend(records)
-                part.ready.set()
-            # Back-pressure: a partition with a long queue is not fetched until it drained.
-            full = [tp for tp, p in parts.items() if len(p.records) > 1000]
-            consumer.pause(*full)
-            consumer.resume(*[tp for tp in parts if tp not in full])
-
-    await consumer.start()
-    tasks = [asyncio.create_task(fetch_loop()), asyncio.create_task(commit_loop())]
-    try:
-        await stop.wait()
-    finally:
-        for task in tasks + workers:
-            task.cancel()
-        await asyncio.gather(*tasks, *workers, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await commit()
-        await consumer.stop()
-        iii.shutdown()  # shutdown_async must run on the SDK loop; this one joins its thread
 
 
 # ------------------------------------------------------------------------------------------ orchestra
@@ -360,25 +241,18 @@ def _run_round(kind: str, consumer: _Child, messages: int, args: list[str], cwd:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--rounds", type=int, default=2, help="pairs of (a) bridge, (b) hand-written")
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every kind, interleaved")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="sample each round's process with py-spy (on PATH) into DIR/<kind>-<round>.txt")
-    parser.add_argument("--role", choices=["consumer", "handwritten"], help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
-    parser.add_argument("--topic", help=argparse.SUPPRESS)
-    parser.add_argument("--group", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.role == "consumer":
-        _consumer_main(args.url)
-        return
-    if args.role == "handwritten":
-        asyncio.run(_handwritten(args.url, args.bootstrap, args.topic, args.group))
-        return
     if args.profile is not None and shutil.which("py-spy") is None:
         parser.error("--profile needs py-spy on PATH (pip install py-spy)")
+    if "faststream" in args.kinds and importlib.util.find_spec("faststream") is None:
+        print("faststream is not installed (pip install -e '.[bench]'): its rounds are left out")
+        args.kinds.remove("faststream")
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
     try:
@@ -390,6 +264,20 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _command(kind: str, i: int, url: str, bootstrap: str, topic: str, messages: int, workdir: Path) -> list[str]:
+    group = f"{kind}-{i}-{uuid.uuid4().hex[:8]}"
+    if kind.startswith("bridge-"):
+        config = workdir / f"{kind}-{i}.yaml"
+        config.write_text(BRIDGE_CONFIG.format(
+            url=url, trigger_type=TRIGGER_TYPE, bootstrap=bootstrap, topic=topic, group=group,
+            ordering=kind.removeprefix("bridge-"), client_options=json.dumps(GROUP_TIMINGS)))
+        return [sys.executable, "-m", "bridge", "up", "-c", str(config)]
+    if kind == "limit":
+        return [sys.executable, _RELAYS, "--role", "limit", "--url", url, "--calls", str(messages + 1)]
+    return [sys.executable, _RELAYS, "--role", kind, "--url", url, "--bootstrap", bootstrap, "--topic", topic,
+            "--group", group]
+
+
 def _bench(args: argparse.Namespace, workdir: Path) -> None:
     with TansuBroker() as broker:
         engine_args = [sys.executable, "-m", "bridge.testing.engine", "--port", "0"]
@@ -397,7 +285,7 @@ def _bench(args: argparse.Namespace, workdir: Path) -> None:
         consumer: _Child | None = None
         try:
             url = engine.line()
-            consumer = _Child([sys.executable, __file__, "--role", "consumer", "--url", url])
+            consumer = _Child([sys.executable, _RELAYS, "--role", "consumer", "--url", url])
             if consumer.line() != "ready":
                 raise RuntimeError("the consumer did not start")
             others = {"engine": engine.proc.pid, "consumer": consumer.proc.pid}
@@ -406,21 +294,13 @@ def _bench(args: argparse.Namespace, workdir: Path) -> None:
             topic = f"bench-{uuid.uuid4().hex[:8]}"
             started = time.perf_counter()
             asyncio.run(_prepare(broker.bootstrap, topic, args.messages))
-            print(f"produced {args.messages:,} messages to {topic} ({PARTITIONS} partitions) "
-                  f"in {time.perf_counter() - started:.1f} s")
+            print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, load average "
+                  f"{os.getloadavg()[0]:.2f}; produced {args.messages:,} messages to {topic} ({PARTITIONS} "
+                  f"partitions) in {time.perf_counter() - started:.1f} s")
             results: list[RoundResult] = []
             for i in range(args.rounds):
-                for kind in ("bridge", "handwritten"):
-                    group = f"{kind}-{i}-{uuid.uuid4().hex[:8]}"
-                    if kind == "bridge":
-                        config = workdir / f"bridge-{i}.yaml"
-                        config.write_text(BRIDGE_CONFIG.format(
-                            url=url, trigger_type=TRIGGER_TYPE, bootstrap=broker.bootstrap, topic=topic,
-                            group=group, client_options=json.dumps(GROUP_TIMINGS)))
-                        cmd = [sys.executable, "-m", "bridge", "up", "-c", str(config)]
-                    else:
-                        cmd = [sys.executable, __file__, "--role", "handwritten", "--url", url,
-                               "--bootstrap", broker.bootstrap, "--topic", topic, "--group", group]
+                for kind in args.kinds:
+                    cmd = _command(kind, i, url, broker.bootstrap, topic, args.messages, workdir)
                     profile = None
                     if args.profile is not None:
                         args.profile.mkdir(parents=True, exist_ok=True)
@@ -428,9 +308,9 @@ def _bench(args: argparse.Namespace, workdir: Path) -> None:
                     result = _run_round(kind, consumer, args.messages, cmd, workdir, profile, others)
                     results.append(result)
                     rest = ", ".join(f"{name} {us:.0f}" for name, us in result.others_us_per_event.items())
-                    print(f"  ({'a' if kind == 'bridge' else 'b'}) {kind:<11} {result.rate:9,.0f} events/s  "
-                          f"CPU {result.cpu_us_per_event:6.0f} µs/event  peak RSS {result.peak_rss_mib:6.1f} MiB  "
-                          f"(CPU µs/event elsewhere: {rest})")
+                    print(f"  round {i + 1} {kind:<21} {result.rate:7,.0f} events/s  CPU "
+                          f"{result.cpu_us_per_event:5.0f} µs/event  peak RSS {result.peak_rss_mib:6.1f} MiB  "
+                          f"(CPU µs/event elsewhere: {rest})", flush=True)
             _report(results)
         finally:
             if consumer is not None:
@@ -439,16 +319,20 @@ def _bench(args: argparse.Namespace, workdir: Path) -> None:
 
 
 def _report(results: list[RoundResult]) -> None:
-    bridge = [r for r in results if r.kind == "bridge"]
-    hand = [r for r in results if r.kind == "handwritten"]
-    bridge_rate = statistics.median(r.rate for r in bridge)
-    hand_rate = statistics.median(r.rate for r in hand)
-    print(f"bridge       {bridge_rate:9,.0f} events/s (median of {len(bridge)})")
-    print(f"hand-written {hand_rate:9,.0f} events/s (median of {len(hand)})")
-    print(f"ratio bridge/hand-written: {bridge_rate / hand_rate:.2f} (target >= 0.9)")
-    print(f"bridge CPU per event: {statistics.median(r.cpu_us_per_event for r in bridge):.0f} µs "
-          f"(hand-written {statistics.median(r.cpu_us_per_event for r in hand):.0f} µs); "
-          f"bridge peak RSS {max(r.peak_rss_mib for r in bridge):.1f} MiB")
+    rates: dict[str, float] = {}
+    for kind in KINDS:
+        mine = [r for r in results if r.kind == kind]
+        if not mine:
+            continue
+        rates[kind] = statistics.median(r.rate for r in mine)
+        print(f"{kind:<21} {rates[kind]:7,.0f} events/s (median of {len(mine)}), CPU "
+              f"{statistics.median(r.cpu_us_per_event for r in mine):.0f} µs/event, peak RSS "
+              f"{max(r.peak_rss_mib for r in mine):.1f} MiB")
+    for numerator, denominator, target in TARGETS:
+        if numerator in rates and denominator in rates:
+            ratio = rates[numerator] / rates[denominator]
+            verdict = "met" if ratio >= target else "MISSED"
+            print(f"ratio {numerator} / {denominator}: {ratio:.2f} (target >= {target}: {verdict})")
 
 
 if __name__ == "__main__":
