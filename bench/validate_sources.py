@@ -2,9 +2,10 @@
 
     python bench/validate_sources.py [--sources 50] [--rounds 5]
 
-Writes a bridge.yaml with N sources (Kafka, Postgres LISTEN, Postgres outbox and file sources in turn, each with
-a ``when``, a payload template, a ``bind_schema`` and a ``payload_schema``) and times ``bridge validate -c`` as a
-user runs it: a fresh process, imports included, nothing connected. Alongside, the same for a one-source config
+Writes a bridge.yaml with N sources (Kafka, Postgres LISTEN and file sources in turn, each with a ``when``, a
+payload template, a ``bind_schema`` and a ``payload_schema``) and times ``bridge validate -c`` as a user runs it:
+a fresh process, imports included. Outbox sources are left out: validate checks their table over a connection,
+which would time the database rather than the bridge. Alongside, the same for a one-source config
 and for ``python -c pass`` (the interpreter's own start), all interleaved; the medians are printed. Target (issue
 13): 50 sources in at most 0.5 s.
 """
@@ -22,7 +23,6 @@ from pathlib import Path
 _KINDS = (
     "    kafka:\n      bootstrap_servers: 127.0.0.1:9092\n      topics: [orders-{i}]\n      ordering: key\n",
     "    postgres:\n      dsn: postgresql://127.0.0.1/app\n      channels: [orders_{i}]\n",
-    "    postgres:\n      dsn: postgresql://127.0.0.1/app\n      mode: outbox\n      outbox_table: outbox_{i}\n",
     "    file:\n      path: ./inbox-{i}\n      include: ['*.json']\n",
 )
 
