@@ -277,8 +277,8 @@ class _Replayer:
         dispatcher, table, captured = self._dispatcher(source, link)
 
         async def deliver() -> Outcome:
-            # On the link's loop, with the table the dispatcher reads there (a replay is no hot path: the hop per
-            # record from this command's own loop costs nothing worth keeping the link's loop busy for).
+            # On the link's loop, where the dispatcher reads the table: one hop per record from this command's own
+            # loop, which a replay (no hot path) can afford.
             for old in table.snapshot():
                 table.remove(old.id)
             table.upsert(bound)
