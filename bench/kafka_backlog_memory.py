@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=100_000)
     parser.add_argument("--deliver", type=int, default=60_000, help="calls per run before its peak RSS is read")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--client-options", type=json.loads, default={}, metavar="JSON",
+                        help="extra kafka.client_options for the bridge, e.g. '{\"fetch_max_bytes\": 4194304}'")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-backlog-"))
     try:
@@ -69,7 +71,7 @@ def _bench(args: argparse.Namespace, workdir: Path) -> None:
                     config.write_text(BRIDGE_CONFIG.format(
                         url=url, trigger_type=TRIGGER_TYPE, bootstrap=broker.bootstrap, topic=topic,
                         group=f"backlog-{size}-{i}-{uuid.uuid4().hex[:6]}", ordering="none",
-                        client_options=json.dumps(GROUP_TIMINGS)))
+                        client_options=json.dumps({**GROUP_TIMINGS, **args.client_options})))
                     cmd = [sys.executable, "-m", "bridge", "up", "-c", str(config)]
                     result = _run_round(f"backlog-{size}", consumer, args.deliver, cmd, workdir, None, {})
                     peaks[size].append(result)
