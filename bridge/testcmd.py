@@ -31,7 +31,8 @@ def run(config_path: Path, files: Sequence[str], *, output_format: str, update: 
     notes = stdout if output_format == "text" else stderr
     config, problems = check_config(config_path)
     for problem in problems:
-        print(problem.format_text(), file=notes)
+        if problem.is_error:  # warnings (a watched directory not made yet...) are `bridge validate`'s business
+            print(problem.format_text(), file=notes)
     if any(p.code == "file-unreadable" for p in problems):
         return EXIT_USAGE
     if config is None:
