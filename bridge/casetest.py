@@ -125,7 +125,7 @@ def check_file(path: Path, display: str, config: BridgeConfig) -> TestFile:
         checker.add("type", (), "the file is empty" if data is None else "the top level must be a mapping",
                     "start with 'tests:' and a list of cases")
         return result
-    bad = _schema_problems(checker, data)
+    bad = _schema_problems(checker, data, document.invalid)
     tests = data.get("tests")
     if isinstance(tests, list):
         _semantics(checker, tests, config, bad)
@@ -151,8 +151,9 @@ def _kind(value: Any) -> str:
     return "a list" if isinstance(value, list) else "a mapping"
 
 
-def _schema_problems(checker: _Checker, data: dict[str, Any]) -> set[KeyPath]:
-    """Map every JSON Schema error to a problem; returns the paths that had one."""
+def _schema_problems(checker: _Checker, data: dict[str, Any], invalid: set[KeyPath]) -> set[KeyPath]:
+    """Map every JSON Schema error to a problem; returns the paths that had one. ``invalid`` holds the values
+    the YAML reader refused (and reported): they get no second problem."""
     errors = list(Draft202012Validator(_schema()).iter_errors(data))
     mistyped = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
     suggested: set[tuple[KeyPath, str]] = set()
@@ -162,7 +163,7 @@ def _schema_problems(checker: _Checker, data: dict[str, Any]) -> set[KeyPath]:
         path: KeyPath = tuple(error.absolute_path)
         bad.add(path)
         kind, value, instance = error.validator, error.validator_value, error.instance
-        if path in mistyped and kind != "type":
+        if path in invalid or (path in mistyped and kind != "type"):
             continue
         if kind == "additionalProperties":
             known = list(error.schema.get("properties", {}))
