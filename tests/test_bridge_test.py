@@ -442,3 +442,13 @@ def test_bridge_schema_tests_prints_the_test_file_schema() -> None:
     assert schema["title"] == "iii-bridge test cases (bridge.test.yaml)"
     assert schema["$defs"]["case"]["properties"]["expect"]["properties"]["error"]["enum"] == [
         "render_error", "payload_schema_violation"]
+
+
+def test_the_readme_example_file_passes_against_the_kafka_example(tmp_path: Path) -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme.split("## Testing your bridge.yaml", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "readme.test.yaml").write_text(example)
+    code, out, _ = _run(["test", "-c", str(EXAMPLES / "kafka-orders" / "bridge.yaml"),
+                         str(tmp_path / "readme.test.yaml")])
+    assert (code, out.splitlines()[-1]) == (0, "4 passed, 0 failed"), out
