@@ -18,12 +18,17 @@ def _summary(results: Sequence[CaseResult]) -> str:
     return f"{len(results) - failed} passed, {failed} failed"
 
 
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates (an error message may quote one from the event) as ``\\udXXX`` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def write_text(results: Sequence[CaseResult], out: TextIO) -> None:
     for result in results:
         print(f"{'PASS' if result.passed else 'FAIL'} {result.case.name}", file=out)
         for block in result.failures:
             for line in block.splitlines():
-                print(f"    {line}", file=out)
+                print(_printable(f"    {line}"), file=out)
         for note in result.notes:
             print(f"    note: {note}", file=out)
     print(_summary(results), file=out)

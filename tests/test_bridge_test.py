@@ -452,3 +452,16 @@ def test_the_readme_example_file_passes_against_the_kafka_example(tmp_path: Path
     code, out, _ = _run(["test", "-c", str(EXAMPLES / "kafka-orders" / "bridge.yaml"),
                          str(tmp_path / "readme.test.yaml")])
     assert (code, out.splitlines()[-1]) == (0, "4 passed, 0 failed"), out
+
+
+def test_a_lone_surrogate_in_a_payload_is_printed_as_an_escape_in_every_format(tmp_path: Path) -> None:
+    (tmp_path / "bridge.yaml").write_text(
+        "version: 1\nsources:\n  s:\n    postgres: {dsn: 'postgresql://127.0.0.1/x', channels: [c]}\n"
+        "    payload: {v: \"{{ event.payload | fromjson }}\", w: \"{{ event.payload | fromjson | int }}\"}\n")
+    cases = ("tests:\n  - {name: s, source: s, event: {payload: '\"\\ud800\"'}, expect: {payload: {v: x}}}\n"
+             "  - {name: t, source: s, event: {payload: '\"\\ud800\"'}, expect: {error: render_error}}\n")
+    for fmt in ("text", "json", "junit"):
+        code, out, err = _bridge(tmp_path, cases, "--format", fmt)
+        assert (code, err) == (1, ""), (fmt, out, err)
+        assert "\\ud800" in out
+        out.encode("utf-8")  # printable as it is
