@@ -465,3 +465,19 @@ def test_a_lone_surrogate_in_a_payload_is_printed_as_an_escape_in_every_format(t
         assert (code, err) == (1, ""), (fmt, out, err)
         assert "\\ud800" in out
         out.encode("utf-8")  # printable as it is
+
+
+def test_cases_follow_live_delivery_a_filtered_event_is_not_rendered_and_a_null_payload_is_an_error(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "bridge.yaml").write_text(
+        "version: 1\nsources:\n  s:\n    postgres: {dsn: 'postgresql://127.0.0.1/x', channels: [c]}\n"
+        "    when: \"{{ event.payload != 'skip' }}\"\n"
+        "    payload: \"{{ none if event.payload == 'null' else event.payload.missing }}\"\n")
+    cases = ("tests:\n"
+             "  - {name: filtered, source: s, event: {payload: skip}, expect: {when: false}}\n"
+             "  - {name: nothing, source: s, event: {payload: 'null'}, expect: {when: true, error: render_error, "
+             "error_contains: payload rendered null}}\n"
+             "  - {name: broken, source: s, event: {payload: x}, expect: {when: true, error: render_error}}\n")
+    code, out, _ = _bridge(tmp_path, cases)
+    assert (code, out) == (0, "PASS filtered\nPASS nothing\nPASS broken\n3 passed, 0 failed\n")
