@@ -13,9 +13,9 @@ import pytest
 
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.files import drop as _drop
-from bridge.testing.files import read_jsonl, wait_for
-from bridge.testing.process import BridgeProcess
+from tests.support.files import drop as _drop
+from tests.support.files import read_jsonl, wait_for
+from tests.support.process import BridgeProcess
 
 CONFIG = """\
 version: 1

@@ -23,9 +23,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.files import read_jsonl, wait_for
-from bridge.testing.process import BridgeProcess
-from bridge.testing.services import committed_offsets, read_topic
+from tests.support.files import read_jsonl, wait_for
+from tests.support.process import BridgeProcess
+from tests.support.services import committed_offsets, read_topic
 
 PARTITIONS = 4
 JOIN_S = 30.0  # bound on waits that include a group join or a rebalance (Tansu takes seconds)

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.cli import main
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.files import read_jsonl, wait_for
-from bridge.testing.process import BridgeProcess
-from bridge.testing.services import PostgresServer
+from tests.support.files import read_jsonl, wait_for
+from tests.support.process import BridgeProcess
+from tests.support.services import PostgresServer
 
 # Placeholders in the configs below are <dsn> and friends (str.format would need every Jinja brace doubled).
 LISTEN_CONFIG = """\

@@ -24,11 +24,11 @@ from bridge.dispatch import Dispatcher
 from bridge.engine import EngineLink, TriggerTypeSpec
 from bridge.schemas import BindValidator
 from bridge.sources import Event, Outcome
-from bridge.testing.configs import source_config
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.files import read_jsonl
-from bridge.testing.process import BridgeProcess
+from tests.support.configs import source_config
+from tests.support.files import read_jsonl
+from tests.support.process import BridgeProcess
 
 TYPE = "orders"
 

@@ -25,10 +25,10 @@ from bridge.sources import REGISTRY
 from bridge.sources._filefs import Refused, RootDir
 from bridge.sources._filestate import read_content
 from bridge.sources.file import FileSource
-from bridge.testing.configs import source_config
 from bridge.testing.sink import MemorySink
 from bridge.testing.sink import running as run_source
 from bridge.testing.waiting import until
+from tests.support.configs import source_config
 
 SETTLE_MS = 30
 QUIET_S = 0.4  # how long "nothing more arrives" is watched for

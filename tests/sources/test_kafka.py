@@ -31,10 +31,10 @@ from bridge.sources._kafkadl import MAX_REQUEST_BYTES, fit_record, truncation_ma
 from bridge.sources._kafkaflow import Shares
 from bridge.sources._kafkaoffsets import PartitionTrack
 from bridge.sources.kafka import KafkaDeadLetter, KafkaSource, connection_options, kafka_dead_letter
-from bridge.testing.configs import source_config
-from bridge.testing.services import committed_offsets, read_topic
 from bridge.testing.sink import MemorySink, stop_source
 from bridge.testing.sink import running as run_source
+from tests.support.configs import source_config
+from tests.support.services import committed_offsets, read_topic
 
 PARTITIONS = 4
 GROUP_TIMINGS = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 500, "rebalance_timeout_ms": 3000}

@@ -33,10 +33,10 @@ from bridge.sources.postgres import (
     outbox_ddl,
     postgres_dead_letter,
 )
-from bridge.testing.configs import source_config
-from bridge.testing.services import PostgresServer
 from bridge.testing.sink import MemorySink, running, stop_source
 from bridge.testing.waiting import until
+from tests.support.configs import source_config
+from tests.support.services import PostgresServer
 
 QUIET_S = 0.3
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
