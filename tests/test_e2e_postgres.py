@@ -368,7 +368,6 @@ def test_a_function_bound_after_both_listen_replicas_started_gets_notifications_
         consumer.function("pg::late")
         consumer.bind("signups", "pg::late")
         replicas[0].wait_for_log(r"binding \S+ added: signups → pg::late")  # the listening replica provides it
-        _quiet(0.5)
         payload = json.dumps({"id": 1, "tags": [], "vip": False, "note": None, "name": "late"})
         _notify(pg_database, "user_signup", *[payload] * 10)
         consumer.wait_calls("pg::late", 10, timeout=3)
