@@ -27,7 +27,8 @@ from pathlib import Path
 from _kafka_relays import GROUP_TIMINGS, TRIGGER_TYPE
 from kafka_throughput import _RELAYS, BRIDGE_CONFIG, RoundResult, _Child, _prepare, _run_round
 
-from bridge.testing.services import TansuBroker
+# kafka_throughput put the checkout on sys.path: the test services live in tests/support, not in the package.
+from tests.support.services import TansuBroker
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher, Invocation, backoff_s
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
-from bridge.testing.configs import source_config
+from tests.support.configs import source_config
 
 
 class _Invoker:

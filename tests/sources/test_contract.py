@@ -36,9 +36,9 @@ from bridge.errors import DecodeError
 from bridge.sources import REGISTRY, Event, Outcome, Source
 from bridge.sources.kafka import KafkaSource
 from bridge.sources.postgres import PostgresSource, outbox_ddl
-from bridge.testing.configs import source_config
 from bridge.testing.sink import MemorySink, wait_ended
 from bridge.testing.waiting import until
+from tests.support.configs import source_config
 
 QUIET_S = 0.5  # how long "nothing (more) arrives" is watched for
 STOP_S = 10.0  # a cancelled run() must have returned within this

@@ -19,8 +19,8 @@ from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
 from bridge.sources._pgdeadletter import PostgresDeadLetter
 from bridge.sources.kafka import kafka_dead_letter
-from bridge.testing.configs import source_config
-from bridge.testing.services import read_topic
+from tests.support.configs import source_config
+from tests.support.services import read_topic
 
 from .test_kafka import (
     committed,
