@@ -15,7 +15,7 @@ import pytest
 
 from bridge.bindings import Binding, BindingTable
 from bridge.config import DeliveryConfig, FileSourceConfig, RetryConfig, SourceConfig
-from bridge.dispatch import Dispatcher, backoff_s
+from bridge.dispatch import Dispatcher, Invocation, backoff_s
 from bridge.errors import DecodeError, DeliveryError, EngineUnavailable
 from bridge.sources import Event
 from tests.support.configs import source_config
@@ -49,7 +49,10 @@ class FakeInvoker:
     async def wait_connected(self) -> None:
         return None
 
-    async def invoke(self, function_id: str, payload: Any, **options: Any) -> Any:
+    async def invoke(self, call: Invocation) -> Any:
+        function_id, payload = call.function_id, call.payload
+        options = {f.name: getattr(call, f.name) for f in dataclasses.fields(call)
+                   if f.name not in ("function_id", "payload")}
         self.calls.append(Call(function_id, payload, options, time.monotonic()))
         plan = self.script.get(function_id)
         if plan is None:
