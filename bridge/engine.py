@@ -177,6 +177,8 @@ class EngineLink:
 
         if asyncio.get_running_loop() is self._loop:
             return await there()
+        if not self._loop.is_running():  # the SDK was shut down: nothing would ever run the work
+            raise RuntimeError("the engine link's loop is not running (the link was shut down)")
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(there(), self._loop))
 
     def shutdown(self) -> None:
