@@ -46,7 +46,7 @@ from typing import IO, Any
 import asyncpg
 
 from bridge.config import load_config
-from bridge.sources.postgres import outbox_ddl
+from bridge.sources.postgres.source import outbox_ddl
 from bridge.testing.process import BridgeProcess
 from bridge.testing.services import PostgresServer, free_port
 

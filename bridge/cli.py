@@ -62,12 +62,12 @@ def _configure_validate(parser: argparse.ArgumentParser) -> None:
 
 def _run_validate(args: argparse.Namespace) -> int:
     from bridge.config import check_config
-    from bridge.diagnostics import summary
+    from bridge.config.diagnostics import summary
 
     path = _config_path(args)
     config, problems = check_config(path)
     if config is not None and not args.offline and _has_outbox(config):
-        from bridge.sources.postgres import outbox_problems
+        from bridge.sources.postgres.source import outbox_problems
 
         problems += outbox_problems(config, str(path))
         if any(p.is_error for p in problems):
@@ -103,7 +103,7 @@ def _configure_schema(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_schema(args: argparse.Namespace) -> int:
-    from bridge.schemas import bridge_schema
+    from bridge.config.schemas import bridge_schema
 
     del args
     print(json.dumps(bridge_schema(), indent=2))
@@ -286,7 +286,7 @@ def _run_sql(args: argparse.Namespace) -> int:
     if getattr(source.kind_config, "mode", None) != "outbox":
         _print_error(f"source {args.source!r} is not a postgres source with mode: outbox; it needs no DDL")
         return EXIT_USAGE
-    from bridge.sources.postgres import outbox_ddl
+    from bridge.sources.postgres.source import outbox_ddl
 
     print(outbox_ddl(source))
     return EXIT_OK

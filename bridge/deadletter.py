@@ -166,13 +166,13 @@ def _file_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLet
 
 
 def _postgres_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLetterSink:
-    from bridge.sources.postgres import postgres_dead_letter  # asyncpg stays inside the postgres kind
+    from bridge.sources.postgres.source import postgres_dead_letter  # asyncpg stays inside the postgres kind
 
     return postgres_dead_letter(config, source)
 
 
 def _kafka_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLetterSink:
-    from bridge.sources.kafka import kafka_dead_letter  # aiokafka stays inside the kafka kind
+    from bridge.sources.kafka.source import kafka_dead_letter  # aiokafka stays inside the kafka kind
 
     return kafka_dead_letter(config, source)
 

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 from bridge._clock import iso_from_epoch
 from bridge.bindings import Binding, BindingTable
 from bridge.config import DeliveryConfig, RetryConfig, SourceConfig
+from bridge.config.schemas import PayloadValidator
 from bridge.deadletter import DeadLetterSink
 from bridge.errors import DeadLetterError, DeliveryError, EngineUnavailable, EventError, RenderError
-from bridge.schemas import PayloadValidator
 from bridge.sources import Event, Outcome
 from bridge.templates import CompiledTree, CompiledWhen, compile_tree, compile_when, make_context
 

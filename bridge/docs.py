@@ -16,8 +16,8 @@ from typing import Any
 
 from bridge import _docsprose as prose
 from bridge.config import REDACTED, BridgeConfig, SourceConfig, redact
+from bridge.config.schemas import BindValidator, SchemaFileError, resolve_pointer
 from bridge.errors import BindConfigError
-from bridge.schemas import BindValidator, SchemaFileError, resolve_pointer
 from bridge.templates import compile_tree
 
 __all__ = ["EVENT_FIELDS", "example_bind_config", "render_docs"]

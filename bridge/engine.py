@@ -26,8 +26,8 @@ from bridge._handover import Handover
 from bridge._reconcile import Reconciler
 from bridge.bindings import Binding, BindingTable
 from bridge.config import EngineConfig
+from bridge.config.schemas import BindValidator
 from bridge.errors import BindConfigError, DeliveryError, EngineUnavailable
-from bridge.schemas import BindValidator
 
 log = logging.getLogger("bridge.engine")
 

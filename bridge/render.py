@@ -15,12 +15,12 @@ from typing import Any, TextIO
 
 from jsonschema import Draft202012Validator
 
-from bridge._yamllimits import has_surrogate
 from bridge.bindings import Binding
 from bridge.config import BridgeConfig, SourceConfig
+from bridge.config._yamllimits import has_surrogate
+from bridge.config.schemas import BindValidator, PayloadValidator, violations
 from bridge.docs import EVENT_FIELDS
 from bridge.errors import BindConfigError, PayloadSchemaError, RenderError
-from bridge.schemas import BindValidator, PayloadValidator, violations
 from bridge.templates import TemplateCompileError, compile_tree, compile_when, make_context
 
 __all__ = ["Rendered", "event_view", "render_event", "run"]

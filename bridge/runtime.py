@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 from bridge._window import Window
 from bridge.bindings import Binding, BindingTable
 from bridge.config import BridgeConfig, DeadLetterConfig, SourceConfig, redact_dsn
+from bridge.config.schemas import BindValidator
 from bridge.deadletter import DeadLetterSink, destination_key, open_destination
 from bridge.dispatch import Dispatcher, Invoker, Stats
 from bridge.errors import BindConfigError
-from bridge.schemas import BindValidator
 from bridge.sources import REGISTRY, SHUTDOWN_GRACE_S, Event, OnDone, Source, exclusive
 from bridge.status import SourceStatus, StatusLine, status_enabled
 

@@ -19,10 +19,10 @@ import pytest
 
 from bridge.bindings import BindingTable
 from bridge.config import DeadLetterConfig, DeliveryConfig, EngineConfig, FileSourceConfig, RetryConfig
+from bridge.config.schemas import BindValidator
 from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher
 from bridge.engine import EngineLink, TriggerTypeSpec
-from bridge.schemas import BindValidator
 from bridge.sources import Event, Outcome
 from bridge.testing.configs import source_config
 from bridge.testing.consumer import Consumer

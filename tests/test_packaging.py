@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.schemas import bridge_schema
+from bridge.config.schemas import bridge_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "kafka-orders" / "bridge.yaml"

@@ -122,19 +122,19 @@ class SourceFactory(Protocol):
 
 
 def _file_source(config: SourceConfig, state_dir: Path, *, dry_run: bool = False) -> Source:
-    from bridge.sources.file import FileSource
+    from bridge.sources.file.source import FileSource
 
     return FileSource(config, state_dir, dry_run=dry_run)
 
 
 def _postgres_source(config: SourceConfig, state_dir: Path, *, dry_run: bool = False) -> Source:
-    from bridge.sources.postgres import PostgresSource
+    from bridge.sources.postgres.source import PostgresSource
 
     return PostgresSource(config, state_dir, dry_run=dry_run)
 
 
 def _kafka_source(config: SourceConfig, state_dir: Path, *, dry_run: bool = False) -> Source:
-    from bridge.sources.kafka import KafkaSource
+    from bridge.sources.kafka.source import KafkaSource
 
     return KafkaSource(config, state_dir, dry_run=dry_run)
 

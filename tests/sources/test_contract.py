@@ -34,8 +34,8 @@ from bridge.config import (
 )
 from bridge.errors import DecodeError
 from bridge.sources import REGISTRY, Event, Outcome, Source
-from bridge.sources.kafka import KafkaSource
-from bridge.sources.postgres import PostgresSource, outbox_ddl
+from bridge.sources.kafka.source import KafkaSource
+from bridge.sources.postgres.source import PostgresSource, outbox_ddl
 from bridge.testing.configs import source_config
 from bridge.testing.sink import MemorySink, wait_ended
 from bridge.testing.waiting import until

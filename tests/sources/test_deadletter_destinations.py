@@ -17,12 +17,12 @@ from bridge.deadletter import FileDeadLetter, read_records
 from bridge.dispatch import Dispatcher
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
-from bridge.sources._pgdeadletter import PostgresDeadLetter
-from bridge.sources.kafka import kafka_dead_letter
+from bridge.sources.kafka.source import kafka_dead_letter
+from bridge.sources.postgres._deadletter import PostgresDeadLetter
 from bridge.testing.configs import source_config
 from bridge.testing.services import read_topic
 
-from .test_kafka import (
+from .kafka.test_source import (
     committed,
     make_config,
     produce,

@@ -26,11 +26,11 @@ from bridge._clock import iso_ms
 from bridge.config import DeadLetterConfig, DeliveryConfig, KafkaSecurity, KafkaSourceConfig, SourceConfig
 from bridge.errors import DeadLetterError, DecodeError
 from bridge.sources import Event
-from bridge.sources._kafkadecode import decode, record_event
-from bridge.sources._kafkadl import MAX_REQUEST_BYTES, fit_record, truncation_marker
-from bridge.sources._kafkaflow import Shares
-from bridge.sources._kafkaoffsets import PartitionTrack
-from bridge.sources.kafka import KafkaDeadLetter, KafkaSource, connection_options, kafka_dead_letter
+from bridge.sources.kafka._deadletter import MAX_REQUEST_BYTES, fit_record, truncation_marker
+from bridge.sources.kafka._decode import decode, record_event
+from bridge.sources.kafka._flow import Shares
+from bridge.sources.kafka._offsets import PartitionTrack
+from bridge.sources.kafka.source import KafkaDeadLetter, KafkaSource, connection_options, kafka_dead_letter
 from bridge.testing.configs import source_config
 from bridge.testing.services import committed_offsets, read_topic
 from bridge.testing.sink import MemorySink, stop_source

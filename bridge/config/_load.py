@@ -2,7 +2,7 @@
 the schema cannot express. Every problem is collected; nothing stops at the first one.
 
 This module reads the file, maps JSON Schema errors to problems and runs every step in order (:func:`analyze`);
-the substitution is in ``bridge._envsubst``, the semantic checks in ``bridge._configchecks``.
+the substitution is in ``bridge.config._envsubst``, the semantic checks in ``bridge.config._checks``.
 config.py turns a document that passed into the frozen dataclasses.
 """
 
@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge._configchecks import Semantics, as_mapping, did_you_mean
-from bridge._configchecks import merge_delivery as merge_delivery  # config.py imports it from here
-from bridge._envsubst import substitute
 from bridge._redact import CREDENTIAL_KEYS, is_secret_key, redact_value
-from bridge._yamllimits import read_capped
-from bridge.diagnostics import Problem, Severity, format_path
-from bridge.schemas import bridge_validator
-from bridge.yamlpos import KeyPath, Positions, decode_text, load_yaml
+from bridge.config._checks import Semantics, as_mapping, did_you_mean
+from bridge.config._checks import merge_delivery as merge_delivery  # config.py imports it from here
+from bridge.config._envsubst import substitute
+from bridge.config._yamllimits import read_capped
+from bridge.config.diagnostics import Problem, Severity, format_path
+from bridge.config.schemas import bridge_validator
+from bridge.config.yamlpos import KeyPath, Positions, decode_text, load_yaml
 
 # AIOKafkaConsumer arguments that client_options may not hold (the bridge sets them, or YAML cannot express
 # them), each with where to go instead. Every other argument is in schemas/source-kafka.json.

@@ -26,7 +26,7 @@ import asyncpg
 from bridge._clock import iso_now
 from bridge.config import PostgresSourceConfig, SourceConfig, redact_dsn
 from bridge.sources import Outcome, Sink
-from bridge.sources._pgconn import (
+from bridge.sources.postgres._conn import (
     CONNECTION_ERRORS,
     Backoff,
     application_name,
@@ -38,7 +38,7 @@ from bridge.sources._pgconn import (
     stop_if_cancelled,
     wait_event,
 )
-from bridge.sources._pgoutboxtable import row_event, wake_channel
+from bridge.sources.postgres._outboxtable import row_event, wake_channel
 
 _BEFORE_ANY_ID = -(2**63)  # below every bigint: the first read starts at the oldest row
 

@@ -7,7 +7,7 @@ at the exact spot in the file. What it refuses, as problems rather than exceptio
 - bytes that are not UTF-8 text, control characters (binary files), syntax errors, tab indentation;
 - duplicate keys (reported at the second occurrence, naming the first);
 - keys that are not scalars, tags other than YAML's core types, recursive aliases, alias "bombs";
-- what later checks could not handle (``bridge._yamllimits``): nesting deeper than 64 levels (reported where it
+- what later checks could not handle (``bridge.config._yamllimits``): nesting deeper than 64 levels (reported where it
   passes the limit, also through aliases), integers of more than 1,000 digits, lone surrogate escapes.
 
 Decisions: keys are always strings, exactly as written (``on:`` and ``1:`` are the keys "on" and "1", as in
@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from bridge._yamllimits import (
+from bridge.config._yamllimits import (
     MAX_DEPTH,
     NOT_TEXT,
     NOT_TEXT_HINT,
@@ -38,7 +38,7 @@ from bridge._yamllimits import (
     is_huge_int,
     join_surrogates,
 )
-from bridge.diagnostics import Problem, format_path
+from bridge.config.diagnostics import Problem, format_path
 
 __all__ = ["Position", "Positions", "YamlDocument", "decode_text", "load_yaml"]
 

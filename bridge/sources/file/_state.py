@@ -1,8 +1,8 @@
 """Private helpers of the file source: path matching, scanning, the checkpoint log and the directory lock.
 
-Kept apart from ``file.py`` so that the source itself reads as the flow of one file (watch → settle → submit →
+Kept apart from ``source.py`` so that the source itself reads as the flow of one file (watch → settle → submit →
 acknowledge) while the mechanics live here. Nothing here imports watchfiles. The checkpoint log and the directory
-lock are in ``_filecheckpoint.py``; they are re-exported here so that ``file.py`` imports from one place.
+lock are in ``_checkpoint.py``; they are re-exported here so that ``source.py`` imports from one place.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import strictjson
-from bridge.sources._filecheckpoint import (
+from bridge.sources.file._checkpoint import (
     LOCK_NAME,
     Checkpoint,
     CheckpointLog,
@@ -28,7 +28,7 @@ from bridge.sources._filecheckpoint import (
     parse_version,
     version_text,
 )
-from bridge.sources._filefs import Refused, RootDir
+from bridge.sources.file._fs import Refused, RootDir
 
 __all__ = [
     "LOCK_NAME",
@@ -123,7 +123,7 @@ class Tree:
     under whichever path watched it last, possibly through a symlink). A symlink to a file inside the tree is a
     file under the link's own name; symlinks resolving outside, and symlinked directories (their target is
     watched at its real path already, and following them could loop), are ignored. Every stat, listing and read
-    goes through :class:`~bridge.sources._filefs.RootDir`, which never follows a symlink on the way, so a
+    goes through :class:`~bridge.sources.file._fs.RootDir`, which never follows a symlink on the way, so a
     directory swapped for a symlink at any moment cannot lead outside. ``close`` releases the directory.
     """
 

@@ -20,9 +20,9 @@ Dry run (listen; `bridge up --dry-run`): it LISTENs without taking the lock and 
 trigger type. Postgres sends every NOTIFY to every listener, so it shows what a live bridge delivers while the
 live bridge keeps listening, delivering and providing the trigger type as before.
 
-outbox (at-least-once): see :mod:`bridge.sources._pgoutbox` (claiming, the wake-up channel); the table's DDL and
-check are in :mod:`bridge.sources._pgoutboxtable`; the dry run, which reads rows without claiming or deleting
-them, in :mod:`bridge.sources._pgoutboxpeek`.
+outbox (at-least-once): see :mod:`bridge.sources.postgres._outbox` (claiming, the wake-up channel); the table's DDL and
+check are in :mod:`bridge.sources.postgres._outboxtable`; the dry run, which reads rows without claiming or deleting
+them, in :mod:`bridge.sources.postgres._outboxpeek`.
 
 The DSN's password never appears in logs (see :func:`bridge.config.redact_dsn`).
 """
@@ -41,10 +41,10 @@ import asyncpg
 from bridge import strictjson
 from bridge._clock import iso_from_epoch, iso_from_ns
 from bridge.config import BridgeConfig, DeadLetterConfig, PostgresSourceConfig, SourceConfig, redact_dsn
-from bridge.diagnostics import Problem
+from bridge.config.diagnostics import Problem
 from bridge.errors import BridgeError, DeadLetterError, DecodeError
 from bridge.sources import SHUTDOWN_GRACE_S, Event, Outcome, Sink
-from bridge.sources._pgconn import (
+from bridge.sources.postgres._conn import (
     CONNECTION_ERRORS,
     Backoff,
     application_name,
@@ -58,10 +58,10 @@ from bridge.sources._pgconn import (
     wait_event,
     watch_connection,
 )
-from bridge.sources._pgdeadletter import PostgresDeadLetter
-from bridge.sources._pgoutbox import OutboxMode
-from bridge.sources._pgoutboxpeek import OutboxPeek
-from bridge.sources._pgoutboxtable import outbox_ddl, table_problems, wake_channel
+from bridge.sources.postgres._deadletter import PostgresDeadLetter
+from bridge.sources.postgres._outbox import OutboxMode
+from bridge.sources.postgres._outboxpeek import OutboxPeek
+from bridge.sources.postgres._outboxtable import outbox_ddl, table_problems, wake_channel
 
 __all__ = [
     "PostgresDeadLetter",

@@ -9,8 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from bridge.errors import BindConfigError, PayloadSchemaError
-from bridge.schemas import (
+from bridge.config.schemas import (
     KINDS,
     BindValidator,
     PayloadValidator,
@@ -23,6 +22,7 @@ from bridge.schemas import (
     load_schema_file,
     resolve_pointer,
 )
+from bridge.errors import BindConfigError, PayloadSchemaError
 
 ORDERS_BIND: dict[str, Any] = {
     "type": "object",

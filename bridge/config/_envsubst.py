@@ -4,7 +4,7 @@ JSON Schema checks see the document. A value that is exactly one reference is re
 where bridge.yaml's schema wants a string: a password ``0123`` stays the string "0123" (a schema that also
 allows null still reads ``null``, ``~`` and the empty text as null).
 
-Part of the checks of ``bridge._configload``, which runs :func:`substitute` after reading the file.
+Part of the checks of ``bridge.config._load``, which runs :func:`substitute` after reading the file.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from bridge._yamllimits import TOO_LARGE, has_surrogate, is_huge_int
-from bridge.schemas import bridge_schema
-from bridge.yamlpos import KeyPath
+from bridge.config._yamllimits import TOO_LARGE, has_surrogate, is_huge_int
+from bridge.config.schemas import bridge_schema
+from bridge.config.yamlpos import KeyPath
 
 if TYPE_CHECKING:
-    from bridge._configload import Analysis
+    from bridge.config._load import Analysis
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -1,6 +1,6 @@
 """Limits on what bridge.yaml (and a schema file it ``$ref``s) may hold, so that every check after reading
-stays fast and inside Python's limits: nesting depth, integer size, lone surrogates, file size. ``bridge.yamlpos``
-applies them while loading; the messages are shared with the other readers.
+stays fast and inside Python's limits: nesting depth, integer size, lone surrogates, file size.
+``bridge.config.yamlpos`` applies them while loading; the messages are shared with the other readers.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ import pytest
 from bridge.config import FileSourceConfig, SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import REGISTRY
-from bridge.sources._filefs import Refused, RootDir
-from bridge.sources._filestate import read_content
-from bridge.sources.file import FileSource
+from bridge.sources.file._fs import Refused, RootDir
+from bridge.sources.file._state import read_content
+from bridge.sources.file.source import FileSource
 from bridge.testing.configs import source_config
 from bridge.testing.sink import MemorySink
 from bridge.testing.sink import running as run_source

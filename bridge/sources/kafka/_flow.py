@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from bridge.sources._kafkaoffsets import PartitionTrack
+from bridge.sources.kafka._offsets import PartitionTrack
 
 MIN_BUFFER = 256  # records a partition may hold beyond its share of the window
 MAX_FETCH_RECORDS = 500  # most records taken from the client per poll

@@ -11,7 +11,7 @@ import asyncpg
 from bridge._dlencode import encode_value, storable_json, storable_text
 from bridge.config import redact_dsn
 from bridge.errors import DeadLetterError
-from bridge.sources._pgconn import (
+from bridge.sources.postgres._conn import (
     CONNECT_TIMEOUT_S,
     CONNECTION_ERRORS,
     application_name,

@@ -24,8 +24,8 @@ from bridge.config import (
     SourceConfig,
 )
 from bridge.errors import DeadLetterError, DecodeError
-from bridge.sources._pgoutboxtable import row_event
-from bridge.sources.postgres import (
+from bridge.sources.postgres._outboxtable import row_event
+from bridge.sources.postgres.source import (
     PostgresDeadLetter,
     PostgresSource,
     PostgresUnreachable,

@@ -13,12 +13,12 @@ delivered (``created`` if never recorded, ``modified`` otherwise) and recorded f
 ``created`` and ``modified`` stay told apart.
 
 Paths: ``include``/``exclude`` globs are tried on the file name and on the POSIX relative path (see
-:class:`~bridge.sources._filestate.PathFilter`). Symlinks to files inside the directory are files under the
+:class:`~bridge.sources.file._state.PathFilter`). Symlinks to files inside the directory are files under the
 link's name; symlinks resolving outside it, and directory symlinks, are ignored.
 
 Containment: a file is stat'ed, read, deleted or moved only through the watched directory's descriptor, opened
 once, walking each relative path one component at a time without following symlinks
-(:mod:`bridge.sources._filefs`). A directory on the path swapped for a symlink at any moment makes that one
+(:mod:`bridge.sources.file._fs`). A directory on the path swapped for a symlink at any moment makes that one
 operation fail (a warning is logged, the file is skipped until its path is real again, a refused after_delivery
 leaves the file in place), so nothing outside the directory is ever read into an event, moved or deleted.
 
@@ -51,8 +51,8 @@ from bridge._clock import iso_from_ns
 from bridge.config import FileSourceConfig, SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import Event, Outcome, Sink
-from bridge.sources._filefs import open_base
-from bridge.sources._filestate import (
+from bridge.sources.file._fs import open_base
+from bridge.sources.file._state import (
     Checkpoint,
     CheckpointLog,
     DirLock,

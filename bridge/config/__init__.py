@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bridge._configload import Analysis, analyze, merge_delivery
 from bridge._redact import REDACTED as REDACTED
 from bridge._redact import redact as redact
 from bridge._redact import redact_dsn as redact_dsn
-from bridge.diagnostics import Problem, has_errors
+from bridge.config._load import Analysis, analyze, merge_delivery
+from bridge.config.diagnostics import Problem, has_errors
 from bridge.errors import ConfigError
 
 DeliveryMode = Literal["sync", "void", "enqueue"]

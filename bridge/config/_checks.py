@@ -1,6 +1,6 @@
 """The semantic checks of bridge.yaml: the rules its JSON Schema cannot express (one source kind, options
 that go together, paths that must exist, dead letters a source can write, user schemas, template syntax), and
-the helpers they share with ``bridge._configload``, which runs :class:`Semantics` after the schema checks.
+the helpers they share with ``bridge.config._load``, which runs :class:`Semantics` after the schema checks.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge._redact import redact_dsn
-from bridge.diagnostics import Problem, Severity, format_path
-from bridge.schemas import KINDS, SchemaFileError, check_user_schema, load_schema_file, resolve_pointer
+from bridge.config.diagnostics import Problem, Severity, format_path
+from bridge.config.schemas import KINDS, SchemaFileError, check_user_schema, load_schema_file, resolve_pointer
+from bridge.config.yamlpos import KeyPath, iter_paths
 from bridge.templates import TemplateCompileError, compile_tree, compile_when
-from bridge.yamlpos import KeyPath, iter_paths
 
 if TYPE_CHECKING:
-    from bridge._configload import Analysis
+    from bridge.config._load import Analysis
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}(\.[A-Za-z_][A-Za-z0-9_$]{0,62})?$")
 

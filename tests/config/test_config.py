@@ -17,7 +17,6 @@ import aiokafka  # the real consumer signature, for client_options
 import pytest
 
 from bridge import logs
-from bridge._configload import MANAGED_CLIENT_OPTIONS
 from bridge.config import (
     DEFAULT_DEAD_LETTER_FILE,
     DEFAULT_MAX_IN_FLIGHT,
@@ -36,10 +35,11 @@ from bridge.config import (
     redact,
     redact_dsn,
 )
-from bridge.diagnostics import Problem, format_path, summary
+from bridge.config._load import MANAGED_CLIENT_OPTIONS
+from bridge.config.diagnostics import Problem, format_path, summary
+from bridge.config.schemas import bridge_schema
+from bridge.config.yamlpos import decode_text, load_yaml
 from bridge.errors import ConfigError
-from bridge.schemas import bridge_schema
-from bridge.yamlpos import decode_text, load_yaml
 
 Check = Callable[..., list[str]]
 
@@ -1073,7 +1073,7 @@ def test_a_template_compiler_crash_is_still_a_template_problem(
 ) -> None:
     # templates.py turns compiler crashes into template problems itself; this is validate's last line of
     # defence should one slip through: simulate one, for one leaf and for `when`.
-    import bridge._configchecks as checks
+    import bridge.config._checks as checks
 
     real = checks.compile_tree
 

@@ -1,7 +1,7 @@
 """The outbox table's shape, apart from how rows are read: its DDL (table, wake-up trigger), the check `bridge
 validate` runs on it, the wake-up channel its trigger notifies, and how one of its rows becomes an :class:`Event`.
-Both readers of the table use these: the live claiming loop (:mod:`bridge.sources._pgoutbox`) and the dry run
-(:mod:`bridge.sources._pgoutboxpeek`), so a dry run shows exactly the events a live bridge delivers.
+Both readers of the table use these: the live claiming loop (:mod:`bridge.sources.postgres._outbox`) and the dry run
+(:mod:`bridge.sources.postgres._outboxpeek`), so a dry run shows exactly the events a live bridge delivers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from bridge import strictjson
 from bridge.config import PostgresSourceConfig, SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import Event
-from bridge.sources._pgconn import plain_table_name
+from bridge.sources.postgres._conn import plain_table_name
 
 
 def wake_channel(table: str) -> str:

@@ -1,16 +1,16 @@
 """The ``kafka`` source: a consumer group's records become events. aiokafka is imported only in the kafka modules:
-this one, ``_kafkaassign`` (group membership or the dry run's manual assignment), ``_kafkadl`` (the dead-letter
-destination) and ``_kafkaconn`` (client settings).
+this one, ``_assign`` (group membership or the dry run's manual assignment), ``_deadletter`` (the dead-letter
+destination) and ``_conn`` (client settings).
 
 Flow: nothing joins the group until a function is bound. Then a *fetch* task polls ``getmany`` into a small
 per-partition buffer and a *submit* task hands buffered records to the sink, round-robin over partitions, each
 partition in offset order. Once an event is done its offset counts as done; a *commit* task commits every
 ``commit_interval_ms`` the lowest offset of each partition that is not done (see
-:mod:`bridge.sources._kafkaoffsets`), so a commit never passes an unfinished event: at-least-once.
+:mod:`bridge.sources.kafka._offsets`), so a commit never passes an unfinished event: at-least-once.
 
 Back-pressure without head-of-line blocking: each partition gets a share of the in-flight window, so a partition
 stuck on retries holds at most its share while the others go on, and a cap of outstanding records (buffered + in
-flight; see :mod:`bridge.sources._kafkaflow`); near that cap it is left out of the polls until it drained some,
+flight; see :mod:`bridge.sources.kafka._flow`); near that cap it is left out of the polls until it drained some,
 and the client keeps at most one fetched batch of it meanwhile, so memory stays bounded whatever the backlog. The
 fetch task never waits on the sink, so the member keeps polling and heartbeating however slow delivery is. With no
 binding every partition is paused (the member stays in the group) and nothing is committed for events nobody
@@ -27,7 +27,7 @@ Cancellation stops intake at once, waits up to ``shutdown_grace_s`` for in-fligh
 leaves the group and closes the consumer.
 
 Dry run (``bridge up --dry-run``): the source reads every partition of its topics without joining the group,
-from the group's committed offsets on, and never commits (see :mod:`~bridge.sources._kafkaassign`), so live
+from the group's committed offsets on, and never commits (see :mod:`~bridge.sources.kafka._assign`), so live
 bridges keep their partitions and lose nothing the dry run shows.
 """
 
@@ -46,12 +46,12 @@ from aiokafka.errors import KafkaError
 
 from bridge.config import KafkaSourceConfig, SourceConfig
 from bridge.sources import SHUTDOWN_GRACE_S, Outcome, Sink
-from bridge.sources._kafkaassign import DryRunAssignment, GroupListener, subscribe, topics_text
-from bridge.sources._kafkaconn import at_most, connection_options, consumer_options, tp_text
-from bridge.sources._kafkadecode import record_event
-from bridge.sources._kafkadl import KafkaDeadLetter, kafka_dead_letter, track_raw_keys
-from bridge.sources._kafkaflow import Shares
-from bridge.sources._kafkaoffsets import PartitionTrack
+from bridge.sources.kafka._assign import DryRunAssignment, GroupListener, subscribe, topics_text
+from bridge.sources.kafka._conn import at_most, connection_options, consumer_options, tp_text
+from bridge.sources.kafka._deadletter import KafkaDeadLetter, kafka_dead_letter, track_raw_keys
+from bridge.sources.kafka._decode import record_event
+from bridge.sources.kafka._flow import Shares
+from bridge.sources.kafka._offsets import PartitionTrack
 
 __all__ = ["KafkaDeadLetter", "KafkaSource", "connection_options", "kafka_dead_letter"]
 

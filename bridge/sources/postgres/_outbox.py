@@ -1,6 +1,6 @@
 """Outbox mode of the postgres source (at-least-once): claiming, deleting, waking. The table's DDL, its check
-and the row → event mapping are in :mod:`bridge.sources._pgoutboxtable`; `bridge up --dry-run` reads the table
-without claiming anything (:mod:`bridge.sources._pgoutboxpeek`).
+and the row → event mapping are in :mod:`bridge.sources.postgres._outboxtable`; `bridge up --dry-run` reads the table
+without claiming anything (:mod:`bridge.sources.postgres._outboxpeek`).
 
 Claiming: a claim opens a transaction on a pooled connection and locks up to ``batch_size`` rows with
 ``SELECT ... ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED``. That transaction *is* the claim: it stays open while
@@ -41,7 +41,7 @@ import asyncpg
 from bridge._clock import iso_now
 from bridge.config import PostgresSourceConfig, SourceConfig, redact_dsn
 from bridge.sources import Outcome, Sink
-from bridge.sources._pgconn import (
+from bridge.sources.postgres._conn import (
     CONNECT_TIMEOUT_S,
     CONNECTION_ERRORS,
     Backoff,
@@ -57,7 +57,7 @@ from bridge.sources._pgconn import (
     wait_event,
     watch_connection,
 )
-from bridge.sources._pgoutboxtable import row_event, wake_channel
+from bridge.sources.postgres._outboxtable import row_event, wake_channel
 
 _MAX_BATCHES = 8
 _RELEASE_TIMEOUT_S = 5.0

@@ -23,8 +23,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from bridge.config import KafkaSourceConfig
-from bridge.sources._kafkaconn import connection_options
-from bridge.sources._kafkaoffsets import PartitionTrack
+from bridge.sources.kafka._conn import connection_options
+from bridge.sources.kafka._offsets import PartitionTrack
 
 log = logging.getLogger("bridge.sources.kafka")
 

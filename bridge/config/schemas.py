@@ -20,9 +20,9 @@ from typing import Any, Literal
 import jsonschema
 
 from bridge._redact import REDACTED, is_secret_key, redact
-from bridge._yamllimits import TOO_DEEP, TOO_LARGE, read_capped
+from bridge.config._yamllimits import TOO_DEEP, TOO_LARGE, read_capped
+from bridge.config.yamlpos import Positions, load_yaml
 from bridge.errors import BindConfigError, PayloadSchemaError
-from bridge.yamlpos import Positions, load_yaml
 
 __all__ = [
     "KINDS",
@@ -46,7 +46,7 @@ def _schema_dir() -> Path:
     """``bridge/_schemas`` in an installed wheel (the build maps the project's ``schemas/`` there, see
     pyproject.toml), else ``schemas/`` at the project root: a checkout or an editable install, where the package
     directory is the source one and has no copy."""
-    package_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parent.parent  # bridge/, this module being bridge/config/schemas.py
     installed = package_dir / "_schemas"
     return installed if installed.is_dir() else package_dir.parent / "schemas"
 

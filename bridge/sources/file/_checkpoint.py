@@ -1,7 +1,7 @@
 """What the file source keeps on disk: the checkpoint log (the last version recorded for each file) and the
 directory lock that keeps one replica active per watched directory, with the version format they share.
 
-Kept apart from the scanning and matching in ``_filestate.py``, which re-exports these names for ``file.py``.
+Kept apart from the scanning and matching in ``_state.py``, which re-exports these names for ``source.py``.
 """
 
 from __future__ import annotations

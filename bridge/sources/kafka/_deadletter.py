@@ -25,7 +25,7 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from bridge._dlencode import encode_record, encode_value
 from bridge.config import DeadLetterConfig, KafkaSourceConfig, SourceConfig
 from bridge.errors import DeadLetterError
-from bridge.sources._kafkaconn import connection_options
+from bridge.sources.kafka._conn import connection_options
 
 log = logging.getLogger("bridge.sources.kafka")
 
