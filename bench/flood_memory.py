@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from bridge.bindings import Binding, BindingTable
-from bridge.config import DeadLetterConfig, DeliveryConfig, FileSourceConfig
+from bridge.config import DeadLetterConfig, DeliveryConfig
 from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
+from bridge.sources.file.spec import FileSourceConfig
 from bridge.testing.configs import source_config
 
 

@@ -66,10 +66,11 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     path = _config_path(args)
     config, problems = check_config(path)
-    if config is not None and not args.offline and _has_outbox(config):
-        from bridge.sources.postgres.source import outbox_problems
+    if config is not None and not args.offline:
+        from bridge.sources import REGISTRY
 
-        problems += outbox_problems(config, str(path))
+        for spec in REGISTRY.values():
+            problems += spec.online_problems(config, str(path))
         if any(p.is_error for p in problems):
             config = None
     if args.format == "json":
@@ -88,10 +89,6 @@ def _run_validate(args: argparse.Namespace) -> int:
             _print_error("no config given and no ./bridge.yaml here: pass -c FILE or set BRIDGE_CONFIG")
         return EXIT_USAGE
     return EXIT_OK if config is not None else EXIT_INVALID
-
-
-def _has_outbox(config: BridgeConfig) -> bool:
-    return any(getattr(s.kind_config, "mode", None) == "outbox" for s in config.sources)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,13 +279,14 @@ def _run_sql(args: argparse.Namespace) -> int:
     if args.source not in ids:
         _print_error(f"no source {args.source!r} in {_config_path(args)} (sources: {', '.join(ids)})")
         return EXIT_USAGE
+    from bridge.sources import spec_of
+
     source = loaded.source(args.source)
-    if getattr(source.kind_config, "mode", None) != "outbox":
+    ddl = spec_of(source).ddl(source)
+    if ddl is None:
         _print_error(f"source {args.source!r} is not a postgres source with mode: outbox; it needs no DDL")
         return EXIT_USAGE
-    from bridge.sources.postgres.source import outbox_ddl
-
-    print(outbox_ddl(source))
+    print(ddl)
     return EXIT_OK
 
 

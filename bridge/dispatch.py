@@ -321,7 +321,7 @@ class Dispatcher:
         delay = 0.5
         while True:
             try:
-                await self.dead_letters.write(record)
+                await self.dead_letters.write(record, key=event.raw_key)
                 return
             except Exception as exc:
                 # Never acknowledge an event whose dead letter is not durable: hold it (and, through the

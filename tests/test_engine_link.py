@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 
 from bridge.bindings import BindingTable
-from bridge.config import DeadLetterConfig, DeliveryConfig, EngineConfig, FileSourceConfig, RetryConfig
+from bridge.config import DeadLetterConfig, DeliveryConfig, EngineConfig, RetryConfig
 from bridge.config.schemas import BindValidator
 from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher
 from bridge.engine import EngineLink, TriggerTypeSpec
 from bridge.sources import Event, Outcome
+from bridge.sources.file.spec import FileSourceConfig
 from bridge.testing.configs import source_config
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine

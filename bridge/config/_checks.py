@@ -1,34 +1,35 @@
 """The semantic checks of bridge.yaml: the rules its JSON Schema cannot express (one source kind, options
 that go together, paths that must exist, dead letters a source can write, user schemas, template syntax), and
-the helpers they share with ``bridge.config._load``, which runs :class:`Semantics` after the schema checks.
+the helpers they share with ``bridge.config._load``, which runs :class:`Semantics` after the schema checks. Each
+kind's own rules are its spec's (``KindSpec.check``), reported through this class.
 """
 
 from __future__ import annotations
 
-import difflib
 import errno
 import os
-import re
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from bridge import sources
 from bridge._redact import redact_dsn
-from bridge.config.diagnostics import Problem, Severity, format_path
-from bridge.config.schemas import KINDS, SchemaFileError, check_user_schema, load_schema_file, resolve_pointer
+from bridge.config._analysis import Analysis
+from bridge.config.diagnostics import Problem, Severity, did_you_mean, format_path
+from bridge.config.model import DEFAULT_STATE_DIR, DeadLetterConfig, DeliveryConfig, RetryConfig, resolve_path
+from bridge.config.schemas import SchemaFileError, check_user_schema, load_schema_file, resolve_pointer
 from bridge.config.yamlpos import KeyPath, iter_paths
+from bridge.sources import is_set
 from bridge.templates import TemplateCompileError, compile_tree, compile_when
 
-if TYPE_CHECKING:
-    from bridge.config._load import Analysis
-
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}(\.[A-Za-z_][A-Za-z0-9_$]{0,62})?$")
+_DEAD_LETTER_FILE = next(f.name for f in fields(DeadLetterConfig))  # "file": the destination every source can use
 
 
-def did_you_mean(name: str, allowed: list[str], cutoff: float = 0.6) -> str:
+def unknown_key_hint(name: str, allowed: list[str]) -> str:
     """A hint naming the closest allowed name, else the list of allowed names (when short)."""
-    close = difflib.get_close_matches(name, allowed, n=1, cutoff=cutoff)
+    close = did_you_mean(name, allowed)
     if close:
-        return f"did you mean {close[0]!r}?"
+        return close
     if len(allowed) <= 12:
         return "allowed: " + ", ".join(sorted(allowed)) if allowed else "no keys are allowed here"
     return f"{len(allowed)} keys are allowed here; `bridge schema` lists them"
@@ -36,11 +37,6 @@ def did_you_mean(name: str, allowed: list[str], cutoff: float = 0.6) -> str:
 
 def as_mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
-
-
-def _set(value: Any) -> bool:
-    """Whether an optional value is really given (null and empty lists count as absent)."""
-    return value is not None and value != [] and value != ""
 
 
 class Semantics:
@@ -70,7 +66,7 @@ class Semantics:
                      "the URL carries credentials; the iii SDK writes it into a file under ~/.iii/run that "
                      "other users of this machine can read", "set III_TOKEN instead (sent as a bearer token)",
                      severity="warning")
-        state_dir = self.data.get("state_dir", ".bridge")
+        state_dir = self.data.get("state_dir", DEFAULT_STATE_DIR)
         if isinstance(state_dir, str):
             self.directory(("state_dir",), state_dir, warn_missing=False)
         defaults = as_mapping(as_mapping(self.data.get("defaults")).get("delivery"))
@@ -82,7 +78,7 @@ class Semantics:
     # -- paths
 
     def resolve(self, value: str) -> Path:
-        return Path(os.path.abspath(self.r.base_dir / os.path.expanduser(value)))
+        return resolve_path(self.r.base_dir, value)
 
     def _unusable(self, path: KeyPath, target: Path) -> bool:
         """Whether ``target`` cannot even be looked up (a name too long, a loop of links); reported if so."""
@@ -121,21 +117,21 @@ class Semantics:
 
     def source(self, sid: str, source: dict[str, Any], defaults: dict[str, Any]) -> None:
         here: KeyPath = ("sources", sid)
-        kinds = [k for k in source if k in KINDS]  # as written, so the second one is the one to blame
+        registry = sources.REGISTRY
+        kinds = [k for k in source if k in registry]  # as written, so the second one is the one to blame
         if not kinds:
-            typo = any(did_you_mean(k, list(KINDS)) in {f"did you mean {n!r}?" for n in KINDS} for k in source)
+            typo = any(did_you_mean(k, registry) for k in source)
             if not typo:
-                self.add("source-kind", here, "no source kind", "set exactly one of: kafka, postgres, file",
+                self.add("source-kind", here, "no source kind", f"set exactly one of: {', '.join(registry)}",
                          key=True)
         elif len(kinds) > 1:
             self.add("source-kind", (*here, kinds[1]), f"a source has exactly one kind; found {' and '.join(kinds)}",
                      "split it into one source per kind", key=True)
         kind = kinds[0] if len(kinds) == 1 else None
-        checks = {"kafka": self.kafka, "postgres": self.postgres, "file": self.file}
         for name in kinds:  # even with two kinds, each block's own problems are worth reporting
             block = source[name]
             if isinstance(block, dict):
-                checks[name]((*here, name), block)
+                registry[name].check(self, (*here, name), block)
         own = as_mapping(source.get("delivery"))
         merged = merge_delivery(defaults, own)
         self.delivery((*here, "delivery"), own, merged, whole=False, kind=kind)
@@ -143,112 +139,42 @@ class Semantics:
             self.r.schemas[(sid, name)] = self.schema((*here, name), source.get(name), name == "bind_schema")
         self.templates(here, source)
 
-    def kafka(self, here: KeyPath, block: dict[str, Any]) -> None:
-        topics, pattern = _set(block.get("topics")), _set(block.get("topic_pattern"))
-        if topics and pattern:
-            self.add("value", (*here, "topic_pattern"), "set either topics or topic_pattern, not both", key=True)
-        elif not topics and not pattern:
-            self.require(here, ("topics", "topic_pattern"), "missing topics (or topic_pattern)",
-                         "name the topics to consume: topics: [orders]")
-        if pattern and isinstance(block["topic_pattern"], str):
-            try:
-                re.compile(block["topic_pattern"])
-            except (re.error, OverflowError, RecursionError) as exc:  # a{99999999999}; ((((...)))) nested deep
-                self.add("value", (*here, "topic_pattern"), f"not a valid regular expression: {exc}")
-        security = block.get("security")
-        if isinstance(security, dict):
-            self.security((*here, "security"), security)
-
-    def security(self, here: KeyPath, sec: dict[str, Any]) -> None:
-        protocol = sec.get("protocol", "PLAINTEXT")
-        if not isinstance(protocol, str):
-            return
-        if protocol.startswith("SASL_"):
-            for name in ("username", "password"):
-                if not _set(sec.get(name)):
-                    self.require(here, (name,), f"protocol {protocol} needs {name}")
-        else:
-            for name in ("sasl_mechanism", "username", "password"):
-                if _set(sec.get(name)):
-                    self.add("value", (*here, name), "only used with protocol SASL_PLAINTEXT or SASL_SSL",
-                             f"protocol is {protocol}", key=True)
-        tls = protocol in ("SSL", "SASL_SSL")
-        for name in ("ca_file", "cert_file", "key_file"):
-            value = sec.get(name)
-            if not isinstance(value, str) or not value:
-                continue
-            if not tls:
-                self.add("value", (*here, name), "only used with protocol SSL or SASL_SSL",
-                         f"protocol is {protocol}", key=True)
-            else:
-                self.existing_file((*here, name), value)
-        if _set(sec.get("cert_file")) != _set(sec.get("key_file")):
-            name = "key_file" if _set(sec.get("cert_file")) else "cert_file"
-            self.require(here, (name,), f"cert_file and key_file go together; {name} is missing")
-
-    def postgres(self, here: KeyPath, block: dict[str, Any]) -> None:
-        dsn = block.get("dsn")
-        if isinstance(dsn, str) and _unencoded_password(dsn):
-            self.add("value", (*here, "dsn"), "the password seems to hold an unencoded # ? / or @, which the "
-                     "database client reads as the end of the host", "percent-encode them: %23 %3F %2F %40",
-                     severity="warning")
-        mode = block.get("mode", "listen")
-        table = block.get("outbox_table")
-        if mode == "outbox" and not _set(table):
-            self.require(here, ("outbox_table",), "mode: outbox needs outbox_table",
-                         "bridge sql SOURCE prints the table's DDL")
-        elif mode != "outbox" and _set(table):
-            self.add("value", (*here, "outbox_table"), "only used with mode: outbox", key=True)
-        if isinstance(table, str) and table and not _IDENTIFIER.match(table):
-            self.add("value", (*here, "outbox_table"), f"{table!r} is not a plain SQL table name",
-                     "letters, digits and _, optionally schema-qualified: app.bridge_outbox")
-        if mode == "listen" and not _set(block.get("channels")):
-            self.require(here, ("channels",), "mode: listen needs at least one channel in channels")
-
-    def file(self, here: KeyPath, block: dict[str, Any]) -> None:
-        path = block.get("path")
-        if isinstance(path, str) and path:
-            self.directory((*here, "path"), path, warn_missing=True)
-        after, move_to = block.get("after_delivery", "keep"), block.get("move_to")
-        if after == "move" and not _set(move_to):
-            self.require(here, ("move_to",), "after_delivery: move needs move_to")
-        elif after != "move" and _set(move_to):
-            self.add("value", (*here, "move_to"), "only used with after_delivery: move", key=True)
-        if after == "move" and isinstance(move_to, str) and move_to:
-            self.directory((*here, "move_to"), move_to, warn_missing=False)
-
     # -- delivery
 
     def delivery(self, here: KeyPath, own: dict[str, Any], merged: dict[str, Any], *, whole: bool,
                  kind: str | None = None) -> None:
         """``own`` is the mapping as written at ``here``, ``merged`` what applies; ``whole`` for defaults."""
-        mode, queue = merged.get("mode", "sync"), merged.get("queue")
-        if mode == "enqueue" and not _set(queue) and (whole or "mode" in own or "queue" in own):
+        mode, queue = merged.get("mode", DeliveryConfig.mode), merged.get("queue")
+        if mode == "enqueue" and not is_set(queue) and (whole or "mode" in own or "queue" in own):
             self.require(here, ("queue",), "mode: enqueue needs a queue")
-        if _set(own.get("queue")) and mode != "enqueue":
+        if is_set(own.get("queue")) and mode != "enqueue":
             self.add("value", (*here, "queue"), "only used with mode: enqueue", key=True)
         retry, own_retry = as_mapping(merged.get("retry")), as_mapping(own.get("retry"))
-        low, high = retry.get("initial_backoff_ms", 200), retry.get("max_backoff_ms", 30000)
+        low = retry.get("initial_backoff_ms", RetryConfig.initial_backoff_ms)
+        high = retry.get("max_backoff_ms", RetryConfig.max_backoff_ms)
         if (whole or own_retry) and isinstance(low, int) and isinstance(high, int) and high < low:
             self.add("value", (*here, "retry", "max_backoff_ms"),
                      f"max_backoff_ms ({high}) is less than initial_backoff_ms ({low})")
         written = own.get("dead_letter")
         if isinstance(written, dict):
-            chosen = [k for k in ("file", "kafka_topic", "postgres_table") if _set(written.get(k))]
+            keys = _dead_letter_keys()
+            chosen = [k for k in keys if is_set(written.get(k))]
             if len(chosen) != 1:
                 found = " and ".join(chosen) if chosen else "none"
                 self.add("value", (*here, "dead_letter"),
-                         f"set exactly one of file, kafka_topic, postgres_table (found {found})", key=True)
-            table = written.get("postgres_table")
-            if isinstance(table, str) and table and not _IDENTIFIER.match(table):
-                self.add("value", (*here, "dead_letter", "postgres_table"), f"{table!r} is not a plain SQL table name")
+                         f"set exactly one of {', '.join(keys)} (found {found})", key=True)
+            for spec in sources.REGISTRY.values():
+                if spec.dead_letter_key is not None and spec.dead_letter_key in written:
+                    path = (*here, "dead_letter", spec.dead_letter_key)
+                    spec.check_dead_letter(self, path, written[spec.dead_letter_key])
         if kind is not None:
             self.dead_letter_kind(here, merged, kind, inherited=not isinstance(written, dict))
 
     def dead_letter_kind(self, here: KeyPath, merged: dict[str, Any], kind: str, *, inherited: bool) -> None:
         dead = as_mapping(merged.get("dead_letter"))
-        for name, needs in (("kafka_topic", "kafka"), ("postgres_table", "postgres")):
-            if not _set(dead.get(name)) or kind == needs:
+        for needs, spec in sources.REGISTRY.items():
+            name = spec.dead_letter_key
+            if name is None or not is_set(dead.get(name)) or kind == needs:
                 continue
             message = f"a {name} dead letter needs a {needs} source (it is written with the source's connection)"
             if inherited:
@@ -324,6 +250,12 @@ class Semantics:
                                            self.r.display))
 
 
+def _dead_letter_keys() -> list[str]:
+    """``file`` and each kind's own destination key, in registry order."""
+    own = [s.dead_letter_key for s in sources.REGISTRY.values() if s.dead_letter_key is not None]
+    return [_DEAD_LETTER_FILE, *own]
+
+
 # What Python's own compiler raises on a template nested past its limits (70 parentheses, 100 nested ifs);
 # templates.py turns these into template problems itself, this is the last line of defence.
 _COMPILER_FAILURES = (RecursionError, SyntaxError, MemoryError)
@@ -343,20 +275,6 @@ def _failing_leaves(tree: Any, root: KeyPath) -> list[tuple[KeyPath, int, str]]:
         except _COMPILER_FAILURES:
             out.append((path, 1, _TOO_COMPLEX))
     return out
-
-
-def _unencoded_password(dsn: str) -> bool:
-    """Whether a URL DSN's password (up to the LAST @) holds a character that ends the host for a URL parser.
-    ``host:5432/db?x=a@b`` is a port and a query, not a password: digits before the first / ? # are a port."""
-    scheme, sep, rest = dsn.partition("://")
-    at = rest.rfind("@")
-    if not sep or not scheme or at < 0:
-        return False
-    user, colon, password = rest[:at].partition(":")
-    if not colon or any(c in user for c in "/?#"):
-        return False
-    head = re.split(r"[/?#]", password, maxsplit=1)[0]
-    return any(c in password for c in "/?#@") and not head.isdigit()
 
 
 def merge_delivery(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

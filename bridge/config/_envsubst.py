@@ -21,7 +21,7 @@ from bridge.config.schemas import bridge_schema
 from bridge.config.yamlpos import KeyPath
 
 if TYPE_CHECKING:
-    from bridge.config._load import Analysis
+    from bridge.config._analysis import Analysis
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -3,7 +3,7 @@ the schema cannot express. Every problem is collected; nothing stops at the firs
 
 This module reads the file, maps JSON Schema errors to problems and runs every step in order (:func:`analyze`);
 the substitution is in ``bridge.config._envsubst``, the semantic checks in ``bridge.config._checks``.
-config.py turns a document that passed into the frozen dataclasses.
+``_build`` turns a document that passed into the frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -11,67 +11,21 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bridge import sources
 from bridge._redact import CREDENTIAL_KEYS, is_secret_key, redact_value
-from bridge.config._checks import Semantics, as_mapping, did_you_mean
-from bridge.config._checks import merge_delivery as merge_delivery  # config.py imports it from here
+from bridge.config._analysis import Analysis
+from bridge.config._checks import Semantics, as_mapping, unknown_key_hint
 from bridge.config._envsubst import substitute
 from bridge.config._yamllimits import read_capped
-from bridge.config.diagnostics import Problem, Severity, format_path
+from bridge.config.diagnostics import Problem, did_you_mean, json_type
 from bridge.config.schemas import bridge_validator
-from bridge.config.yamlpos import KeyPath, Positions, decode_text, load_yaml
-
-# AIOKafkaConsumer arguments that client_options may not hold (the bridge sets them, or YAML cannot express
-# them), each with where to go instead. Every other argument is in schemas/source-kafka.json.
-MANAGED_CLIENT_OPTIONS = {
-    "bootstrap_servers": "set kafka.bootstrap_servers instead",
-    "group_id": "set kafka.group_id instead",
-    "auto_offset_reset": "set kafka.start_from instead",
-    "enable_auto_commit": "the bridge commits offsets itself (kafka.commit_interval_ms)",
-    "auto_commit_interval_ms": "the bridge commits offsets itself (kafka.commit_interval_ms)",
-    "key_deserializer": "set kafka.key_format instead",
-    "value_deserializer": "set kafka.value_format instead",
-    "security_protocol": "set kafka.security.protocol instead",
-    "sasl_mechanism": "set kafka.security.sasl_mechanism instead",
-    "sasl_plain_username": "set kafka.security.username instead",
-    "sasl_plain_password": "set kafka.security.password instead",
-    "sasl_kerberos_service_name": "SASL mechanisms are PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 (kafka.security)",
-    "sasl_kerberos_domain_name": "SASL mechanisms are PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 (kafka.security)",
-    "sasl_oauth_token_provider": "SASL mechanisms are PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 (kafka.security)",
-    "ssl_context": "set kafka.security.ca_file, cert_file and key_file instead",
-    "partition_assignment_strategy": "not settable from YAML (it takes Python classes)",
-    "loop": "the bridge runs the consumer on its own loop",
-}
+from bridge.config.yamlpos import KeyPath, decode_text, load_yaml
 
 _TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
                "number": "a number", "boolean": "true or false", "null": "null"}
-
-
-@dataclass
-class Analysis:
-    """What the checks produced: the substituted document (when it is a mapping), problems, resolved schemas."""
-
-    path: Path  # absolute
-    display: str  # as the user wrote it
-    data: dict[str, Any] | None = None
-    positions: Positions = field(default_factory=Positions)
-    problems: list[Problem] = field(default_factory=list)
-    schemas: dict[tuple[str, str], dict[str, Any] | None] = field(default_factory=dict)
-    invalid: set[KeyPath] = field(default_factory=set)  # values the YAML reader refused (e.g. a !tag)
-
-    @property
-    def base_dir(self) -> Path:
-        return self.path.parent
-
-    def add(self, code: str, path: KeyPath, message: str, hint: str | None = None, *, key: bool = False,
-            severity: Severity = "error") -> Problem:
-        pos = self.positions.key_at(path) if key else self.positions.at(path)
-        problem = Problem(code, format_path(path), message, hint, pos.line, pos.col, self.display, severity)
-        self.problems.append(problem)
-        return problem
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,26 +60,12 @@ def read(path: Path, display: str) -> Analysis:
     if document.data is None:
         result.add("type", (), "the file is empty", "start with 'version: 1' and a 'sources:' mapping")
     elif not isinstance(document.data, dict):
-        kind = _TYPE_NAMES.get(_json_type(document.data), "a scalar")
+        kind = _TYPE_NAMES.get(json_type(document.data), "a scalar")
         result.add("type", (), f"the top level must be a mapping, not {kind}",
                    "start with 'version: 1' and a 'sources:' mapping")
     else:
         result.data = document.data
     return result
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    return "array" if isinstance(value, list) else "object"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,7 +80,7 @@ def _describe(value: Any, path: KeyPath = ()) -> str:
     """``value`` as a diagnostic shows it: never a secret (DESIGN.md §1), credentials in URLs masked."""
     key = path[-1] if path else None
     if _is_secret(path):
-        return _TYPE_NAMES[_json_type(value)]
+        return _TYPE_NAMES[json_type(value)]
     if isinstance(key, str) and key in CREDENTIAL_KEYS:
         value = redact_value(key, value)
     if isinstance(value, str):
@@ -150,7 +90,7 @@ def _describe(value: Any, path: KeyPath = ()) -> str:
     if isinstance(value, (int, float)):
         text = str(value)
         return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
-    return _TYPE_NAMES[_json_type(value)]
+    return _TYPE_NAMES[json_type(value)]
 
 
 def _type_message(expected: Any, instance: Any, path: KeyPath) -> str:
@@ -189,10 +129,10 @@ def schema_problems(result: Analysis, skip: set[KeyPath],
         elif kind == "enum":
             options = [o for o in value if isinstance(o, str)]
             shown = ", ".join("null" if o is None else str(o) for o in value)
-            hint = did_you_mean(instance, options, 0.75) if isinstance(instance, str) else None
+            hint = did_you_mean(instance, options) if isinstance(instance, str) else None
             secret = _is_secret(path)
             message = "not one of the allowed values" if secret else f"{_describe(instance)} is not one of: {shown}"
-            result.add("value", path, message, hint if hint and hint.startswith("did") and not secret else None)
+            result.add("value", path, message, None if secret else hint)
         elif kind == "const":
             hint = "this bridge reads version: 1" if path == ("version",) else None
             result.add("value", path, f"must be {_describe(value, path)}, got {_describe(instance, path)}", hint)
@@ -241,18 +181,25 @@ def _numbers(result: Analysis, value: Any, path: KeyPath, skip: set[KeyPath]) ->
 def _unknown_keys(result: Analysis, path: KeyPath, schema: Any, instance: Any,
                   suggested: set[tuple[KeyPath, str]]) -> None:
     known = list(as_mapping(schema).get("properties", {}))
-    managed = path[-1:] == ("client_options",)
+    reserved = _reserved_options(path)
     for key in instance:
         if key in known:
             continue
-        if managed and key in MANAGED_CLIENT_OPTIONS:
-            result.add("unknown-key", (*path, key), "not allowed in client_options",
-                       MANAGED_CLIENT_OPTIONS[key], key=True)
+        if key in reserved:
+            result.add("unknown-key", (*path, key), f"not allowed in {path[-1]}", reserved[key], key=True)
             continue
-        hint = did_you_mean(key, known)
+        hint = unknown_key_hint(key, known)
         if hint and hint.startswith("did you mean"):
             suggested.add((path, hint.split("'")[1]))
         result.add("unknown-key", (*path, key), "unknown key", hint, key=True)
+
+
+def _reserved_options(path: KeyPath) -> Mapping[str, str]:
+    """The keys a kind's free-form option mapping at ``path`` (``sources.<id>.<kind>.client_options``) may not hold."""
+    if len(path) != 4 or path[0] != "sources" or not isinstance(path[2], str) or not isinstance(path[3], str):
+        return {}
+    spec = sources.REGISTRY.get(path[2])
+    return spec.reserved_options.get(path[3], {}) if spec is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ value                a value has the right type but is not allowed (enum, range,
                      number of more than 1,000 digits, a lone surrogate escape, a path the system refuses
 env-undefined        ``${VAR}`` names an unset variable and gives no default
 env-syntax           a malformed ``${...}`` reference
-source-kind          a source does not declare exactly one of kafka, postgres, file
+source-kind          a source does not declare exactly one source kind (kafka, postgres, file, ...)
 source-id            a source id is not a valid trigger type id
 schema-ref           a ``{$ref: file}`` schema cannot be read or parsed
 bind-schema-invalid  bind_schema or payload_schema is not a valid JSON Schema 2020-12 (or not an object)
@@ -33,24 +33,41 @@ url-credentials      (warning) ``engine.url`` carries a password or token, which
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Problem", "Severity", "format_path", "has_errors", "summary"]
+from bridge._keypath import format_path
+
+__all__ = ["Problem", "Severity", "did_you_mean", "format_path", "has_errors", "json_type", "summary"]
 
 Severity = Literal["error", "warning"]
 
 
-def format_path(path: Iterable[str | int]) -> str:
-    """``sources.orders.kafka.topics[0]``: a key path as users read it (empty for the document itself)."""
-    text = ""
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
-    return text
+SIMILARITY_CUTOFF = 0.75
+"""How close (difflib's ratio) a name must be to an allowed one to be suggested: ``topcis`` → ``topics``."""
+
+
+def did_you_mean(name: str, allowed: Iterable[str]) -> str | None:
+    """``did you mean 'x'?`` naming the allowed name closest to ``name``, or None when none is close."""
+    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=SIMILARITY_CUTOFF)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+def json_type(value: Any) -> str:
+    """The JSON Schema type name of a parsed JSON or YAML value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
 
 
 @dataclass(frozen=True)

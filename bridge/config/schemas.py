@@ -8,7 +8,6 @@ every violation at once, each by its JSON path (``$.items[0].sku``).
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,13 +18,14 @@ from typing import Any, Literal
 
 import jsonschema
 
+from bridge import sources
 from bridge._redact import REDACTED, is_secret_key, redact
 from bridge.config._yamllimits import TOO_DEEP, TOO_LARGE, read_capped
+from bridge.config.diagnostics import did_you_mean
 from bridge.config.yamlpos import Positions, load_yaml
 from bridge.errors import BindConfigError, PayloadSchemaError
 
 __all__ = [
-    "KINDS",
     "SCHEMA_DIR",
     "BindValidator",
     "Finding",
@@ -53,9 +53,6 @@ def _schema_dir() -> Path:
 
 SCHEMA_DIR = _schema_dir()
 """Where bridge.schema.json and the per-kind source schemas live."""
-
-KINDS = ("kafka", "postgres", "file")
-"""Source kinds, in the order they are documented; each has ``schemas/source-<kind>.json``."""
 
 _Validator = jsonschema.Draft202012Validator
 _FORMATS = _Validator.FORMAT_CHECKER
@@ -256,11 +253,6 @@ class Finding:
     severity: Literal["error", "warning"] = "error"
 
 
-def _close(name: str, names: Iterable[str]) -> str | None:
-    match = difflib.get_close_matches(name, list(names), n=1, cutoff=0.7)
-    return f"did you mean {match[0]!r}?" if match else None
-
-
 def _walk_schema(node: Any, path: SchemaPath) -> Iterator[Finding]:
     """Unknown keywords (a typo such as `requried` silently checks nothing) and references to other files."""
     if not isinstance(node, dict):
@@ -272,7 +264,7 @@ def _walk_schema(node: Any, path: SchemaPath) -> Iterator[Finding]:
                           "use $defs for shared parts; only a whole schema can come from a file")
         elif key not in _KEYWORDS and not key.startswith("x-"):
             yield Finding(here, "schema-keyword", f"unknown JSON Schema keyword {key!r} (validation ignores it)",
-                          _close(key, _KEYWORDS), "warning")
+                          did_you_mean(key, _KEYWORDS), "warning")
         if key in _SUBSCHEMA:
             yield from _walk_schema(value, here)
         elif key in _SCHEMA_MAPS and isinstance(value, dict):
@@ -331,7 +323,7 @@ def check_user_schema(schema: Any, *, must_be_object: bool) -> list[Finding]:
         path = tuple(error.absolute_path)
         if path[-1:] == ("type",) and isinstance(error.instance, str):
             found.append(Finding(path, "bind-schema-invalid", f"{error.instance!r} is not a JSON Schema type",
-                                 _close(error.instance, _TYPES) or "types: " + ", ".join(_TYPES)))
+                                 did_you_mean(error.instance, _TYPES) or "types: " + ", ".join(_TYPES)))
         else:
             found.append(Finding(path, "bind-schema-invalid", error.message))
     # Whether a schema describes an object is only worth saying once it is a valid schema at all.
@@ -411,27 +403,19 @@ def resolve_pointer(document: Any, fragment: str) -> tuple[Any, SchemaPath]:
 # bridge.yaml's own schema
 
 
-def _rebase_refs(node: Any, kind_defs: Mapping[str, str], own: str | None) -> Any:
-    """Rewrite ``$ref``s so that every schema file can live under the bundle's ``$defs``.
-
-    ``source-kafka.json`` becomes ``#/$defs/source-kafka``; inside a bundled file, ``#/x`` becomes
-    ``#/$defs/<file>/x`` (it pointed into that file).
-    """
+def _rebase_refs(node: Any, own: str) -> Any:
+    """Rewrite the local ``$ref``s of a kind's schema so that it can live under the bundle's ``$defs``: inside it,
+    ``#/x`` becomes ``#/$defs/<own>/x`` (it pointed into that schema)."""
     if isinstance(node, list):
-        return [_rebase_refs(item, kind_defs, own) for item in node]
+        return [_rebase_refs(item, own) for item in node]
     if not isinstance(node, dict):
         return node
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key == "$ref" and isinstance(value, str):
-            target, _, fragment = value.partition("#")
-            if target:
-                value = f"#/$defs/{kind_defs[target]}{fragment}"
-            elif own is not None:
-                value = f"#/$defs/{own}{fragment}"
-            out[key] = value
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = f"#/$defs/{own}{value[1:]}"
         else:
-            out[key] = _rebase_refs(value, kind_defs, own)
+            out[key] = _rebase_refs(value, own)
     return out
 
 
@@ -441,30 +425,46 @@ def _read_json(name: str) -> dict[str, Any]:
     return data
 
 
-@cache
 def _bundle() -> dict[str, Any]:
-    files = {f"source-{kind}.json": f"source-{kind}" for kind in KINDS}
-    root: dict[str, Any] = _rebase_refs(_read_json("bridge.schema.json"), files, None)
+    return _bundle_of(tuple(sources.REGISTRY))
+
+
+@cache
+def _bundle_of(kinds: tuple[str, ...]) -> dict[str, Any]:
+    """bridge.schema.json with a ``<kind>:`` property per registered kind in a source (after its description),
+    each kind's schema (:meth:`KindSpec.schema`) under ``$defs/source-<kind>``."""
+    root = _read_json("bridge.schema.json")
     defs = root.setdefault("$defs", {})
-    for file_name, def_name in files.items():
-        part = _rebase_refs(_read_json(file_name), files, def_name)
+    source = defs["source"]
+    properties: dict[str, Any] = {}
+    for name, value in source["properties"].items():
+        properties[name] = value
+        if name == "description":
+            properties.update({kind: {"$ref": f"#/$defs/source-{kind}"} for kind in kinds})
+    source["properties"] = properties
+    for kind in kinds:
+        part = _rebase_refs(sources.REGISTRY[kind].schema(), f"source-{kind}")
         part.pop("$schema", None)
         part.pop("$id", None)
-        defs[def_name] = part
+        defs[f"source-{kind}"] = part
     return root
 
 
 def bridge_schema() -> dict[str, Any]:
-    """The JSON Schema of bridge.yaml, every kind's source schema bundled in (a fresh copy)."""
+    """The JSON Schema of bridge.yaml, every registered kind's source schema bundled in (a fresh copy)."""
     return copy.deepcopy(_bundle())
 
 
 def kind_schema(kind: str) -> dict[str, Any]:
-    """The schema of one source kind's block (``kafka:``, ``postgres:``, ``file:``), as in ``schemas/``."""
+    """The schema file of one built-in source kind's block (``kafka:``, ``postgres:``, ``file:``) in ``schemas/``."""
     return _read_json(f"source-{kind}.json")
 
 
-@cache
 def bridge_validator() -> Any:
-    """A validator of whole bridge.yaml documents (built once)."""
-    return _Validator(_bundle())
+    """A validator of whole bridge.yaml documents with the kinds registered now (built once per set of kinds)."""
+    return _validator_of(tuple(sources.REGISTRY))
+
+
+@cache
+def _validator_of(kinds: tuple[str, ...]) -> Any:
+    return _Validator(_bundle_of(kinds))

@@ -24,22 +24,20 @@ from bridge.config import (
     DeadLetterConfig,
     DeliveryConfig,
     EngineConfig,
-    FileSourceConfig,
-    KafkaSecurity,
-    KafkaSourceConfig,
     ObservabilityConfig,
-    PostgresSourceConfig,
     RetryConfig,
     check_config,
     load_config,
     redact,
     redact_dsn,
 )
-from bridge.config._load import MANAGED_CLIENT_OPTIONS
 from bridge.config.diagnostics import Problem, format_path, summary
 from bridge.config.schemas import bridge_schema
 from bridge.config.yamlpos import decode_text, load_yaml
 from bridge.errors import ConfigError
+from bridge.sources.file.spec import FileSourceConfig
+from bridge.sources.kafka.spec import MANAGED_CLIENT_OPTIONS, KafkaSecurity, KafkaSourceConfig
+from bridge.sources.postgres.spec import PostgresSourceConfig
 
 Check = Callable[..., list[str]]
 

@@ -1,4 +1,4 @@
-"""bridge.schemas: bind-config and payload validators, users' schemas, and bridge.yaml's own bundled schema."""
+"""bridge.config.schemas: bind-config and payload validators, users' schemas, and bridge.yaml's own bundled schema."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import jsonschema
 import pytest
 
 from bridge.config.schemas import (
-    KINDS,
     BindValidator,
     PayloadValidator,
     SchemaFileError,
@@ -23,6 +22,7 @@ from bridge.config.schemas import (
     resolve_pointer,
 )
 from bridge.errors import BindConfigError, PayloadSchemaError
+from bridge.sources import REGISTRY
 
 ORDERS_BIND: dict[str, Any] = {
     "type": "object",
@@ -246,7 +246,7 @@ def test_bundled_schema_is_valid_and_self_contained() -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
     text = json.dumps(schema)
     assert '.json"' not in text.replace('"$schema": "https://json-schema.org/draft/2020-12/schema"', "")
-    for kind in KINDS:
+    for kind in REGISTRY:
         assert schema["$defs"][f"source-{kind}"]["title"] == kind_schema(kind)["title"]
     # every $ref of the bundle resolves inside it
     def refs(node: Any) -> list[str]:

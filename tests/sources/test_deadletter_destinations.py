@@ -12,12 +12,13 @@ from typing import Any
 import asyncpg
 
 from bridge.bindings import Binding, BindingTable
-from bridge.config import DeadLetterConfig, DeliveryConfig, KafkaSourceConfig, RetryConfig
+from bridge.config import DeadLetterConfig, DeliveryConfig, RetryConfig
 from bridge.deadletter import FileDeadLetter, read_records
 from bridge.dispatch import Dispatcher
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
 from bridge.sources.kafka.source import kafka_dead_letter
+from bridge.sources.kafka.spec import KafkaSourceConfig
 from bridge.sources.postgres._deadletter import PostgresDeadLetter
 from bridge.testing.configs import source_config
 from bridge.testing.services import read_topic

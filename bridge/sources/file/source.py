@@ -48,9 +48,9 @@ from typing import Any, Literal
 from watchfiles import Change, awatch
 
 from bridge._clock import iso_from_ns
-from bridge.config import FileSourceConfig, SourceConfig
+from bridge.config import SourceConfig
 from bridge.errors import DecodeError
-from bridge.sources import Event, Outcome, Sink
+from bridge.sources import Event, Outcome, Sample, Sink
 from bridge.sources.file._fs import open_base
 from bridge.sources.file._state import (
     Checkpoint,
@@ -65,6 +65,7 @@ from bridge.sources.file._state import (
     safe_name,
     version_text,
 )
+from bridge.sources.file.spec import FileSourceConfig
 
 log = logging.getLogger("bridge.sources.file")
 
@@ -113,6 +114,9 @@ class FileSource:
         self._in_flight: dict[str, list[_Flight]] = {}
         self._pending_wake = asyncio.Event()
         self._ready_wake = asyncio.Event()
+
+    def figures(self) -> dict[str, list[Sample]]:
+        return {}  # the file kind declares no figures of its own
 
     # --- the run ----------------------------------------------------------------------------------------------
 

@@ -22,9 +22,9 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from bridge.config import KafkaSourceConfig
 from bridge.sources.kafka._conn import connection_options
 from bridge.sources.kafka._offsets import PartitionTrack
+from bridge.sources.kafka.spec import KafkaSourceConfig
 
 log = logging.getLogger("bridge.sources.kafka")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiokafka.helpers import create_ssl_context
 
-from bridge.config import KafkaSourceConfig
+from bridge.sources.kafka.spec import KafkaSourceConfig
 
 
 def connection_options(kc: KafkaSourceConfig) -> dict[str, Any]:

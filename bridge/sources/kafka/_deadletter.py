@@ -16,16 +16,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import weakref
-from typing import Any, Protocol
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 
 from bridge._dlencode import encode_record, encode_value
-from bridge.config import DeadLetterConfig, KafkaSourceConfig, SourceConfig
+from bridge.config import DeadLetterConfig, SourceConfig
 from bridge.errors import DeadLetterError
 from bridge.sources.kafka._conn import connection_options
+from bridge.sources.kafka.spec import KafkaSourceConfig
 
 log = logging.getLogger("bridge.sources.kafka")
 
@@ -42,20 +42,6 @@ _BULK_FIELDS: tuple[tuple[str, ...], ...] = (
 _OTHER_FIELDS: tuple[tuple[str, ...], ...] = (
     ("event", "key"), ("event", "key_raw_b64"), ("event", "headers"), ("binding", "config"), ("error", "message"),
 )
-
-
-class RawKeys(Protocol):
-    """A live source that knows the key bytes of its in-flight events (templates only see the decoded key)."""
-
-    def raw_key(self, event_id: str) -> bytes | None: ...
-
-
-_LIVE: weakref.WeakValueDictionary[str, RawKeys] = weakref.WeakValueDictionary()
-
-
-def track_raw_keys(source_id: str, source: RawKeys) -> None:
-    """Dead letters of ``source_id`` are keyed with the bytes ``source`` reports, while it lives."""
-    _LIVE[source_id] = source
 
 
 def _encode(value: Any) -> bytes:
@@ -125,8 +111,9 @@ class KafkaDeadLetter:
                 self._producer = producer
         return self._producer
 
-    async def write(self, record: dict[str, Any]) -> None:
-        key = _dead_letter_key(record)
+    async def write(self, record: dict[str, Any], *, key: bytes | None = None) -> None:
+        if key is None:  # a null key, or a record not from a live event (a replay, a test): key it by the event id
+            key = _event_id(record).encode("utf-8", "backslashreplace")
         error = record.get("error") or {}
         headers = [
             ("error_code", str(error.get("code", "")).encode("utf-8", "backslashreplace")),
@@ -169,13 +156,6 @@ class KafkaDeadLetter:
 def _event_id(record: dict[str, Any]) -> str:
     event = record.get("event")
     return str(event.get("id", "")) if isinstance(event, dict) else ""
-
-
-def _dead_letter_key(record: dict[str, Any]) -> bytes:
-    event_id = _event_id(record)
-    source = _LIVE.get(str(record.get("source")))
-    raw = source.raw_key(event_id) if source is not None else None
-    return raw if raw is not None else event_id.encode("utf-8", "backslashreplace")
 
 
 def kafka_dead_letter(config: DeadLetterConfig, source: SourceConfig) -> KafkaDeadLetter:

@@ -11,9 +11,9 @@ from typing import Any, Protocol
 
 from bridge import strictjson
 from bridge._clock import iso_ms
-from bridge.config import KafkaSourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import Event
+from bridge.sources.kafka.spec import KafkaSourceConfig
 
 
 class KafkaRecord(Protocol):

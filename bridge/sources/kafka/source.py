@@ -44,14 +44,15 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from bridge.config import KafkaSourceConfig, SourceConfig
-from bridge.sources import SHUTDOWN_GRACE_S, Outcome, Sink
+from bridge.config import SourceConfig
+from bridge.sources import SHUTDOWN_GRACE_S, Outcome, Sample, Sink
 from bridge.sources.kafka._assign import DryRunAssignment, GroupListener, subscribe, topics_text
 from bridge.sources.kafka._conn import at_most, connection_options, consumer_options, tp_text
-from bridge.sources.kafka._deadletter import KafkaDeadLetter, kafka_dead_letter, track_raw_keys
+from bridge.sources.kafka._deadletter import KafkaDeadLetter, kafka_dead_letter
 from bridge.sources.kafka._decode import record_event
 from bridge.sources.kafka._flow import Shares
 from bridge.sources.kafka._offsets import PartitionTrack
+from bridge.sources.kafka.spec import KafkaSourceConfig
 
 __all__ = ["KafkaDeadLetter", "KafkaSource", "connection_options", "kafka_dead_letter"]
 
@@ -92,7 +93,6 @@ class KafkaSource:
         self._held = False  # every partition paused because nothing is bound
         self._stopping = False
         self._round = 0
-        self._raw_keys: dict[str, bytes] = {}  # event id → original key bytes, while the event is in flight
         self._committed: dict[tuple[str, int], int] = {}
 
     # --- read-only views (tests, metrics, dead letters) ---------------------------------------------------------
@@ -127,9 +127,9 @@ class KafkaSource:
         """(topic, partition) of every partition this source holds right now."""
         return set(self._parts)
 
-    def raw_key(self, event_id: str) -> bytes | None:
-        """The key bytes of an in-flight event as the record carried them (None: null key or not in flight)."""
-        return self._raw_keys.get(event_id)
+    def figures(self) -> dict[str, list[Sample]]:
+        """``bridge_kafka_lag`` per assigned partition (see :meth:`lag`)."""
+        return {"bridge_kafka_lag": [((topic, str(partition)), lag) for (topic, partition), lag in self.lag().items()]}
 
     # --- the run ----------------------------------------------------------------------------------------------
 
@@ -155,7 +155,6 @@ class KafkaSource:
                 await dry_run.start()
                 tasks.append(asyncio.create_task(dry_run.run(), name=f"{self.config.id} discover"))
             else:
-                track_raw_keys(self.config.id, self)
                 subscribe(consumer, kc, GroupListener(self._on_revoked, self._on_assigned))
                 log.info("kafka source %s: subscribed to %s on %s as group %s (start_from %s, ordering %s)",
                          self.config.id, topics_text(kc), kc.bootstrap_servers, kc.group_id, kc.start_from,
@@ -349,22 +348,20 @@ class KafkaSource:
         event = record_event(self.config.id, self._kc, record)
         if event.error is not None:
             log.warning("kafka source %s: %s; the event goes to the dead letter", self.config.id, event.error)
-        event_id, offset = event.id, record.offset
+        offset = record.offset
         if record.key is not None:
-            self._raw_keys[event_id] = bytes(record.key)
+            event.raw_key = bytes(record.key)  # templates see the decoded key; a dead letter keeps the bytes
 
         async def on_done(outcome: Outcome) -> None:
-            self._on_done(part, offset, event_id)
+            self._on_done(part, offset)
 
         try:
             await sink.submit(event, on_done)
         except BaseException:
-            self._raw_keys.pop(event_id, None)
             part.untake(record)
             raise
 
-    def _on_done(self, part: PartitionTrack, offset: int, event_id: str) -> None:
-        self._raw_keys.pop(event_id, None)
+    def _on_done(self, part: PartitionTrack, offset: int) -> None:
         if not part.current:
             return  # abandoned at a revoke: the partition's next owner starts from the committed offset
         part.done(offset)

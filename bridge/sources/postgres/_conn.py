@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import Any
 
 import asyncpg
+
+from bridge.sources.postgres.spec import IDENTIFIER
 
 log = logging.getLogger("bridge.sources.postgres")
 
@@ -25,13 +26,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 """What a dropped or refused connection raises; a caller retries after these."""
 
-_PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}(\.[A-Za-z_][A-Za-z0-9_$]{0,62})?$")
-
-
 def plain_table_name(name: str) -> str:
     """``name`` when it is a plain, optionally schema-qualified SQL name; it is spliced into SQL unquoted (so
     it folds to lower case exactly as the user's own unquoted DDL does)."""
-    if not _PLAIN_NAME.match(name):
+    if not IDENTIFIER.match(name):
         raise ValueError(f"{name!r} is not a plain SQL table name (letters, digits, _, optionally schema.table)")
     return name
 

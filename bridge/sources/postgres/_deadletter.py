@@ -82,7 +82,7 @@ class PostgresDeadLetter:
                 self._ready = True
         return self._pool
 
-    async def write(self, record: dict[str, Any]) -> None:
+    async def write(self, record: dict[str, Any], *, key: bytes | None = None) -> None:
         error = record.get("error") or {}
         notes: list[str] = []
         event, binding, payload = (_json(record.get(k), notes) for k in ("event", "binding", "payload"))

@@ -39,7 +39,7 @@ from typing import Any
 import asyncpg
 
 from bridge._clock import iso_now
-from bridge.config import PostgresSourceConfig, SourceConfig, redact_dsn
+from bridge.config import SourceConfig, redact_dsn
 from bridge.sources import Outcome, Sink
 from bridge.sources.postgres._conn import (
     CONNECT_TIMEOUT_S,
@@ -58,6 +58,7 @@ from bridge.sources.postgres._conn import (
     watch_connection,
 )
 from bridge.sources.postgres._outboxtable import row_event, wake_channel
+from bridge.sources.postgres.spec import PostgresSourceConfig
 
 _MAX_BATCHES = 8
 _RELEASE_TIMEOUT_S = 5.0

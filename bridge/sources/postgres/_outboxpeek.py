@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 
 from bridge._clock import iso_now
-from bridge.config import PostgresSourceConfig, SourceConfig, redact_dsn
+from bridge.config import SourceConfig, redact_dsn
 from bridge.sources import Outcome, Sink
 from bridge.sources.postgres._conn import (
     CONNECTION_ERRORS,
@@ -39,6 +39,7 @@ from bridge.sources.postgres._conn import (
     wait_event,
 )
 from bridge.sources.postgres._outboxtable import row_event, wake_channel
+from bridge.sources.postgres.spec import PostgresSourceConfig
 
 _BEFORE_ANY_ID = -(2**63)  # below every bigint: the first read starts at the oldest row
 

@@ -10,10 +10,11 @@ import hashlib
 from typing import Any
 
 from bridge import strictjson
-from bridge.config import PostgresSourceConfig, SourceConfig
+from bridge.config import SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import Event
 from bridge.sources.postgres._conn import plain_table_name
+from bridge.sources.postgres.spec import PostgresSourceConfig
 
 
 def wake_channel(table: str) -> str:

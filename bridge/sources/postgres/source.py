@@ -36,14 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from bridge import strictjson
 from bridge._clock import iso_from_epoch, iso_from_ns
-from bridge.config import BridgeConfig, DeadLetterConfig, PostgresSourceConfig, SourceConfig, redact_dsn
-from bridge.config.diagnostics import Problem
-from bridge.errors import BridgeError, DeadLetterError, DecodeError
-from bridge.sources import SHUTDOWN_GRACE_S, Event, Outcome, Sink
+from bridge.config import DeadLetterConfig, SourceConfig, redact_dsn
+from bridge.errors import DeadLetterError, DecodeError
+from bridge.sources import SHUTDOWN_GRACE_S, Event, Outcome, Sample, Sink
 from bridge.sources.postgres._conn import (
     CONNECTION_ERRORS,
     Backoff,
@@ -52,7 +49,6 @@ from bridge.sources.postgres._conn import (
     connect,
     describe_error,
     log,
-    plain_table_name,
     stop_if_cancelled,
     termination_event,
     wait_event,
@@ -61,13 +57,12 @@ from bridge.sources.postgres._conn import (
 from bridge.sources.postgres._deadletter import PostgresDeadLetter
 from bridge.sources.postgres._outbox import OutboxMode
 from bridge.sources.postgres._outboxpeek import OutboxPeek
-from bridge.sources.postgres._outboxtable import outbox_ddl, table_problems, wake_channel
+from bridge.sources.postgres._outboxtable import outbox_ddl, wake_channel
+from bridge.sources.postgres.spec import PostgresSourceConfig
 
 __all__ = [
     "PostgresDeadLetter",
     "PostgresSource",
-    "PostgresUnreachable",
-    "check_outbox_table",
     "listen_lock_key",
     "outbox_ddl",
     "postgres_dead_letter",
@@ -78,10 +73,6 @@ QUEUE_SIZE = 8192
 """Notifications received and not yet submitted, at most (NOTIFY payloads are < 8000 bytes each)."""
 _STANDBY_RETRY_S = 1.0
 _DROP_LOG_INTERVAL_S = 10.0
-
-
-class PostgresUnreachable(BridgeError):
-    """The database could not be reached (or answered with a connection-level error): a check was not made."""
 
 
 def listen_lock_key(source_id: str) -> int:
@@ -159,6 +150,11 @@ class PostgresSource:
     @property
     def dropped(self) -> int:
         return self._drops.total
+
+    def figures(self) -> dict[str, list[Sample]]:
+        """``bridge_postgres_listen_gaps`` and ``bridge_postgres_listen_dropped`` (zero in outbox mode)."""
+        return {"bridge_postgres_listen_gaps": [((), self.gaps)],
+                "bridge_postgres_listen_dropped": [((), self.dropped)]}
 
     async def run(self, sink: Sink) -> None:
         if self.outbox is not None:
@@ -341,29 +337,6 @@ class PostgresSource:
         )
 
 
-async def check_outbox_table(dsn: str, table: str, *, timeout_s: float = 5.0) -> list[str]:
-    """Problems with ``table`` as an outbox (missing table, missing or mistyped columns, id not unique, missing
-    privileges); empty when it is fine. Raises PostgresUnreachable when the database cannot be reached within
-    ``timeout_s`` (or refuses the login), so an offline ``bridge validate`` can skip this check."""
-    try:
-        name = plain_table_name(table)
-    except ValueError as exc:
-        return [str(exc)]
-    try:
-        conn = await connect(dsn, "iii-bridge validate", timeout_s)
-    except CONNECTION_ERRORS as exc:
-        raise PostgresUnreachable(f"cannot connect to {redact_dsn(dsn)}: {describe_error(exc)}") from None
-    except ValueError:  # the client cannot parse the DSN; its message may quote part of the password
-        raise PostgresUnreachable(f"cannot connect to {redact_dsn(dsn)}: the client cannot parse the DSN "
-                                  "(percent-encode # ? / @ : in the password)") from None
-    try:
-        return await table_problems(conn, name)
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
-        raise PostgresUnreachable(f"cannot check {name} at {redact_dsn(dsn)}: {describe_error(exc)}") from None
-    finally:
-        await close_quietly(conn)
-
-
 def postgres_dead_letter(config: DeadLetterConfig, source: SourceConfig) -> PostgresDeadLetter:
     """The ``postgres_table`` dead-letter destination of ``source``, written through the source's own DSN."""
     if config.postgres_table is None:
@@ -373,30 +346,3 @@ def postgres_dead_letter(config: DeadLetterConfig, source: SourceConfig) -> Post
             f"source {source.id!r}: a postgres_table dead letter needs a postgres source (it uses the source's dsn)"
         )
     return PostgresDeadLetter(source.kind_config.dsn, config.postgres_table, source.id)
-
-
-def outbox_problems(config: BridgeConfig, display: str, *, timeout_s: float = 3.0) -> list[Problem]:
-    """`bridge validate`'s online check of every outbox table. A table that does not exist yet is a warning (the
-    DDL comes from `bridge sql`); a table of the wrong shape is an error; an unreachable database skips the check
-    with a note (validate works offline)."""
-
-    async def check_all() -> list[Problem]:
-        problems: list[Problem] = []
-        for source in config.sources:
-            pc = source.kind_config
-            if not isinstance(pc, PostgresSourceConfig) or pc.mode != "outbox" or pc.outbox_table is None:
-                continue
-            where = f"sources.{source.id}.postgres.outbox_table"
-            try:
-                found = await check_outbox_table(pc.dsn, pc.outbox_table, timeout_s=timeout_s)
-            except PostgresUnreachable as exc:
-                problems.append(Problem("outbox-unchecked", where, f"not checked: {exc}", line=source.line,
-                                        col=1, file=display, severity="warning"))
-                continue
-            for text in found:
-                missing = "does not exist" in text
-                problems.append(Problem("outbox-table", where, text.replace("SOURCE", source.id), line=source.line,
-                                        col=1, file=display, severity="warning" if missing else "error"))
-        return problems
-
-    return asyncio.run(check_all())

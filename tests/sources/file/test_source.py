@@ -13,18 +13,19 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bridge.config import FileSourceConfig, SourceConfig
+from bridge.config import SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import REGISTRY
 from bridge.sources.file._fs import Refused, RootDir
 from bridge.sources.file._state import read_content
 from bridge.sources.file.source import FileSource
+from bridge.sources.file.spec import FileSourceConfig
 from bridge.testing.configs import source_config
 from bridge.testing.sink import MemorySink
 from bridge.testing.sink import running as run_source
@@ -599,7 +600,7 @@ async def test_a_dry_run_waits_for_a_missing_directory_instead_of_creating_it(
     tmp_path: Path, state: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.INFO, logger="bridge.sources.file")
-    monkeypatch.setattr("bridge.sources.file._DRY_RUN_DIR_POLL_S", 0.02)
+    monkeypatch.setattr("bridge.sources.file.source._DRY_RUN_DIR_POLL_S", 0.02)
     missing = tmp_path / "not" / "yet"
     sink = new_sink()
     async with running(_dry_source(missing, state), sink):
@@ -614,8 +615,7 @@ async def test_a_dry_run_waits_for_a_missing_directory_instead_of_creating_it(
 
 
 def test_the_registry_builds_a_file_source(inbox: Path, state: Path) -> None:
-    factory: Callable[..., Any] = REGISTRY["file"]
-    assert isinstance(factory(make_config(inbox), state), FileSource)
+    assert isinstance(REGISTRY["file"].open_source(make_config(inbox), state), FileSource)
 
 
 

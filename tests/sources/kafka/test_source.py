@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge._clock import iso_ms
-from bridge.config import DeadLetterConfig, DeliveryConfig, KafkaSecurity, KafkaSourceConfig, SourceConfig
+from bridge.config import DeadLetterConfig, DeliveryConfig, SourceConfig
 from bridge.errors import DeadLetterError, DecodeError
 from bridge.sources import Event
 from bridge.sources.kafka._deadletter import MAX_REQUEST_BYTES, fit_record, truncation_marker
@@ -31,6 +31,7 @@ from bridge.sources.kafka._decode import decode, record_event
 from bridge.sources.kafka._flow import Shares
 from bridge.sources.kafka._offsets import PartitionTrack
 from bridge.sources.kafka.source import KafkaDeadLetter, KafkaSource, connection_options, kafka_dead_letter
+from bridge.sources.kafka.spec import KafkaSecurity, KafkaSourceConfig
 from bridge.testing.configs import source_config
 from bridge.testing.services import committed_offsets, read_topic
 from bridge.testing.sink import MemorySink, stop_source
@@ -647,8 +648,9 @@ async def test_dead_letter_of_a_live_source_keeps_the_original_key_bytes(kafka_b
     try:
         async with running(source_for(config, tmp_path, grace_s=0), sink):
             [event] = await sink.wait_for(1)
+            assert event.raw_key == raw_key  # the bytes travel on the event, the template view has base64
             await dead.write({"source": config.id, "event": event.template_view(),
-                              "error": {"code": "decode_error", "message": str(event.error)}})
+                              "error": {"code": "decode_error", "message": str(event.error)}}, key=event.raw_key)
     finally:
         await dead.close()
     [message] = await read_topic(kafka_broker, dlq, 1)
@@ -656,7 +658,7 @@ async def test_dead_letter_of_a_live_source_keeps_the_original_key_bytes(kafka_b
 
 
 async def test_dead_letter_failures_and_wrong_source_kinds(tmp_path: Any) -> None:
-    from bridge.config import FileSourceConfig
+    from bridge.sources.file.spec import FileSourceConfig
 
     file_source = SourceConfig(id="inbox", kind="file", description="", kind_config=FileSourceConfig(path=tmp_path),
                                delivery=DeliveryConfig(), max_in_flight=1, bind_schema=None, payload_schema=None,

@@ -17,22 +17,18 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from bridge.config import (
-    DeadLetterConfig,
-    FileSourceConfig,
-    PostgresSourceConfig,
-    SourceConfig,
-)
+from bridge.config import DeadLetterConfig, SourceConfig
 from bridge.errors import DeadLetterError, DecodeError
+from bridge.sources.file.spec import FileSourceConfig
 from bridge.sources.postgres._outboxtable import row_event
+from bridge.sources.postgres._validate import PostgresUnreachable, check_outbox_table
 from bridge.sources.postgres.source import (
     PostgresDeadLetter,
     PostgresSource,
-    PostgresUnreachable,
-    check_outbox_table,
     outbox_ddl,
     postgres_dead_letter,
 )
+from bridge.sources.postgres.spec import PostgresSourceConfig
 from bridge.testing.configs import source_config
 from bridge.testing.services import PostgresServer
 from bridge.testing.sink import MemorySink, running, stop_source
