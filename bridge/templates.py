@@ -116,9 +116,10 @@ class _BridgeEnvironment(ImmutableSandboxedEnvironment):
 STEP_BUDGET = 1_000_000
 """Loop iterations, calls and checked operations one render may run, all together (nested loops multiply)."""
 TIME_BUDGET_S = 0.5
-"""How long a render may keep running loops, calls and checked operations after its first one. Each capped
-operation is bounded, but a loop (or a recursive macro, or a long chain of big-number operations) can repeat
-one; no sensible template comes near this."""
+"""How much CPU time a render may spend running loops, calls and checked operations after its first one. Each
+capped operation is bounded, but a loop (or a recursive macro, or a long chain of big-number operations) can
+repeat one; no sensible template comes near this. CPU time of this thread, not wall time: a render paused by a
+busy machine must not become a render error (a dead letter without retry)."""
 _LOOP_FILTER = "_bridge_loop_budget"
 
 
@@ -127,11 +128,11 @@ def _spend(context: Context) -> None:
     steps = getattr(context, "_bridge_steps", 0) + 1
     context._bridge_steps = steps  # type: ignore[attr-defined]
     if steps == 1:
-        context._bridge_started = time.monotonic()  # type: ignore[attr-defined]
+        context._bridge_started = time.thread_time()  # type: ignore[attr-defined]
         return
     if steps > STEP_BUDGET:
         raise LimitError(f"the template ran over the limit of {STEP_BUDGET} loop iterations and calls")
-    if time.monotonic() - context._bridge_started > TIME_BUDGET_S:  # type: ignore[attr-defined]
+    if time.thread_time() - context._bridge_started > TIME_BUDGET_S:  # type: ignore[attr-defined]
         raise LimitError(f"the template ran its loops and calls for over {TIME_BUDGET_S:g} s")
 
 

@@ -185,3 +185,21 @@ def test_bridge_validate_answers_in_bounded_time_with_a_diagnostic(
     assert code != 0
     assert "internal error" not in text
     assert "bridge.yaml:11:" in text and "nested too deeply" in text, text
+
+
+def test_the_time_budget_counts_cpu_time_so_a_paused_render_is_no_render_error() -> None:
+    """A render the machine pauses (a busy host, a stop signal) has done no work meanwhile: the budget is this
+    thread's CPU time, so only a render that really computes for TIME_BUDGET_S is stopped."""
+    from jinja2.runtime import Context
+
+    from bridge import templates
+
+    context = Context(templates._ENV, {}, "t", {})
+    templates._spend(context)
+    time.sleep(templates.TIME_BUDGET_S + 0.2)  # paused, not computing
+    templates._spend(context)  # no LimitError
+    deadline = time.thread_time() + templates.TIME_BUDGET_S + 0.2
+    while time.thread_time() < deadline:  # computing
+        pass
+    with pytest.raises(templates.LimitError):
+        templates._spend(context)
