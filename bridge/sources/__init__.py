@@ -157,9 +157,19 @@ def is_set(value: Any) -> bool:
 class KindSpec(ABC):
     """Everything the bridge knows about one source kind, besides its JSON Schema (``schemas/source-<name>.json``).
 
-    Every part is abstract: a kind that leaves one out cannot be instantiated, so no tool falls back to another
-    kind's text. Methods that take a ``SourceConfig`` are only called with a source of this kind.
+    Every part is abstract: a kind that leaves one out (a method or one of the attributes below) cannot be
+    instantiated, so no tool falls back to another kind's text. Methods that take a ``SourceConfig`` are only called
+    with a source of this kind.
     """
+
+    _ATTRIBUTES = ("name", "config_type", "event_fields", "sample_event", "figures", "dead_letter_key",
+                   "reserved_options")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> KindSpec:
+        missing = [name for name in cls._ATTRIBUTES if not hasattr(cls, name)]
+        if missing:
+            raise TypeError(f"Can't instantiate kind spec {cls.__name__} without attribute(s) {', '.join(missing)}")
+        return super().__new__(cls)
 
     name: str
     """The kind's key in bridge.yaml (``kafka:``) and in :data:`REGISTRY`."""
