@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test lint
+.PHONY: up test test-examples lint
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ test: $(BIN)/.installed
 	$(BIN)/ruff check bridge tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory test-examples
+
+# Every example's own test cases (examples/*/bridge.test.yaml): a template change that breaks one fails CI.
+test-examples: $(BIN)/.installed
+	@status=0; for config in examples/*/bridge.yaml; do \
+		echo "bridge test -c $$config"; $(BIN)/bridge test -c "$$config" || status=1; \
+	done; exit $$status
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check bridge tests bench

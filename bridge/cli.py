@@ -96,13 +96,18 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _configure_schema(parser: argparse.ArgumentParser) -> None:
-    del parser  # no options
+    parser.add_argument("--tests", action="store_true",
+                        help="print the JSON Schema of test files (bridge.test.yaml) instead")
 
 
 def _run_schema(args: argparse.Namespace) -> int:
     from bridge.config.schemas import bridge_schema
 
-    del args
+    if args.tests:
+        from bridge.casetest import tests_schema
+
+        print(json.dumps(tests_schema(), indent=2, ensure_ascii=False))
+        return EXIT_OK
     print(json.dumps(bridge_schema(), indent=2))
     return EXIT_OK
 
@@ -207,6 +212,30 @@ def _run_render(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# test
+
+
+def _configure_test(parser: argparse.ArgumentParser) -> None:
+    _add_config_option(parser)
+    parser.add_argument("files", nargs="*", metavar="FILE",
+                        help="test files (default: bridge.test.yaml beside the bridge config)")
+    parser.add_argument("--format", choices=("text", "json", "junit"), default="text",
+                        help="PASS/FAIL lines (text), a JSON list of case results (json), or JUnit XML (junit)")
+    parser.add_argument("--update", action="store_true",
+                        help="write the actual result into every case that has no expect yet (others are kept)")
+    parser.epilog = ("Runs each case's event through the source's when, payload templates and payload_schema, as "
+                     "live delivery does, with no server; a condition_function_id is not called. Exit 0: every "
+                     "case passed; 1: a case failed, or a file has errors; 2: usage error, unreadable file.")
+
+
+def _run_test(args: argparse.Namespace) -> int:
+    from bridge import testcmd
+
+    return testcmd.run(_config_path(args), args.files, output_format=args.format, update=args.update,
+                       stdout=sys.stdout, stderr=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # deadletters
 
 
@@ -301,6 +330,8 @@ _COMMANDS: dict[str, _Command] = {
     "docs": _Command("print the Worker Docs (Markdown) of every trigger type", _configure_docs, _run_docs),
     "render": _Command("show the payload one event becomes for one bind config (no server needed)",
                        _configure_render, _run_render),
+    "test": _Command("run the test cases of bridge.test.yaml against the templates and filters (no server)",
+                     _configure_test, _run_test),
     "sql": _Command("print the DDL (table and trigger) of a Postgres outbox source", _configure_sql, _run_sql),
     "deadletters": _Command("list, show and replay dead letters", _configure_deadletters, _run_deadletters),
 }

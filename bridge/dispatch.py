@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bridge._clock import iso_from_epoch
+from bridge._prepare import prepare_payload
 from bridge.bindings import Binding, BindingTable
 from bridge.config import DeliveryConfig, RetryConfig, SourceConfig
 from bridge.config.schemas import PayloadValidator
 from bridge.deadletter import DeadLetterSink
-from bridge.errors import DeadLetterError, DeliveryError, EngineUnavailable, EventError, RenderError
+from bridge.errors import DeadLetterError, DeliveryError, EngineUnavailable, EventError
 from bridge.sources import Event, Outcome
 from bridge.templates import CompiledTree, CompiledWhen, compile_tree, compile_when, make_context
 
@@ -171,13 +172,9 @@ class Dispatcher:
         ctx = make_context(view, binding.config, binding.template_view(), self._source_view)
         attempts = _Attempts()
         try:
-            if self._when is not None and not self._when.evaluate(ctx):
+            passed, payload = prepare_payload(ctx, view, self._when, self._payload, self._payload_check)
+            if not passed:
                 return "filtered"
-            payload = self._payload.render(ctx) if self._payload is not None else view
-            if payload is None:
-                raise RenderError("payload rendered null; the SDK cannot send a null payload")
-            if self._payload_check is not None:
-                self._payload_check.check(payload)
         except EventError as exc:
             log.warning("event %s → %s: %s (dead-lettered)", event.id, binding.function_id, exc,
                         extra=self._log_context(event, binding))

@@ -25,16 +25,6 @@ from bridge.templates import TemplateCompileError, compile_tree, compile_when
 _DEAD_LETTER_FILE = next(f.name for f in fields(DeadLetterConfig))  # "file": the destination every source can use
 
 
-def unknown_key_hint(name: str, allowed: list[str]) -> str:
-    """A hint naming the closest allowed name, else the list of allowed names (when short)."""
-    close = did_you_mean(name, allowed)
-    if close:
-        return close
-    if len(allowed) <= 12:
-        return "allowed: " + ", ".join(sorted(allowed)) if allowed else "no keys are allowed here"
-    return f"{len(allowed)} keys are allowed here; `bridge schema` lists them"
-
-
 def as_mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 

@@ -17,10 +17,10 @@ from typing import Any
 from bridge import sources
 from bridge._redact import CREDENTIAL_KEYS, is_secret_key, redact_value
 from bridge.config._analysis import Analysis
-from bridge.config._checks import Semantics, as_mapping, unknown_key_hint
+from bridge.config._checks import Semantics, as_mapping
 from bridge.config._envsubst import substitute
 from bridge.config._yamllimits import read_capped
-from bridge.config.diagnostics import Problem, did_you_mean, json_type
+from bridge.config.diagnostics import Problem, did_you_mean, json_type, unknown_key_hint
 from bridge.config.schemas import bridge_validator
 from bridge.config.yamlpos import KeyPath, decode_text, load_yaml
 

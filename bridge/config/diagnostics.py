@@ -40,19 +40,32 @@ from typing import Any, Literal
 
 from bridge._keypath import format_path
 
-__all__ = ["Problem", "Severity", "did_you_mean", "format_path", "has_errors", "json_type", "summary"]
+__all__ = [
+    "Problem", "Severity", "did_you_mean", "format_path", "has_errors", "json_type", "summary", "unknown_key_hint",
+]
 
 Severity = Literal["error", "warning"]
 
 
-SIMILARITY_CUTOFF = 0.75
-"""How close (difflib's ratio) a name must be to an allowed one to be suggested: ``topcis`` → ``topics``."""
+SIMILARITY_CUTOFF = 0.72
+"""How close (difflib's ratio) a name must be to an allowed one to be suggested, everywhere: ``topik`` → ``topics``
+(0.73) is a typo worth naming, ``renamed`` → ``created`` (0.71) is another word."""
 
 
 def did_you_mean(name: str, allowed: Iterable[str]) -> str | None:
     """``did you mean 'x'?`` naming the allowed name closest to ``name``, or None when none is close."""
     close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=SIMILARITY_CUTOFF)
     return f"did you mean {close[0]!r}?" if close else None
+
+
+def unknown_key_hint(name: str, allowed: list[str]) -> str:
+    """A hint naming the closest allowed name, else the list of allowed names (when short)."""
+    close = did_you_mean(name, allowed)
+    if close:
+        return close
+    if len(allowed) <= 12:
+        return "allowed: " + ", ".join(sorted(allowed)) if allowed else "no keys are allowed here"
+    return f"{len(allowed)} keys are allowed here; `bridge schema` lists them"
 
 
 def json_type(value: Any) -> str:

@@ -320,3 +320,19 @@ def test_bind_rejections_never_show_a_secret() -> None:
         "$.api_key: the value is too short; $.password: the value does not match '^x'; "
         "$.n: '5' is not of type 'integer'"
     )
+
+
+def test_tests_schema_is_valid_and_every_key_has_a_description_and_a_default_when_optional() -> None:
+    from bridge.casetest import tests_schema
+
+    schema = tests_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for where, sub in _properties(schema):
+        assert "description" in sub, f"{where} has no description"
+    for holder in [schema, schema["$defs"]["case"], schema["$defs"]["case"]["properties"]["binding"]]:
+        required = set(holder.get("required", []))
+        for name, sub in holder["properties"].items():
+            if name != "expect":  # absent on purpose: a case without one waits for `bridge test --update`
+                assert name in required or "default" in sub, f"{name} is optional and has no default"
+    # expectations have no default on purpose either: an absent one is not checked
+    assert not any("default" in sub for sub in schema["$defs"]["case"]["properties"]["expect"]["properties"].values())
