@@ -27,7 +27,11 @@ from bridge.dispatch import Dispatcher
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
 from bridge.sources.file.spec import FileSourceConfig
-from bridge.testing.configs import source_config
+
+# The test services and helpers live in the repository's tests/support (not shipped with the package): a
+# benchmark runs from a checkout, as `python bench/NAME.py`, so it imports them from there.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support.configs import source_config
 
 
 class _Invoker:

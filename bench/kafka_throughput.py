@@ -48,7 +48,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from iii import InitOptions, register_worker
 from iii.iii_types import RegisterTriggerInput
 
-from bridge.testing.services import TansuBroker
+# The test services and helpers live in the repository's tests/support (not shipped with the package): a
+# benchmark runs from a checkout, as `python bench/NAME.py`, so it imports them from there.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support.services import TansuBroker
 
 PARTITIONS = 4
 TRIGGER_TYPE = "bench.orders"

@@ -47,8 +47,12 @@ import asyncpg
 
 from bridge.config import load_config
 from bridge.sources.postgres.source import outbox_ddl
-from bridge.testing.process import BridgeProcess
-from bridge.testing.services import PostgresServer, free_port
+
+# The test services and helpers live in the repository's tests/support (not shipped with the package): a
+# benchmark runs from a checkout, as `python bench/NAME.py`, so it imports them from there.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support.process import BridgeProcess
+from tests.support.services import PostgresServer, free_port
 
 FUNCTION = "bench::sink"
 LISTEN_TYPE = "bench.listen"

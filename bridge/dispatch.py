@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -82,7 +83,10 @@ class Stats:
 
 def backoff_s(retry: RetryConfig, attempt: int, rand: Callable[[], float] = random.random) -> float:
     """Delay before attempt ``attempt + 1`` (attempt counts from 1): exponential, capped, with ± jitter."""
-    base = retry.initial_backoff_ms * retry.multiplier ** (attempt - 1)
+    try:
+        base = retry.initial_backoff_ms * retry.multiplier ** (attempt - 1)
+    except OverflowError:  # a long run of attempts: far past any cap
+        base = math.inf
     capped = min(base, retry.max_backoff_ms)
     jittered = capped * (1 + retry.jitter * (2 * rand() - 1))
     return max(0.0, jittered) / 1000

@@ -29,7 +29,7 @@ from bridge.errors import DeliveryError
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
 from bridge.sources.file.spec import FileSourceConfig
-from bridge.testing.configs import source_config
+from tests.support.configs import source_config
 
 
 def _deep(levels: int) -> list[Any]:

@@ -18,8 +18,8 @@ import pytest
 from bridge.cli import main
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.files import drop, read_jsonl, wait_for
-from bridge.testing.process import BridgeProcess
+from tests.support.files import drop, read_jsonl, wait_for
+from tests.support.process import BridgeProcess
 
 CONFIG = """\
 version: 1

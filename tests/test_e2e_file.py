@@ -13,9 +13,9 @@ import pytest
 
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.files import drop as _drop
-from bridge.testing.files import read_jsonl, wait_for
-from bridge.testing.process import BridgeProcess
+from tests.support.files import drop as _drop
+from tests.support.files import read_jsonl, wait_for
+from tests.support.process import BridgeProcess
 
 CONFIG = """\
 version: 1
@@ -221,7 +221,10 @@ def test_delivery_resumes_after_an_engine_restart(
     bridge.wait_for_log(r"binding \S+ added")
     _drop(workdir / "inbox", "before.json", {"amount": 1, "tags": []})
     consumer.wait_calls("shop::survivor", 1)
-    _settled(0.5)  # let the answer reach the bridge: a restart mid-call may (rightly) deliver it again
+    # The answer must reach the bridge first (a restart mid-call may rightly deliver it again): its checkpoint
+    # records the file once the delivery is acknowledged.
+    checkpoint = workdir / "state" / "file" / "inbox.jsonl"
+    wait_for(lambda: any(r["p"] == "before.json" for r in read_jsonl(checkpoint)), 10, "before.json checkpointed")
     iii_engine.restart(downtime_s=1.0)
     bridge.wait_for_log(r"reconnected to the iii engine", timeout=20)
     iii_engine.wait_until(lambda: iii_engine.has_function("shop::survivor"), timeout=20)

@@ -23,9 +23,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.files import read_jsonl, wait_for
-from bridge.testing.process import BridgeProcess
-from bridge.testing.services import committed_offsets, read_topic
+from tests.support.files import read_jsonl, wait_for
+from tests.support.process import BridgeProcess
+from tests.support.services import committed_offsets, read_topic
 
 PARTITIONS = 4
 JOIN_S = 30.0  # bound on waits that include a group join or a rebalance (Tansu takes seconds)
@@ -236,7 +236,7 @@ def test_2000_keyed_messages_each_once_in_partition_order_with_every_template_fi
 
 
 def test_kill_9_mid_stream_redelivers_only_what_was_not_committed(
-    tmp_path: Path, topic: Topic, bridges: Callable[..., BridgeProcess], consumer: Consumer
+    tmp_path: Path, topic: Topic, bridges: Callable[..., BridgeProcess], consumer: Consumer, iii_engine: TestEngine
 ) -> None:
     """Bound on duplicates: the restarted bridge resumes exactly at the committed offsets, so a message is
     delivered twice only if the first bridge had not committed it: it was in flight (at most one per partition
@@ -257,7 +257,16 @@ def test_kill_9_mid_stream_redelivers_only_what_was_not_committed(
     wait_count(consumer, "shop::slow", 1000, timeout=JOIN_S)
     killed_at = time.monotonic()
     first.kill()
-    time.sleep(0.5)  # calls the engine had already routed still arrive
+
+    def routed_calls_arrived() -> bool:
+        """Calls the engine had already routed still arrive; once it saw the bridge's connection close it routes
+        no more, so the consumer must have every call the engine sent it."""
+        bridge_gone = not any(w.connected for w in iii_engine.workers() if w.name != consumer.worker_name)
+        sent = iii_engine.frames_of("invokefunction", direction="out", worker=consumer.worker_name)
+        routed = sum(1 for frame in sent if frame.get("function_id") == "shop::slow")
+        return bridge_gone and len(consumer.records("shop::slow")) >= routed
+
+    wait_for(routed_calls_arrived, 10, "the calls the engine had routed to arrive")
     before = consumer.records("shop::slow")
     before_ids = {r.payload["id"] for r in before}
     assert len(before_ids) < 5000, "the kill should land mid-stream"

@@ -27,9 +27,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bridge.cli import main
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.files import drop, read_jsonl, wait_for
-from bridge.testing.process import BridgeProcess
-from bridge.testing.services import committed_offsets
+from tests.support.files import drop, read_jsonl, wait_for
+from tests.support.process import BridgeProcess
+from tests.support.services import committed_offsets
 
 PARTITIONS = 4
 RECONCILE_MS = 1000

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.cli import main
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.files import read_jsonl, wait_for
-from bridge.testing.process import BridgeProcess
-from bridge.testing.services import PostgresServer
+from tests.support.files import read_jsonl, wait_for
+from tests.support.process import BridgeProcess
+from tests.support.services import PostgresServer
 
 # Placeholders in the configs below are <dsn> and friends (str.format would need every Jinja brace doubled).
 LISTEN_CONFIG = """\
@@ -368,7 +368,6 @@ def test_a_function_bound_after_both_listen_replicas_started_gets_notifications_
         consumer.function("pg::late")
         consumer.bind("signups", "pg::late")
         replicas[0].wait_for_log(r"binding \S+ added: signups → pg::late")  # the listening replica provides it
-        _quiet(0.5)
         payload = json.dumps({"id": 1, "tags": [], "vip": False, "note": None, "name": "late"})
         _notify(pg_database, "user_signup", *[payload] * 10)
         consumer.wait_calls("pg::late", 10, timeout=3)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bridge import logs
-from bridge.testing.files import drop, wait_for
+from tests.support.files import drop, wait_for
 
 
 @pytest.fixture

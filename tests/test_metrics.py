@@ -27,8 +27,8 @@ from bridge.runtime import Runtime
 from bridge.sources import REGISTRY, Event, Outcome, Sample, Sink
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.files import drop, wait_for
-from bridge.testing.process import BridgeProcess
+from tests.support.files import drop, wait_for
+from tests.support.process import BridgeProcess
 
 CONFIG = """\
 version: 1

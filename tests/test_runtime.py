@@ -22,7 +22,7 @@ from bridge.dispatch import Dispatcher, backoff_s
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
 from bridge.sources.file.spec import FileSourceConfig
-from bridge.testing.configs import source_config
+from tests.support.configs import source_config
 
 
 class _Invoker:

@@ -1,3 +1,8 @@
-"""Test utilities, not a product feature: the protocol-faithful iii test engine, a test consumer worker, an
-in-memory Sink for testing sources without the runtime (:mod:`bridge.testing.sink`), and the pytest fixtures
-(loaded as a pytest plugin through the ``pytest11`` entry point) for real services."""
+"""Public test doubles, opt-in: import them explicitly (nothing here is a pytest plugin or loaded on its own).
+
+- :mod:`bridge.testing.engine`: ``TestEngine``, a protocol-faithful iii engine on a loopback port
+  (``python -m bridge.testing.engine`` serves one from a process of its own).
+- :mod:`bridge.testing.consumer`: ``Consumer``, a worker on the real iii-sdk that registers and binds functions.
+- :mod:`bridge.testing.sink`: ``MemorySink``, for driving a source without the runtime.
+- :mod:`bridge.testing.waiting`: the polling helpers they use.
+"""

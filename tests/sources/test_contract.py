@@ -34,9 +34,9 @@ from bridge.sources.kafka.source import KafkaSource
 from bridge.sources.kafka.spec import KafkaSourceConfig
 from bridge.sources.postgres.source import PostgresSource, outbox_ddl
 from bridge.sources.postgres.spec import PostgresSourceConfig
-from bridge.testing.configs import source_config
 from bridge.testing.sink import MemorySink, wait_ended
 from bridge.testing.waiting import until
+from tests.support.configs import source_config
 
 QUIET_S = 0.5  # how long "nothing (more) arrives" is watched for
 STOP_S = 10.0  # a cancelled run() must have returned within this

@@ -20,8 +20,8 @@ from bridge.sources import Event, Outcome
 from bridge.sources.kafka.source import kafka_dead_letter
 from bridge.sources.kafka.spec import KafkaSourceConfig
 from bridge.sources.postgres._deadletter import PostgresDeadLetter
-from bridge.testing.configs import source_config
-from bridge.testing.services import read_topic
+from tests.support.configs import source_config
+from tests.support.services import read_topic
 
 from .kafka.test_source import (
     committed,

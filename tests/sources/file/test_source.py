@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -26,10 +27,11 @@ from bridge.sources.file._fs import Refused, RootDir
 from bridge.sources.file._state import read_content
 from bridge.sources.file.source import FileSource
 from bridge.sources.file.spec import FileSourceConfig
-from bridge.testing.configs import source_config
 from bridge.testing.sink import MemorySink
 from bridge.testing.sink import running as run_source
 from bridge.testing.waiting import until
+from tests.support.configs import source_config
+from tests.support.logwatch import LogWatch, watch_log
 
 SETTLE_MS = 30
 QUIET_S = 0.4  # how long "nothing more arrives" is watched for
@@ -50,11 +52,23 @@ def make_config(path: Path, source_id: str = "inbox", **kw: Any) -> SourceConfig
     return source_config(source_id, FileSourceConfig(path=path, **kw))
 
 
+def watching(source: FileSource) -> contextlib.AbstractContextManager[LogWatch]:
+    """Watches for the source's "watching" log line: its watcher is set up and its initial scan done, so any file
+    written from then on is seen."""
+    return watch_log("bridge.sources.file", rf"^file source {re.escape(source.config.id)}: watching ")
+
+
 @contextlib.asynccontextmanager
-async def running(source: FileSource, sink: MemorySink) -> AsyncIterator[asyncio.Task[None]]:
-    async with run_source(source, sink, stop_timeout_s=5) as task:
-        await asyncio.sleep(0.05)  # let the watcher start
-        yield task
+async def running(
+    source: FileSource, sink: MemorySink, *, ready: bool = True
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``source`` for the block; with ``ready``, enter it once the source watches (a replica standing by, or
+    a dry run waiting for its directory, is entered at once)."""
+    with watching(source) as watch:
+        async with run_source(source, sink, stop_timeout_s=5) as task:
+            if ready:
+                await until(lambda: watch.seen or task.done(), 10, "the file source to watch its directory")
+            yield task
 
 
 @pytest.fixture
@@ -192,8 +206,10 @@ async def test_a_file_gone_before_it_settled_is_dropped(inbox: Path, state: Path
 
 
 async def test_the_source_fails_when_its_directory_is_removed(inbox: Path, state: Path) -> None:
-    task = asyncio.create_task(_source(inbox, state).run(new_sink()))
-    await asyncio.sleep(0.1)
+    source = _source(inbox, state)
+    with watching(source) as watch:
+        task = asyncio.create_task(source.run(new_sink()))
+        await until(lambda: watch.seen, 10, "the file source to watch its directory")
     shutil.rmtree(inbox)
     with pytest.raises(RuntimeError, match="was removed"):
         await asyncio.wait_for(task, timeout=5)
@@ -279,7 +295,7 @@ async def test_initial_scan_submits_existing_files_and_creates_a_missing_directo
     missing = tmp_path / "not" / "yet"
     sink = new_sink()
     async with running(_source(missing, state), sink):
-        await asyncio.sleep(0.1)
+        pass
     assert missing.is_dir()
     assert any("created the watched directory" in r.getMessage() for r in caplog.records)
 
@@ -519,7 +535,7 @@ async def test_a_second_bridge_on_the_same_directory_stands_by(
     # different state_dirs: the lock lives in the watched directory
     async with (
         running(_source(inbox, tmp_path / "state1"), first) as first_task,
-        running(_source(inbox, tmp_path / "state2"), second),
+        running(_source(inbox, tmp_path / "state2"), second, ready=False),
     ):
         (inbox / "a.txt").write_text("a")
         await first.exactly(1)
@@ -603,7 +619,7 @@ async def test_a_dry_run_waits_for_a_missing_directory_instead_of_creating_it(
     monkeypatch.setattr("bridge.sources.file.source._DRY_RUN_DIR_POLL_S", 0.02)
     missing = tmp_path / "not" / "yet"
     sink = new_sink()
-    async with running(_dry_source(missing, state), sink):
+    async with running(_dry_source(missing, state), sink, ready=False):
         await until(lambda: any("does not exist; waiting" in r.getMessage() for r in caplog.records), 5, "waiting")
         assert not (tmp_path / "not").exists()
         missing.mkdir(parents=True)

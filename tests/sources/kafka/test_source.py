@@ -32,10 +32,11 @@ from bridge.sources.kafka._flow import Shares
 from bridge.sources.kafka._offsets import PartitionTrack
 from bridge.sources.kafka.source import KafkaDeadLetter, KafkaSource, connection_options, kafka_dead_letter
 from bridge.sources.kafka.spec import KafkaSecurity, KafkaSourceConfig
-from bridge.testing.configs import source_config
-from bridge.testing.services import committed_offsets, read_topic
 from bridge.testing.sink import MemorySink, stop_source
 from bridge.testing.sink import running as run_source
+from tests.support.configs import source_config
+from tests.support.logwatch import watch_log
+from tests.support.services import committed_offsets, read_topic
 
 PARTITIONS = 4
 GROUP_TIMINGS = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 500, "rebalance_timeout_ms": 3000}
@@ -377,8 +378,9 @@ async def test_no_bindings_no_consumption_then_delivery_from_the_start(kafka_bro
         assert sorted(e.fields["offset"] for e in sink.events) == [0, 0, 0, 0, 1, 1, 1, 1]
         # The last binding goes: partitions are paused, nothing new is submitted.
         await wait_until(lambda: len(source.committed_positions()) == 4, 5)
-        sink.unbind()
-        await asyncio.sleep(0.3)
+        with watch_log("bridge.sources.kafka", r"no function is bound any more; partitions paused") as paused:
+            sink.unbind()
+            await wait_until(lambda: paused.seen > 0, 5, lambda: "the partitions paused")
         await produce(kafka_broker, topic, orders(4))
         await asyncio.sleep(1.0)
         assert len(sink.events) == 8
@@ -431,11 +433,21 @@ async def test_start_from_latest_skips_what_was_there(kafka_broker: str, topic: 
     source = source_for(make_config(kafka_broker, topic, start_from="latest"), tmp_path)
     async with running(source, sink):
         await wait_until(lambda: len(source.assigned()) == 4, JOIN_S)
-        await asyncio.sleep(1.0)  # the reset to the end happens right after the assignment
-        await produce(kafka_broker, topic, [(p, b"new", b'{"new": true}', []) for p in range(4)])
-        await sink.wait_for(4)
-        await asyncio.sleep(0.3)
-    assert sorted(sink.ids()) == [f"kafka:{topic}:{p}:1" for p in range(4)]
+        # The reset to the end follows the assignment and shows nowhere outside the consumer: add a record to
+        # every partition until one came through from each. A record added before the reset is skipped like the
+        # first four, so a partition's first delivered offset is 1 unless the reset was slow, never 0.
+        rounds, deadline = 0, time.monotonic() + JOIN_S
+        while set(by_partition(sink)) != set(range(4)):
+            assert time.monotonic() < deadline, f"no new record delivered from some partition: {by_partition(sink)}"
+            await produce(kafka_broker, topic, [(p, b"new", b'{"new": true}', []) for p in range(4)])
+            rounds += 1
+            with contextlib.suppress(AssertionError):
+                await wait_until(lambda: set(by_partition(sink)) == set(range(4)), 1.0)
+        await asyncio.sleep(0.3)  # nothing more arrives
+    delivered = by_partition(sink)
+    # From its first delivered record on, a partition gets every one produced, once, in order.
+    expected = {p: list(range(offsets[0], rounds + 1)) for p, offsets in delivered.items()}
+    assert delivered == expected and all(offsets[0] > 0 for offsets in delivered.values()), (rounds, delivered)
 
 
 # --- connections and security ---------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ from bridge.sources.postgres.source import (
     postgres_dead_letter,
 )
 from bridge.sources.postgres.spec import PostgresSourceConfig
-from bridge.testing.configs import source_config
-from bridge.testing.services import PostgresServer
 from bridge.testing.sink import MemorySink, running, stop_source
 from bridge.testing.waiting import until
+from tests.support.configs import source_config
+from tests.support.services import PostgresServer
 
 QUIET_S = 0.3
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -69,6 +69,22 @@ async def notify(dsn: str, channel: str, *payloads: str) -> int:
 
 async def listening(source: PostgresSource, timeout: float = 5.0) -> None:
     await until(lambda: source.listening, timeout, "the source to listen")
+
+
+async def wake_ups_listening(dsn: str, timeout: float = 5.0) -> None:
+    """Until the outbox's wake-up connection has sent its LISTEN, as Postgres shows it: pg_stat_activity keeps a
+    session's latest statement, and LISTEN is that connection's first (its health-check ping, every 10 s, the
+    only later one)."""
+
+    async def sent() -> bool:
+        async with db(dsn) as conn:
+            count = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name LIKE 'iii-bridge outbox wake-ups %' AND query <> ''"
+            )
+        return bool(count)
+
+    await until_async(sent, timeout, "the outbox wake-up connection to LISTEN")
 
 
 async def insert_rows(dsn: str, count: int, table: str = "bridge_outbox", channel: str = "orders") -> None:
@@ -223,8 +239,8 @@ async def test_listen_queues_notifications_while_the_window_is_full_and_keeps_th
         await listening(source)
         await notify(pg_database, "c", *[json.dumps(i) for i in range(6)])
         await sink.wait_for(2)  # taken at once (offer); the other four wait in the source's queue
-        await asyncio.sleep(0.2)
-        assert len(sink.events) == 2 and source.received == 6 and source.dropped == 0
+        await until(lambda: source.received == 6, 5, lambda: f"{source.received} of 6 notifications received")
+        assert len(sink.events) == 2 and source.dropped == 0
         while len(sink.events) < 6:
             await sink.ack_all()
             await asyncio.sleep(0.05)
@@ -322,7 +338,7 @@ async def test_outbox_delivers_rows_inserted_before_start_and_is_woken_by_notify
         events = await sink.wait_for(10)
         await until(lambda: source.outbox is not None and source.outbox.deleted == 10, 5, "10 deletions")
         assert await row_count(pg_database) == 0
-        await asyncio.sleep(0.2)  # the wake-up connection LISTENs by now
+        await wake_ups_listening(pg_database)
         started = time.monotonic()
         await insert_rows(pg_database, 1)
         await sink.wait_for(11, timeout=2)

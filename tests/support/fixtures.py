@@ -1,5 +1,5 @@
-"""pytest plugin (a test utility): fixtures for the iii test engine and test consumers, plus the real-service
-fixtures of :mod:`bridge.testing.services`. Registered through the ``pytest11`` entry point."""
+"""The suite's pytest fixtures, loaded by ``tests/conftest.py``: the iii test engine and its consumers, and the
+real services of :mod:`tests.support.services` (started lazily, once per session)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
-from bridge.testing.services import kafka_broker, pg_database, pg_server  # noqa: F401
+from tests.support.services import PostgresServer, TansuBroker, kafka_bootstrap_from_env
 
 
 @pytest.fixture
@@ -41,3 +41,31 @@ def make_consumer(iii_engine: TestEngine) -> Iterator[Callable[..., Consumer]]:
 def consumer(make_consumer: Callable[..., Consumer]) -> Consumer:
     """A Consumer on ``iii_engine``, closed after the test."""
     return make_consumer()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[str]:
+    """Bootstrap address of a Kafka-protocol broker: BRIDGE_TEST_KAFKA, or a Tansu broker for the session."""
+    external = kafka_bootstrap_from_env()
+    if external is not None:
+        yield external
+        return
+    with TansuBroker() as broker:
+        yield broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """The session's started PostgresServer (external or throwaway)."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_database(pg_server: PostgresServer) -> Iterator[str]:
+    """DSN of a fresh database for this test, dropped afterwards."""
+    dsn = pg_server.create_database()
+    try:
+        yield dsn
+    finally:
+        pg_server.drop_database(dsn)

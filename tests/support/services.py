@@ -8,9 +8,9 @@ against real Apache Kafka or a managed Postgres:
   user may connect to; test databases are created next to it).
 
 Otherwise a throwaway server is started on a free loopback port. The classes are plain (no pytest needed to
-use them); the three pytest fixtures at the bottom wrap them and start lazily, on first request. PostgresServer
-lives in :mod:`bridge.testing._pgserver`, what both services share in :mod:`bridge.testing._servicebase`; import
-everything from here.
+use them, so the benchmarks share them); the fixtures of :mod:`tests.support.fixtures` wrap them and start
+lazily, on first request. PostgresServer lives in :mod:`tests.support._pgserver`, what both services share in
+:mod:`tests.support._servicebase`; import everything from here.
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from bridge.testing._pgserver import PostgresServer
-from bridge.testing._servicebase import (
+from tests.support._pgserver import PostgresServer
+from tests.support._servicebase import (
     PORT_ATTEMPTS,
     ExitedEarly,
     ServiceStartError,
@@ -51,9 +49,6 @@ __all__ = [
     "committed_offsets",
     "free_port",
     "kafka_bootstrap_from_env",
-    "kafka_broker",
-    "pg_database",
-    "pg_server",
     "read_topic",
 ]
 
@@ -199,34 +194,3 @@ async def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 
     finally:
         await consumer.stop()
     return records
-
-
-# ------------------------------------------------------------------------------------ pytest fixtures
-
-
-@pytest.fixture(scope="session")
-def kafka_broker() -> Iterator[str]:
-    """Bootstrap address of a Kafka-protocol broker: BRIDGE_TEST_KAFKA, or a Tansu broker for the session."""
-    external = kafka_bootstrap_from_env()
-    if external is not None:
-        yield external
-        return
-    with TansuBroker() as broker:
-        yield broker.bootstrap
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    """The session's started PostgresServer (external or throwaway)."""
-    with PostgresServer() as server:
-        yield server
-
-
-@pytest.fixture
-def pg_database(pg_server: PostgresServer) -> Iterator[str]:
-    """DSN of a fresh database for this test, dropped afterwards."""
-    dsn = pg_server.create_database()
-    try:
-        yield dsn
-    finally:
-        pg_server.drop_database(dsn)

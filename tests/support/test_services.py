@@ -1,4 +1,4 @@
-"""The real test services every other test relies on: a Kafka-protocol broker and PostgreSQL."""
+"""tests.support.services, the real test services every other test relies on: a Kafka-protocol broker and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bridge.testing.services import (
+from tests.support.services import (
     PostgresServer,
     ServiceStartError,
     TansuBroker,

@@ -1,5 +1,5 @@
 """PostgreSQL for tests: ``BRIDGE_TEST_PG_DSN``, else the local server on 127.0.0.1:5432, else a throwaway
-cluster started as the ``postgres`` OS user; a fresh database per test (see :mod:`bridge.testing.services`)."""
+cluster started as the ``postgres`` OS user; a fresh database per test (see :mod:`tests.support.services`)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from bridge.testing._servicebase import (
+from tests.support._servicebase import (
     PORT_ATTEMPTS,
     ExitedEarly,
     ServiceStartError,
