@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bridge.sources._filestate import PathFilter, Tree, decode, read_content
+from bridge.sources.file._state import PathFilter, Tree, decode, read_content
 
 _DEPTHS = (0, 1, 3)
 

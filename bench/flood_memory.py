@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from bridge.bindings import Binding, BindingTable
-from bridge.config import DeadLetterConfig, DeliveryConfig, FileSourceConfig
+from bridge.config import DeadLetterConfig, DeliveryConfig
 from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher, Invocation
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
+from bridge.sources.file.spec import FileSourceConfig
 
 # The test services and helpers live in the repository's tests/support (not shipped with the package): a
 # benchmark runs from a checkout, as `python bench/NAME.py`, so it imports them from there.

@@ -46,7 +46,7 @@ from typing import IO, Any
 import asyncpg
 
 from bridge.config import load_config
-from bridge.sources.postgres import outbox_ddl
+from bridge.sources.postgres.source import outbox_ddl
 
 # The test services and helpers live in the repository's tests/support (not shipped with the package): a
 # benchmark runs from a checkout, as `python bench/NAME.py`, so it imports them from there.

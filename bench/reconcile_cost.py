@@ -23,8 +23,8 @@ from typing import Any
 
 from bridge.bindings import BindingTable
 from bridge.config import EngineConfig
+from bridge.config.schemas import BindValidator
 from bridge.engine import EngineLink, TriggerTypeSpec
-from bridge.schemas import BindValidator
 from bridge.testing.consumer import Consumer
 
 TYPE = "orders"

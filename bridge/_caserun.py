@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge._prepare import prepare_payload
-from bridge._yamllimits import has_surrogate
 from bridge.bindings import Binding
 from bridge.casetest import Case
 from bridge.config import BridgeConfig, SourceConfig
+from bridge.config._yamllimits import has_surrogate
+from bridge.config.schemas import BindValidator, PayloadValidator
 from bridge.errors import EventError
 from bridge.render import event_view
-from bridge.schemas import BindValidator, PayloadValidator
 from bridge.templates import CompiledTree, CompiledWhen, compile_tree, compile_when, make_context
 
 __all__ = ["CaseResult", "Runner", "contains", "same"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bridge.config.schemas import PayloadValidator
 from bridge.errors import RenderError
-from bridge.schemas import PayloadValidator
 from bridge.templates import CompiledTree, CompiledWhen
 
 __all__ = ["prepare_payload"]

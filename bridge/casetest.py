@@ -1,7 +1,7 @@
 """`bridge test`: reading and checking test files (``bridge.test.yaml``) against a loaded bridge.yaml.
 
 A test file is checked like bridge.yaml: every problem at once, each at its line:col, in the format of
-``bridge.diagnostics``. Beyond the shared codes (yaml-syntax, duplicate-key, unknown-key, missing-key, type,
+``bridge.config.diagnostics``. Beyond the shared codes (yaml-syntax, duplicate-key, unknown-key, missing-key, type,
 value, file-unreadable) a test file can have:
 
 ================ =========================================================================================
@@ -25,13 +25,12 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from bridge._configchecks import did_you_mean
-from bridge._yamllimits import read_capped
 from bridge.config import BridgeConfig
-from bridge.diagnostics import Problem, format_path
-from bridge.docs import EVENT_FIELDS
-from bridge.schemas import SCHEMA_DIR, BindValidator, violations
-from bridge.yamlpos import KeyPath, Positions, decode_text, load_yaml
+from bridge.config._yamllimits import read_capped
+from bridge.config.diagnostics import Problem, did_you_mean, format_path, unknown_key_hint
+from bridge.config.schemas import SCHEMA_DIR, BindValidator, violations
+from bridge.config.yamlpos import KeyPath, Positions, decode_text, load_yaml
+from bridge.sources import REGISTRY
 
 __all__ = ["Case", "TestFile", "check_file", "event_fields", "tests_schema"]
 
@@ -40,7 +39,7 @@ TESTS_SCHEMA_FILE = "bridge-test.schema.json"
 
 def event_fields(kind: str) -> tuple[str, ...]:
     """The ``event`` fields a source of ``kind`` has (DESIGN.md §2). The one place `bridge test` learns them."""
-    return tuple(name for name, _, _ in EVENT_FIELDS[kind])
+    return tuple(name for name, _, _ in REGISTRY[kind].event_fields)
 
 
 @cache
@@ -169,7 +168,7 @@ def _schema_problems(checker: _Checker, data: dict[str, Any], invalid: set[KeyPa
             known = list(error.schema.get("properties", {}))
             for key in instance:
                 if key not in known:
-                    hint = did_you_mean(key, known)
+                    hint = unknown_key_hint(key, known)
                     if hint.startswith("did you mean"):
                         suggested.add((path, hint.split("'")[1]))
                     checker.add("unknown-key", (*path, key), "unknown key", hint, key=True)
@@ -180,9 +179,8 @@ def _schema_problems(checker: _Checker, data: dict[str, Any], invalid: set[KeyPa
             wanted = " or ".join(_TYPE_NAMES.get(n, n) for n in names)
             checker.add("type", path, f"expected {wanted}, got {_kind(instance)}")
         elif kind == "enum":
-            close = did_you_mean(instance, value, 0.75) if isinstance(instance, str) else ""
-            checker.add("value", path, f"{instance!r} is not one of: {', '.join(value)}",
-                        close if close.startswith("did") else None)
+            close = did_you_mean(instance, value) if isinstance(instance, str) else None
+            checker.add("value", path, f"{instance!r} is not one of: {', '.join(value)}", close)
         elif kind == "minLength":
             checker.add("value", path, "must not be empty")
         elif kind == "minProperties":
@@ -215,7 +213,7 @@ def _semantics(checker: _Checker, tests: list[Any], config: BridgeConfig, bad: s
         source_id = case.get("source")
         source = sources.get(source_id) if isinstance(source_id, str) else None
         if isinstance(source_id, str) and source_id and source is None:
-            hint = did_you_mean(source_id, list(sources))
+            hint = unknown_key_hint(source_id, list(sources))
             checker.add("unknown-source", (*here, "source"),
                         f"no source {source_id!r} in {config.path.name}", hint.replace("allowed:", "sources:"))
         expect = case.get("expect")
@@ -235,7 +233,7 @@ def _semantics(checker: _Checker, tests: list[Any], config: BridgeConfig, bad: s
             for key in event:
                 if key not in known:
                     checker.add("event-field", (*here, "event", key), f"{source.kind} events have no field {key!r}",
-                                did_you_mean(key, known), key=True)
+                                unknown_key_hint(key, known), key=True)
 
 
 def _expectation(checker: _Checker, here: KeyPath, expect: dict[str, Any]) -> None:

@@ -62,14 +62,15 @@ def _configure_validate(parser: argparse.ArgumentParser) -> None:
 
 def _run_validate(args: argparse.Namespace) -> int:
     from bridge.config import check_config
-    from bridge.diagnostics import summary
+    from bridge.config.diagnostics import summary
 
     path = _config_path(args)
     config, problems = check_config(path)
-    if config is not None and not args.offline and _has_outbox(config):
-        from bridge.sources.postgres import outbox_problems
+    if config is not None and not args.offline:
+        from bridge.sources import REGISTRY
 
-        problems += outbox_problems(config, str(path))
+        for spec in REGISTRY.values():
+            problems += spec.online_problems(config, str(path))
         if any(p.is_error for p in problems):
             config = None
     if args.format == "json":
@@ -90,10 +91,6 @@ def _run_validate(args: argparse.Namespace) -> int:
     return EXIT_OK if config is not None else EXIT_INVALID
 
 
-def _has_outbox(config: BridgeConfig) -> bool:
-    return any(getattr(s.kind_config, "mode", None) == "outbox" for s in config.sources)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # schema
 
@@ -104,7 +101,7 @@ def _configure_schema(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_schema(args: argparse.Namespace) -> int:
-    from bridge.schemas import bridge_schema
+    from bridge.config.schemas import bridge_schema
 
     if args.tests:
         from bridge.casetest import tests_schema
@@ -311,13 +308,14 @@ def _run_sql(args: argparse.Namespace) -> int:
     if args.source not in ids:
         _print_error(f"no source {args.source!r} in {_config_path(args)} (sources: {', '.join(ids)})")
         return EXIT_USAGE
+    from bridge.sources import spec_of
+
     source = loaded.source(args.source)
-    if getattr(source.kind_config, "mode", None) != "outbox":
+    ddl = spec_of(source).ddl(source)
+    if ddl is None:
         _print_error(f"source {args.source!r} is not a postgres source with mode: outbox; it needs no DDL")
         return EXIT_USAGE
-    from bridge.sources.postgres import outbox_ddl
-
-    print(outbox_ddl(source))
+    print(ddl)
     return EXIT_OK
 
 

@@ -13,13 +13,14 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from bridge._dlencode import encode_record
 from bridge.config import DeadLetterConfig, SourceConfig
 from bridge.errors import DeadLetterError
+from bridge.sources import REGISTRY, spec_of
 
 
 class DeadLetterSink(Protocol):
@@ -27,7 +28,10 @@ class DeadLetterSink(Protocol):
 
     def describe(self) -> str: ...
 
-    async def write(self, record: dict[str, Any]) -> None: ...
+    async def write(self, record: dict[str, Any], *, key: bytes | None = None) -> None:
+        """Store ``record`` durably; ``key`` is the event's raw key (:attr:`Event.raw_key`), for a destination that
+        keys its records (a Kafka topic)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -49,7 +53,8 @@ class FileDeadLetter:
     def describe(self) -> str:
         return f"file {self.path}"
 
-    async def write(self, record: dict[str, Any]) -> None:
+    async def write(self, record: dict[str, Any], *, key: bytes | None = None) -> None:
+        del key  # a line has no key; the record holds the decoded one
         try:
             line = encode_record(record) + "\n"
         except Exception as exc:  # MemoryError and the like: a refusal to retry, never an escape
@@ -157,44 +162,20 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield number, record
 
 
-DestinationFactory = Callable[[DeadLetterConfig, SourceConfig], DeadLetterSink]
-
-
-def _file_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLetterSink:
-    assert config.file is not None
-    return FileDeadLetter(config.file)
-
-
-def _postgres_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLetterSink:
-    from bridge.sources.postgres import postgres_dead_letter  # asyncpg stays inside the postgres kind
-
-    return postgres_dead_letter(config, source)
-
-
-def _kafka_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLetterSink:
-    from bridge.sources.kafka import kafka_dead_letter  # aiokafka stays inside the kafka kind
-
-    return kafka_dead_letter(config, source)
-
-
 def destination_key(config: DeadLetterConfig, source: SourceConfig) -> str:
     """Sources whose destinations have the same key share one sink (one file, one table on one database)."""
     if config.file is not None:
         return f"file:{config.file}"
-    server = getattr(source.kind_config, "dsn", None) or getattr(source.kind_config, "bootstrap_servers", "")
-    return f"{config!r}@{server}"
+    return f"{config!r}@{spec_of(source).connection(source)}"
 
 
 def open_destination(config: DeadLetterConfig, source: SourceConfig) -> DeadLetterSink:
-    """The destination a source's config names: a file, a Kafka topic or a Postgres table."""
-    for key, factory in DESTINATIONS.items():
-        if getattr(config, key) is not None:
-            return factory(config, source)
+    """The destination a source's config names: a file, or a kind's own (a Kafka topic, a Postgres table), which
+    is written through the source's connection and so needs a source of that kind (DeadLetterError if not)."""
+    if config.file is not None:
+        return FileDeadLetter(config.file)
+    for spec in REGISTRY.values():
+        key = spec.dead_letter_key
+        if key is not None and getattr(config, key) is not None:
+            return spec.open_dead_letter(config, source)  # it refuses a source of another kind
     raise DeadLetterError(f"source {source.id!r} has no usable dead-letter destination")
-
-
-DESTINATIONS: dict[str, DestinationFactory] = {
-    "file": _file_destination,
-    "kafka_topic": _kafka_destination,
-    "postgres_table": _postgres_destination,
-}

@@ -21,9 +21,9 @@ from bridge._clock import iso_from_epoch
 from bridge._prepare import prepare_payload
 from bridge.bindings import Binding, BindingTable
 from bridge.config import DeliveryConfig, RetryConfig, SourceConfig
+from bridge.config.schemas import PayloadValidator
 from bridge.deadletter import DeadLetterSink
 from bridge.errors import DeadLetterError, DeliveryError, EngineUnavailable, EventError
-from bridge.schemas import PayloadValidator
 from bridge.sources import Event, Outcome
 from bridge.templates import CompiledTree, CompiledWhen, compile_tree, compile_when, make_context
 
@@ -322,7 +322,7 @@ class Dispatcher:
         delay = 0.5
         while True:
             try:
-                await self.dead_letters.write(record)
+                await self.dead_letters.write(record, key=event.raw_key)
                 return
             except Exception as exc:
                 # Never acknowledge an event whose dead letter is not durable: hold it (and, through the

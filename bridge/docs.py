@@ -16,47 +16,12 @@ from typing import Any
 
 from bridge import _docsprose as prose
 from bridge.config import REDACTED, BridgeConfig, SourceConfig, redact
+from bridge.config.schemas import BindValidator, SchemaFileError, resolve_pointer
 from bridge.errors import BindConfigError
-from bridge.schemas import BindValidator, SchemaFileError, resolve_pointer
+from bridge.sources import spec_of
 from bridge.templates import compile_tree
 
-__all__ = ["EVENT_FIELDS", "example_bind_config", "render_docs"]
-
-EVENT_FIELDS: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "kafka": (
-        ("id", "string", "`kafka:<topic>:<partition>:<offset>`; stable, use it to de-duplicate"),
-        ("source", "string", "the trigger type id"),
-        ("topic", "string", "the record's topic"),
-        ("partition", "integer", "the record's partition"),
-        ("offset", "integer", "the record's offset"),
-        ("key", "per key_format", "the record key: text, parsed JSON, or base64 of the bytes"),
-        ("value", "per value_format", "the record value: text, parsed JSON, or base64 of the bytes"),
-        ("headers", "object", "header name → text"),
-        ("timestamp", "integer or null", "the record timestamp, epoch milliseconds"),
-        ("timestamp_iso", "string or null", "the record timestamp, ISO-8601 UTC"),
-    ),
-    "postgres": (
-        ("id", "string", "listen: `pg:<channel>:<backend pid>:<received ns>`; outbox: `pg:<table>:<row id>`"),
-        ("source", "string", "the trigger type id"),
-        ("channel", "string", "the NOTIFY channel (outbox: the row's channel)"),
-        ("payload", "per payload_format", "the NOTIFY payload, text or parsed JSON (outbox: the row's payload)"),
-        ("pid", "integer or null", "the notifying backend's process id (outbox: null)"),
-        ("received_at", "string", "when the bridge received it, ISO-8601 UTC"),
-    ),
-    "file": (
-        ("id", "string", "`file:<relative path>:<mtime ns>:<size>`; one per file version"),
-        ("source", "string", "the trigger type id"),
-        ("path", "string", "absolute path of the file"),
-        ("relative_path", "string", "path relative to the watched directory, with `/`"),
-        ("name", "string", "the file name"),
-        ("change", "string", "`created`, `modified` or `deleted`"),
-        ("size", "integer", "size in bytes"),
-        ("mtime", "string", "modification time, ISO-8601 UTC"),
-        ("content", "per content", "null, UTF-8 text, parsed JSON or base64 of the bytes"),
-    ),
-}
-"""The ``event`` fields of each kind (DESIGN.md §2): name, type, description."""
-
+__all__ = ["example_bind_config", "render_docs"]
 
 def render_docs(config: BridgeConfig) -> str:
     """The Worker Docs of every source of ``config`` (Markdown, ending with a newline)."""
@@ -271,7 +236,7 @@ def _payload_section(source: SourceConfig) -> list[str]:
                 ensure_ascii=False), "```", "", "</details>", ""]
     if source.payload is None:
         out += [prose.WHOLE_EVENT, "", "| field | type | description |", "|---|---|---|"]
-        out += [f"| `{n}` | {_cell(t)} | {_cell(d)} |" for n, t, d in EVENT_FIELDS[source.kind]]
+        out += [f"| `{n}` | {_cell(t)} | {_cell(d)} |" for n, t, d in spec_of(source).event_fields]
         return out
     tree = redact(source.payload)
     out += [prose.TEMPLATED, ""]

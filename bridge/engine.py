@@ -28,9 +28,9 @@ from websockets.exceptions import ConnectionClosed
 from bridge._reconcile import Reconciler
 from bridge.bindings import Binding, BindingTable
 from bridge.config import EngineConfig
+from bridge.config.schemas import BindValidator
 from bridge.dispatch import Invocation
 from bridge.errors import BindConfigError, DeliveryError, EngineUnavailable
-from bridge.schemas import BindValidator
 
 log = logging.getLogger("bridge.engine")
 

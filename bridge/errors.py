@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bridge.diagnostics import Problem
+    from bridge.config.diagnostics import Problem
 
 
 class BridgeError(Exception):

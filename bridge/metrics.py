@@ -2,9 +2,10 @@
 
 Nothing here runs per event. The dispatcher only adds to the plain counters of its :class:`~bridge.dispatch.Stats`;
 a custom collector turns them into metric families when Prometheus scrapes, together with what is read from the
-runtime at that moment (in-flight events, bindings, the engine link, each source's own figures: Kafka consumer
-lag through a ``lag()`` method, Postgres listen gaps and drops through ``gaps``/``dropped`` attributes, when the
-source object has them). Each runtime has its own registry, never prometheus_client's global one.
+runtime at that moment (:meth:`~bridge.runtime.Runtime.source_reports`: in-flight events, bindings, state) and
+the engine link, plus the figures each kind declares (:attr:`~bridge.sources.KindSpec.figures`: Kafka consumer
+lag, Postgres listen gaps and drops), read from its sources through :meth:`~bridge.sources.Source.figures`. Each
+runtime has its own registry, never prometheus_client's global one.
 
 The HTTP side is a small asyncio server on the bridge loop: a scrape reads counters and formats a few dozen
 lines, and staying on the loop means every value is read where it is written (no locks, no torn reads).
@@ -16,13 +17,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bridge.dispatch import LATENCY_BUCKETS_S
+from bridge.sources import REGISTRY, Figure, Source
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -83,23 +85,9 @@ class _Collector(Collector):
         latency = HistogramMetricFamily(
             "bridge_delivery_seconds", "Duration of successful invocations, in seconds.", labels=tt
         )
-        lag = GaugeMetricFamily(
-            "bridge_kafka_lag",
-            "Records between the lowest offset not done and the partition's high watermark.",
-            labels=[*tt, "topic", "partition"],
-        )
-        gaps = CounterMetricFamily(
-            "bridge_postgres_listen_gaps",
-            "Times the LISTEN connection was re-established; notifications sent meanwhile are lost.",
-            labels=tt,
-        )
-        dropped = CounterMetricFamily(
-            "bridge_postgres_listen_dropped",
-            "Notifications received in listen mode and dropped (no function bound, or the queue was full).",
-            labels=tt,
-        )
-        for sid, runner in rt.runners.items():
-            stats = runner.stats
+        figures = {f.name: _family(f) for spec in REGISTRY.values() for f in spec.figures}
+        for report in rt.source_reports():
+            sid, stats = report.id, report.stats
             label = [sid]
             received.add_metric(label, stats.received)
             done.add_metric([sid, "delivered"], stats.delivered)
@@ -109,20 +97,19 @@ class _Collector(Collector):
             deliveries.add_metric([sid, "error"], stats.deliveries_failed)
             retries.add_metric(label, stats.retries)
             dl_failures.add_metric(label, stats.dead_letter_failures)
-            in_flight.add_metric(label, runner.in_flight())
-            bindings.add_metric(label, len(runner.table))
-            expired.add_metric(label, runner.table.expired)
-            running.add_metric(label, 1 if rt.source_states.get(sid) == "running" else 0)
+            in_flight.add_metric(label, report.in_flight)
+            bindings.add_metric(label, report.bindings)
+            expired.add_metric(label, report.expired_bindings)
+            running.add_metric(label, 1 if report.running else 0)
             latency.add_metric(label, _buckets(list(stats.latency_counts)), stats.latency_sum_s)
-            source = rt.sources.get(sid)
-            if source is not None:
-                _source_figures(sid, source, lag, gaps, dropped)
+            if report.source is not None:
+                _source_figures(sid, report.source, figures)
         engine = GaugeMetricFamily("bridge_engine_connected", "1 while the iii engine link is up, else 0.")
         engine.add_metric([], 1 if rt.engine_connected() else 0)
         families: list[Metric] = [
             received, done, deliveries, retries, dl_failures, in_flight, bindings, expired, running, latency
         ]
-        families.extend(f for f in (lag, gaps, dropped) if f.samples)
+        families.extend(f for f in figures.values() if f.samples)
         families.append(engine)
         return families
 
@@ -136,21 +123,28 @@ def _buckets(counts: list[int]) -> list[tuple[str, float]]:
     return out
 
 
-def _source_figures(
-    sid: str, source: Any, lag: GaugeMetricFamily, gaps: CounterMetricFamily, dropped: CounterMetricFamily
-) -> None:
-    """Figures only some kinds have; a failing reader costs its own metric, never the scrape."""
-    read_lag = getattr(source, "lag", None)
-    if callable(read_lag):
-        try:
-            for (topic, partition), value in sorted(read_lag().items()):
-                lag.add_metric([sid, str(topic), str(partition)], value)
-        except Exception as exc:
-            log.debug("kafka lag of %s unavailable: %s", sid, exc)
-    for family, name in ((gaps, "gaps"), (dropped, "dropped")):
-        value = getattr(source, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            family.add_metric([sid], value)
+def _family(figure: Figure) -> GaugeMetricFamily | CounterMetricFamily:
+    labels = ["trigger_type", *figure.labels]
+    if figure.type == "gauge":
+        return GaugeMetricFamily(figure.name, figure.help, labels=labels)
+    return CounterMetricFamily(figure.name, figure.help, labels=labels)
+
+
+def _source_figures(sid: str, source: Source, families: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
+    """The figures ``source`` reports, in the families its kind declared (sorted by label values); a failing
+    reader costs its own figures, never the scrape."""
+    try:
+        reported = {name: sorted(samples) for name, samples in source.figures().items()}
+    except Exception as exc:
+        log.debug("figures of %s unavailable: %s", sid, exc)
+        return
+    for name, samples in reported.items():
+        family = families.get(name)
+        if family is None:
+            log.debug("source %s reports %s, which no kind declares; not exported", sid, name)
+            continue
+        for labels, value in samples:
+            family.add_metric([sid, *(str(v) for v in labels)], value)
 
 
 class MetricsServer:

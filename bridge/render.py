@@ -7,7 +7,6 @@ config is the one step that needs the engine: it is not called, and the output s
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,17 +14,22 @@ from typing import Any, TextIO
 
 from jsonschema import Draft202012Validator
 
-from bridge._yamllimits import has_surrogate
 from bridge.bindings import Binding
 from bridge.config import BridgeConfig, SourceConfig
-from bridge.docs import EVENT_FIELDS
+from bridge.config._yamllimits import has_surrogate
+from bridge.config.diagnostics import did_you_mean, json_type
+from bridge.config.schemas import BindValidator, PayloadValidator, violations
 from bridge.errors import BindConfigError, PayloadSchemaError, RenderError
-from bridge.schemas import BindValidator, PayloadValidator, violations
+from bridge.sources import spec_of
 from bridge.templates import TemplateCompileError, compile_tree, compile_when, make_context
 
 __all__ = ["Rendered", "event_view", "render_event", "run"]
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+# JSON types as a sentence names them (JSON has one number type; an object is handled before).
+_ARTICLED = {"array": "an array", "string": "a string", "boolean": "a boolean", "integer": "a number",
+             "number": "a number"}
 
 
 @dataclass(frozen=True)
@@ -48,12 +52,7 @@ def event_view(source: SourceConfig, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _default_id(source: SourceConfig, event: dict[str, Any]) -> str:
-    parts = {"kafka": ("topic", "partition", "offset"), "postgres": ("channel",), "file": ("relative_path",)}
-    names = parts[source.kind]
-    if not all(name in event for name in names):
-        return f"render:{source.id}"
-    values = ":".join(str(event[name]) for name in names)
-    return {"kafka": f"kafka:{values}", "postgres": f"pg:{values}:0:0", "file": f"file:{values}:0:0"}[source.kind]
+    return spec_of(source).render_id(event) or f"render:{source.id}"
 
 
 def render_event(source: SourceConfig, event: dict[str, Any], bind_config: Any) -> Rendered:
@@ -105,8 +104,8 @@ def run(
         source = config.source(source_id)
     except KeyError:
         names = [s.id for s in config.sources]
-        close = difflib.get_close_matches(source_id, names, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        close = did_you_mean(source_id, names)
+        hint = f"{close} " if close else ""
         return fail(f"no source {source_id!r} in {config.path.name}; {hint}sources: {', '.join(names)}", EXIT_USAGE)
     label = "the event on stdin" if event_arg == "-" else f"event file {event_arg}"
     try:
@@ -114,7 +113,7 @@ def run(
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return fail(f"cannot read {label}: {reason}", EXIT_USAGE)
-    fields_doc = ", ".join(name for name, _, _ in EVENT_FIELDS[source.kind] if name not in ("id", "source"))
+    fields_doc = ", ".join(name for name, _, _ in spec_of(source).event_fields if name not in ("id", "source"))
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -123,7 +122,7 @@ def run(
         return fail(f"{label} holds a number too large or nesting too deep to read")
     if not isinstance(fields, dict):
         return fail(f"{label} must be a JSON object of the {source.kind} event fields ({fields_doc}), "
-                    f"not {_json_type(fields)}")
+                    f"not {_ARTICLED.get(json_type(fields), json_type(fields))}")
     try:
         bind_config = json.loads(config_arg) if config_arg is not None else {}
     except json.JSONDecodeError as exc:
@@ -154,7 +153,7 @@ def run(
 
 def _note_fields(source: SourceConfig, event: dict[str, Any], stderr: TextIO) -> None:
     """Name event fields the templates use but the event lacks, and fields the kind does not have."""
-    known = {name for name, _, _ in EVENT_FIELDS[source.kind]}
+    known = {name for name, _, _ in spec_of(source).event_fields}
     used: set[str] = set()
     try:
         if source.when:
@@ -192,8 +191,3 @@ def _report(result: Rendered, stderr: TextIO) -> None:
         print("payload_schema: violated (at run time this binding's event would be dead-lettered):", file=stderr)
         for line in result.schema_violations:
             print(f"  {line}", file=stderr)
-
-
-def _json_type(value: Any) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)

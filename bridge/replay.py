@@ -216,7 +216,7 @@ class _Captured:
     def describe(self) -> str:
         return "replay (reported, not written)"
 
-    async def write(self, record: dict[str, Any]) -> None:
+    async def write(self, record: dict[str, Any], *, key: bytes | None = None) -> None:
         self.records.append(record)
 
     async def close(self) -> None:

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 from bridge._window import Window
 from bridge.bindings import Binding, BindingTable
 from bridge.config import BridgeConfig, DeadLetterConfig, SourceConfig, redact_dsn
+from bridge.config.schemas import BindValidator
 from bridge.deadletter import DeadLetterSink, destination_key, open_destination
 from bridge.dispatch import Dispatcher, Invocation, Invoker, Stats
 from bridge.errors import BindConfigError
-from bridge.schemas import BindValidator
-from bridge.sources import REGISTRY, SHUTDOWN_GRACE_S, Event, OnDone, Source, exclusive
+from bridge.sources import SHUTDOWN_GRACE_S, Event, OnDone, Source, spec_of
 from bridge.status import SourceStatus, StatusLine, status_enabled
 
 if TYPE_CHECKING:
@@ -35,6 +35,20 @@ log = logging.getLogger("bridge.runtime")
 
 DRAIN_TIMEOUT_S = SHUTDOWN_GRACE_S
 """How long shutdown waits for in-flight events before leaving them unacknowledged."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceReport:
+    """One source as the metrics see it: its counters and state, and its Source object (for the figures its kind
+    declares), None until it first starts."""
+
+    id: str
+    stats: Stats
+    in_flight: int
+    bindings: int
+    expired_bindings: int
+    running: bool
+    source: Source | None
 
 
 class SourceRunner:
@@ -328,6 +342,14 @@ class Runtime:
         ]
         return self.engine_connected(), rows
 
+    def source_reports(self) -> list[SourceReport]:
+        """What the metrics read of each source at a scrape (on the bridge loop)."""
+        return [
+            SourceReport(sid, r.stats, r.in_flight(), len(r.table), r.table.expired,
+                         self.source_states.get(sid) == "running", self.sources.get(sid))
+            for sid, r in self.runners.items()
+        ]
+
     async def _serve_metrics(self, listen: str) -> bool:
         from bridge.metrics import MetricsServer
 
@@ -359,7 +381,7 @@ class Runtime:
                 bind=self.validators[s.id],
                 payload_schema=s.payload_schema,
                 table=self.tables[s.id],
-                exclusive=exclusive(s),
+                exclusive=spec_of(s).exclusive(s),
             )
             for s in self.config.sources
         ]
@@ -396,9 +418,8 @@ class Runtime:
         """Run one source; if it fails, log why and start it again (one source never stops the bridge)."""
         delay = 1.0
         while True:
-            factory = REGISTRY[config.kind]
             try:
-                source: Source = factory(config, self.config.state_dir, dry_run=self.dry_run)
+                source = spec_of(config).open_source(config, self.config.state_dir, dry_run=self.dry_run)
                 self.sources[config.id] = source
                 self.source_states[config.id] = "running"
                 await source.run(runner)
@@ -419,7 +440,7 @@ class Runtime:
 
 def _dry_run_config(config: BridgeConfig, scratch: Path) -> BridgeConfig:
     """A dry run changes nothing: scratch state, dead letters in scratch. What each source must not touch (locks,
-    offsets, rows, files) it leaves alone itself, told by the ``dry_run`` flag (see ``SourceFactory``)."""
+    offsets, rows, files) it leaves alone itself, told by the ``dry_run`` flag (see ``KindSpec.open_source``)."""
     sources = []
     for s in config.sources:
         dead_letter = DeadLetterConfig(file=scratch / "dead-letters.jsonl")

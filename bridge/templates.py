@@ -44,6 +44,7 @@ from bridge._bounds import (
     check_result,
 )
 from bridge._filters import FILTERS, SEQUENCES, FilterError
+from bridge._keypath import format_path
 from bridge.errors import RenderError
 
 __all__ = [
@@ -79,19 +80,8 @@ class TemplateCompileError(Exception):
     def __init__(self, problems: list[TemplateSyntaxProblem]) -> None:
         self.problems = problems
         super().__init__(
-            "\n".join(f"{_format_path(p.path) or '<template>'}: line {p.line}: {p.message}" for p in problems)
+            "\n".join(f"{format_path(p.path) or '<template>'}: line {p.line}: {p.message}" for p in problems)
         )
-
-
-def _format_path(path: Path) -> str:
-    """``payload.items[0].sku``: the path as users read it in error messages."""
-    text = ""
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else part
-    return text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -380,7 +370,7 @@ def _compile_string(
     template.globals = _GLOBAL_VALUES
     if expression is not None:
         return _expression_renderer(template, path, _lookup_path(expression))
-    label = _format_path(path)
+    label = format_path(path)
 
     def render_string(scope: dict[str, Any]) -> Any:
         try:
@@ -428,7 +418,7 @@ def _expression_renderer(
     """Renders a lone expression to its native value. A ``lookup`` path is first followed directly through plain
     dicts and lists (what the environment's getattr/getitem return for a key that exists, without a Jinja
     context); anything else (a missing key, another type, a filter) runs the compiled template."""
-    label = _format_path(path)
+    label = format_path(path)
     name, steps = lookup if lookup is not None else ("", ())
 
     def evaluate(scope: dict[str, Any]) -> Any:
@@ -460,7 +450,7 @@ def _expression_renderer(
         try:
             return _plain(value)
         except _NotPlain as exc:
-            raise _render_error(_format_path((*path, *reversed(exc.where))), exc.reason) from None
+            raise _render_error(format_path((*path, *reversed(exc.where))), exc.reason) from None
         except Exception as exc:  # too deep for the copy (RecursionError), out of memory: a render error
             raise _render_error(label, _describe(exc)) from exc
 
@@ -519,7 +509,7 @@ class CompiledTree:
         self._static = static
         self._uses = frozenset(refs.names)
         self._event_fields = frozenset(refs.event_fields)
-        self._label = _format_path(root)
+        self._label = format_path(root)
 
     def render(self, context: Mapping[str, Any], *, allow_null: bool = False) -> Any:
         """The rendered tree, a fresh copy each time; RenderError names the failing path and the cause."""

@@ -22,12 +22,13 @@ import pytest
 
 from bridge._dlencode import encode_record
 from bridge.bindings import Binding, BindingTable
-from bridge.config import DeadLetterConfig, DeliveryConfig, FileSourceConfig, RetryConfig
+from bridge.config import DeadLetterConfig, DeliveryConfig, RetryConfig
 from bridge.deadletter import FileDeadLetter, read_records
 from bridge.dispatch import Dispatcher, Invocation
 from bridge.errors import DeliveryError
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
+from bridge.sources.file.spec import FileSourceConfig
 from tests.support.configs import source_config
 
 

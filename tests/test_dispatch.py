@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from bridge.bindings import Binding, BindingTable
-from bridge.config import DeliveryConfig, FileSourceConfig, RetryConfig, SourceConfig
+from bridge.config import DeliveryConfig, RetryConfig, SourceConfig
 from bridge.dispatch import Dispatcher, Invocation, backoff_s
 from bridge.errors import DecodeError, DeliveryError, EngineUnavailable
 from bridge.sources import Event
+from bridge.sources.file.spec import FileSourceConfig
 from tests.support.configs import source_config
 
 FAST = RetryConfig(max_attempts=3, initial_backoff_ms=1, max_backoff_ms=4, multiplier=2.0, jitter=0.0)
@@ -77,12 +78,14 @@ class MemoryDeadLetters:
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
+        self.keys: list[bytes | None] = []
 
     def describe(self) -> str:
         return "memory"
 
-    async def write(self, record: dict[str, Any]) -> None:
+    async def write(self, record: dict[str, Any], *, key: bytes | None = None) -> None:
         self.records.append(record)
+        self.keys.append(key)
 
     async def close(self) -> None:
         return None
@@ -155,6 +158,17 @@ async def test_a_call_that_keeps_failing_is_dead_lettered_after_exactly_max_atte
     assert record["first_attempt_at"] <= record["last_attempt_at"]
     stats = dispatcher.stats
     assert (stats.dead_lettered, stats.deliveries_failed, stats.retries) == (1, 3, 2)
+
+
+async def test_the_raw_key_of_an_event_reaches_its_dead_letter(tmp_path: Path) -> None:
+    invoker = FakeInvoker({"f::pay": [DeliveryError("invocation_failed", "card declined")]})
+    dispatcher, dead_letters = _dispatcher(tmp_path, [_binding("f::pay")], invoker)
+    keyed = Event(id="e1", source="orders", fields={"key": "/gA="}, raw_key=b"\xfe\x00")
+
+    assert await dispatcher.deliver(keyed) == "dead_lettered"
+    assert await dispatcher.deliver(_event()) == "dead_lettered"
+
+    assert dead_letters.keys == [b"\xfe\x00", None]  # the bytes as received; templates saw base64
 
 
 async def test_max_attempts_one_never_retries(tmp_path: Path) -> None:

@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 
 from bridge.bindings import Binding, BindingTable, Change
-from bridge.config import DeadLetterConfig, DeliveryConfig, EngineConfig, FileSourceConfig, RetryConfig
+from bridge.config import DeadLetterConfig, DeliveryConfig, EngineConfig, RetryConfig
+from bridge.config.schemas import BindValidator
 from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher
 from bridge.engine import EngineLink, TriggerTypeSpec
-from bridge.schemas import BindValidator
 from bridge.sources import Event, Outcome
+from bridge.sources.file.spec import FileSourceConfig
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from tests.support.configs import source_config

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.config import load_config
 from bridge.metrics import parse_listen
 from bridge.runtime import Runtime
-from bridge.sources import REGISTRY, Event, Outcome, Sink
+from bridge.sources import REGISTRY, Event, Outcome, Sample, Sink
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from tests.support.files import drop, wait_for
@@ -167,15 +167,17 @@ def test_counters_move_and_readiness_follows_the_engine(
 
 
 class _FigureSource:
-    """A source with the read-only figures of the Kafka and Postgres sources; submits two events."""
+    """A source reporting the figures the Kafka and Postgres kinds declare; submits two events."""
 
-    def __init__(self, config: Any, state_dir: Path, *, dry_run: bool = False) -> None:
+    def __init__(self, config: Any) -> None:
         self.config = config
-        self.gaps = 2
-        self.dropped = 5
 
-    def lag(self) -> dict[tuple[str, int], int]:
-        return {("orders", 1): 7, ("orders", 0): 3}
+    def figures(self) -> dict[str, list[Sample]]:
+        return {
+            "bridge_kafka_lag": [(("orders", "1"), 7), (("orders", "0"), 3)],
+            "bridge_postgres_listen_gaps": [((), 2)],
+            "bridge_postgres_listen_dropped": [((), 5)],
+        }
 
     async def run(self, sink: Sink) -> None:
         async def on_done(outcome: Outcome) -> None:
@@ -198,7 +200,11 @@ async def _http(port: int, request: bytes) -> bytes:
 
 
 async def test_source_figures_and_http_details(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(REGISTRY, "file", _FigureSource)
+    class _FigureSpec(type(REGISTRY["file"])):  # type: ignore[misc]
+        def open_source(self, source: Any, state_dir: Path, *, dry_run: bool = False) -> Any:
+            return _FigureSource(source)
+
+    monkeypatch.setitem(REGISTRY, "file", _FigureSpec())
     (tmp_path / "bridge.yaml").write_text(
         "version: 1\nobservability: {listen: '127.0.0.1:0'}\nsources:\n  s:\n    file: {path: ./in}\n"
         "    payload: {n: '{{ event.n }}'}\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.schemas import bridge_schema
+from bridge.config.schemas import bridge_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "kafka-orders" / "bridge.yaml"
@@ -75,7 +75,7 @@ def _run_installed(target: Path, cwd: Path, *argv: str) -> subprocess.CompletedP
 
 def test_installed_package_finds_its_schemas(target: Path, tmp_path: Path) -> None:
     probe = _run_installed(
-        target, tmp_path, "-c", "import bridge, bridge.schemas as s; print(bridge.__file__); print(s.SCHEMA_DIR)"
+        target, tmp_path, "-c", "import bridge, bridge.config.schemas as s; print(bridge.__file__); print(s.SCHEMA_DIR)"
     )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.splitlines() == [str(target / "bridge" / "__init__.py"), str(target / "bridge" / "_schemas")]

@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 from bridge.bindings import Binding, BindingTable
-from bridge.config import DeadLetterConfig, DeliveryConfig, FileSourceConfig, RetryConfig, SourceConfig
+from bridge.config import DeadLetterConfig, DeliveryConfig, RetryConfig, SourceConfig
 from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher, Invocation, backoff_s
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
+from bridge.sources.file.spec import FileSourceConfig
 from tests.support.configs import source_config
 
 

@@ -26,16 +26,14 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bridge.config import (
-    FileSourceConfig,
-    KafkaSourceConfig,
-    PostgresSourceConfig,
-    SourceConfig,
-)
+from bridge.config import SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import REGISTRY, Event, Outcome, Source
-from bridge.sources.kafka import KafkaSource
-from bridge.sources.postgres import PostgresSource, outbox_ddl
+from bridge.sources.file.spec import FileSourceConfig
+from bridge.sources.kafka.source import KafkaSource
+from bridge.sources.kafka.spec import KafkaSourceConfig
+from bridge.sources.postgres.source import PostgresSource, outbox_ddl
+from bridge.sources.postgres.spec import PostgresSourceConfig
 from bridge.testing.sink import MemorySink, wait_ended
 from bridge.testing.waiting import until
 from tests.support.configs import source_config
@@ -71,7 +69,7 @@ class Harness:
         """The source as the runtime builds it. Built so, a kind that waits for events in flight when cancelled
         waits up to SHUTDOWN_GRACE_S (15 s) before giving them up; ``abandon_in_flight`` builds the kind's class
         with a grace of ABANDON_GRACE_S instead, for the test that leaves an event unacknowledged at shutdown."""
-        return REGISTRY[self.config.kind](self.config, self.state_dir)
+        return REGISTRY[self.config.kind].open_source(self.config, self.state_dir)
 
     def sink(self, **kw: Any) -> MemorySink:
         return MemorySink(wait_timeout_s=self.wait_s, quiet_s=QUIET_S, **kw)

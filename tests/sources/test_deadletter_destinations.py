@@ -12,17 +12,18 @@ from typing import Any
 import asyncpg
 
 from bridge.bindings import Binding, BindingTable
-from bridge.config import DeadLetterConfig, DeliveryConfig, KafkaSourceConfig, RetryConfig
+from bridge.config import DeadLetterConfig, DeliveryConfig, RetryConfig
 from bridge.deadletter import FileDeadLetter, read_records
 from bridge.dispatch import Dispatcher, Invocation
 from bridge.runtime import SourceRunner
 from bridge.sources import Event, Outcome
-from bridge.sources._pgdeadletter import PostgresDeadLetter
-from bridge.sources.kafka import kafka_dead_letter
+from bridge.sources.kafka.source import kafka_dead_letter
+from bridge.sources.kafka.spec import KafkaSourceConfig
+from bridge.sources.postgres._deadletter import PostgresDeadLetter
 from tests.support.configs import source_config
 from tests.support.services import read_topic
 
-from .test_kafka import (
+from .kafka.test_source import (
     committed,
     make_config,
     produce,

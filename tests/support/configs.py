@@ -5,21 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.config import (
-    DeliveryConfig,
-    FileSourceConfig,
-    KafkaSourceConfig,
-    PostgresSourceConfig,
-    SourceConfig,
-    SourceKind,
-)
+from bridge.config import DeliveryConfig, SourceConfig
+from bridge.sources import REGISTRY
 
 __all__ = ["source_config"]
 
 
 def source_config(
     source_id: str,
-    kind_config: FileSourceConfig | KafkaSourceConfig | PostgresSourceConfig,
+    kind_config: object,
     *,
     description: str = "test",
     delivery: DeliveryConfig | None = None,
@@ -28,11 +22,10 @@ def source_config(
 ) -> SourceConfig:
     """The SourceConfig of a ``source_id`` source of ``kind_config``'s kind: no schemas, no ``when``, and by
     default the whole event as payload and the default delivery settings."""
-    kind: SourceKind = "postgres"
-    if isinstance(kind_config, FileSourceConfig):
-        kind = "file"
-    elif isinstance(kind_config, KafkaSourceConfig):
-        kind = "kafka"
+    kinds = [name for name, spec in REGISTRY.items() if isinstance(kind_config, spec.config_type)]
+    if len(kinds) != 1:
+        raise TypeError(f"{type(kind_config).__name__} is the config of no registered source kind")
+    kind = kinds[0]
     return SourceConfig(
         id=source_id,
         kind=kind,

@@ -186,6 +186,7 @@ async def test_rule10_same_worker_name_in_a_namespace_is_refused_for_good(
 ) -> None:
     first = make_consumer(worker_name="twin")
     first.function("twin::fn")
+    await until(lambda: any(w.connected and w.name == "twin" for w in iii_engine.workers()))
     twin = make_consumer(worker_name="twin")
     twin.iii.register_function("twin::other", lambda _payload: None)
     await until(lambda: twin.iii.get_connection_state() == "failed")
@@ -207,6 +208,8 @@ async def test_rule10_the_refusal_closes_without_a_status_and_the_name_is_free_o
     iii_engine: TestEngine, make_consumer: Callable[..., Consumer], raw: MakeRaw
 ) -> None:
     first = make_consumer(worker_name="solo")
+    # The name belongs to whoever registers it first: wait until the engine gave it to the SDK worker.
+    await until(lambda: any(w.connected and w.name == "solo" for w in iii_engine.workers()))
     second = await raw(name="solo", register=False)
     await second.register(name="solo")
     assert (await second.recv("registrationrejected"))["owner_worker_id"] == first.worker_id
