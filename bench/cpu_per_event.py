@@ -36,8 +36,8 @@ from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher, Invocation
 from bridge.runtime import SourceRunner
 from bridge.sources import Outcome
-from bridge.sources import kafka as kafka_module
-from bridge.sources._kafkaoffsets import PartitionTrack
+from bridge.sources.kafka import _decode as kafka_decode
+from bridge.sources.kafka._offsets import PartitionTrack
 
 CONFIG = """\
 version: 1
@@ -120,7 +120,7 @@ async def _run(config: Any, records: list[Record], scratch: Path, timers: _Timer
     runner = SourceRunner(source, dispatcher, table)
     part = PartitionTrack("orders", 0)
     part.add_fetched(records)
-    decode = kafka_module.record_event
+    decode = kafka_decode.record_event
     done = part.done
     if timers is not None:
         _instrument(dispatcher, timers)

@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 
 from bridge._fastschema import compile_check
+from bridge.config.schemas import PayloadValidator
 from bridge.errors import PayloadSchemaError
-from bridge.schemas import PayloadValidator
 
 SCHEMAS: list[Any] = [
     True,
