@@ -29,7 +29,7 @@ from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from tests.support.files import drop, read_jsonl, wait_for
 from tests.support.process import BridgeProcess
-from tests.support.services import committed_offsets
+from tests.support.services import committed_offsets, pg_execute, pg_fetch
 
 PARTITIONS = 4
 RECONCILE_MS = 1000
@@ -323,29 +323,6 @@ def _assigned(proc: BridgeProcess) -> set[int]:
 # ------------------------------------------------------------------------------------------- Postgres helpers
 
 
-def _pg(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn, timeout=10)
-        try:
-            rows: list[asyncpg.Record] = await conn.fetch(query, *args, timeout=30)
-            return rows
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
-
-
-def _pg_script(dsn: str, script: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(dsn, timeout=10)
-        try:
-            await conn.execute(script, timeout=30)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
 def _notify(dsn: str, numbers: range) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(dsn, timeout=10)
@@ -448,7 +425,7 @@ def test_outbox_rows_inserted_across_an_engine_restart_are_all_delivered_and_del
     config = _write(tmp_path, OUTBOX_SOURCES, dsn=json.dumps(pg_database))
     capsys.readouterr()
     assert main(["sql", "-c", str(config), "orders"]) == 0
-    _pg_script(pg_database, capsys.readouterr().out)
+    pg_execute(pg_database, capsys.readouterr().out)
 
     async def slow(payload: Any) -> Any:
         await asyncio.sleep(0.02)
@@ -460,7 +437,7 @@ def test_outbox_rows_inserted_across_an_engine_restart_are_all_delivered_and_del
     bridge.wait_for_log(r"binding \S+ added: orders → pg::order")
     restart = _restart_soon(iii_engine, after_s=0.8)
     for first in range(0, 500, 25):
-        _pg(pg_database, "INSERT INTO bridge_outbox (channel, payload) SELECT 'orders', jsonb_build_object('n', n)"
+        pg_fetch(pg_database, "INSERT INTO bridge_outbox (channel, payload) SELECT 'orders', jsonb_build_object('n', n)"
                          " FROM generate_series($1::int, $2::int) AS n", first, first + 24)
         time.sleep(0.1)
         if first == 250:
@@ -475,7 +452,7 @@ def test_outbox_rows_inserted_across_an_engine_restart_are_all_delivered_and_del
     _all_delivered(lambda: {c["n"] for c in consumer.calls("pg::order")}, set(range(500)), tmp_path)
     _mid_stream(consumer, "pg::order", outage)
     _came_back_before(iii_engine, consumer.worker_name, "outage-outbox")
-    wait_for(lambda: _pg(pg_database, "SELECT count(*) AS n FROM bridge_outbox")[0]["n"] == 0, 10,
+    wait_for(lambda: pg_fetch(pg_database, "SELECT count(*) AS n FROM bridge_outbox")[0]["n"] == 0, 10,
              "an empty outbox")
     assert _dead_letters(tmp_path) == []
     assert bridge.stop() == 0
@@ -607,9 +584,10 @@ def test_a_listen_standby_never_registers_the_type_while_it_is_not_the_active_re
     assert b_turn >= 1
     b.freeze()  # so that it cannot take the lock straight back
     try:
-        killed = _pg(pg_database, "SELECT pg_terminate_backend(pid) AS ok FROM pg_locks WHERE locktype = 'advisory'"
-                                  " AND granted AND database = (SELECT oid FROM pg_database"
-                                  " WHERE datname = current_database())")
+        killed = pg_fetch(pg_database,
+                          "SELECT pg_terminate_backend(pid) AS ok FROM pg_locks WHERE locktype = 'advisory'"
+                          " AND granted AND database = (SELECT oid FROM pg_database"
+                          " WHERE datname = current_database())")
         assert [r["ok"] for r in killed] == [True]
         a2.wait_for_log(r"the replica that listened is gone; this one listens now", timeout=10)
     finally:

@@ -22,7 +22,7 @@ from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from tests.support.files import read_jsonl, wait_for
 from tests.support.process import BridgeProcess
-from tests.support.services import PostgresServer
+from tests.support.services import PostgresServer, pg_execute, pg_fetch
 
 # Placeholders in the configs below are <dsn> and friends (str.format would need every Jinja brace doubled).
 LISTEN_CONFIG = """\
@@ -109,29 +109,6 @@ def _write(path: Path, template: str, **values: Any) -> Path:
 # --------------------------------------------------------------------------------------------- database
 
 
-def _fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn, timeout=10)
-        try:
-            rows: list[asyncpg.Record] = await conn.fetch(query, *args, timeout=30)
-            return rows
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
-
-
-def _execute(dsn: str, script: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(dsn, timeout=10)
-        try:
-            await conn.execute(script, timeout=30)  # no arguments: several statements are allowed
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
 def _notify(dsn: str, channel: str, *payloads: str) -> int:
     """Send each payload on ``channel`` from one session, in order; returns that session's backend pid."""
 
@@ -150,7 +127,7 @@ def _notify(dsn: str, channel: str, *payloads: str) -> int:
 
 def _insert_rows(dsn: str, first: int, count: int) -> None:
     # One statement: the outbox trigger (FOR EACH STATEMENT) sends a single wake-up.
-    _fetch(
+    pg_fetch(
         dsn,
         "INSERT INTO bridge_outbox (channel, payload)"
         " SELECT 'orders', jsonb_build_object('n', n) FROM generate_series($1::int, $2::int) AS n",
@@ -159,7 +136,7 @@ def _insert_rows(dsn: str, first: int, count: int) -> None:
 
 
 def _outbox_rows(dsn: str) -> int:
-    count: int = _fetch(dsn, "SELECT count(*) AS n FROM bridge_outbox")[0]["n"]
+    count: int = pg_fetch(dsn, "SELECT count(*) AS n FROM bridge_outbox")[0]["n"]
     return count
 
 
@@ -167,7 +144,7 @@ def _create_outbox(config: Path, capsys: pytest.CaptureFixture[str], dsn: str) -
     """The DDL exactly as `bridge sql` prints it, run against the database."""
     capsys.readouterr()
     assert main(["sql", "-c", str(config), "orders"]) == 0
-    _execute(dsn, capsys.readouterr().out)
+    pg_execute(dsn, capsys.readouterr().out)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -287,7 +264,7 @@ def test_a_terminated_listener_reconnects_logs_and_counts_the_gap(
     assert _gaps(listen_bridge) == 0
     _notify(pg_database, "user_signup", json.dumps({"id": 1, "tags": [], "vip": False, "note": None, "name": "a"}))
     consumer.wait_calls("pg::signup", 1)
-    rows = _fetch(
+    rows = pg_fetch(
         pg_database,
         "SELECT pg_terminate_backend(pid) AS killed FROM pg_stat_activity"
         " WHERE datname = current_database() AND application_name = $1",
@@ -482,16 +459,16 @@ def test_an_outbox_row_that_cannot_be_delivered_goes_to_the_dead_letter_table_an
     with BridgeProcess(config, iii_engine.url) as proc:
         proc.wait_for_log(r"binding \S+ added: orders → pg::broken")
         _insert_rows(pg_database, 41, 1)
-        row_id = _fetch(pg_database, "SELECT id FROM bridge_outbox")[0]["id"]
+        row_id = pg_fetch(pg_database, "SELECT id FROM bridge_outbox")[0]["id"]
         wait_for(
-            lambda: _fetch(pg_database, "SELECT to_regclass('bridge_dead_letters') IS NOT NULL AS ok")[0]["ok"]
-            and _fetch(pg_database, "SELECT count(*) AS n FROM bridge_dead_letters")[0]["n"] >= 1,
+            lambda: pg_fetch(pg_database, "SELECT to_regclass('bridge_dead_letters') IS NOT NULL AS ok")[0]["ok"]
+            and pg_fetch(pg_database, "SELECT count(*) AS n FROM bridge_dead_letters")[0]["n"] >= 1,
             15,
             "a dead-letter row",
         )
         wait_for(lambda: _outbox_rows(pg_database) == 0, 10, "the outbox row removed")
         assert proc.stop() == 0
-    [record] = _fetch(
+    [record] = pg_fetch(
         pg_database,
         "SELECT source, event::text AS event, binding::text AS binding, payload::text AS payload, error_code,"
         " error_message, attempts, first_attempt_at, last_attempt_at FROM bridge_dead_letters",

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -49,6 +50,8 @@ __all__ = [
     "committed_offsets",
     "free_port",
     "kafka_bootstrap_from_env",
+    "pg_execute",
+    "pg_fetch",
     "read_topic",
 ]
 
@@ -194,3 +197,30 @@ async def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 
     finally:
         await consumer.stop()
     return records
+
+
+def pg_fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    """Run one query in a session of its own and return its rows (blocking: for tests that drive a process)."""
+
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args, timeout=30)
+            return rows
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def pg_execute(dsn: str, script: str) -> None:
+    """Run a script in a session of its own (no arguments: several statements are allowed); blocking."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await conn.execute(script, timeout=30)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
