@@ -27,7 +27,7 @@ from jsonschema import Draft202012Validator
 
 from bridge.config import BridgeConfig
 from bridge.config._yamllimits import read_capped
-from bridge.config.diagnostics import Problem, did_you_mean, format_path, unknown_key_hint
+from bridge.config.diagnostics import Problem, did_you_mean, format_path, json_type, unknown_key_hint
 from bridge.config.schemas import SCHEMA_DIR, BindValidator, violations
 from bridge.config.yamlpos import KeyPath, Positions, decode_text, load_yaml
 from bridge.sources import REGISTRY
@@ -139,15 +139,7 @@ _TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "
 
 
 def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true or false"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "a list" if isinstance(value, list) else "a mapping"
+    return _TYPE_NAMES.get(json_type(value), "a number")  # integer and number both read "a number"
 
 
 def _schema_problems(checker: _Checker, data: dict[str, Any], invalid: set[KeyPath]) -> set[KeyPath]:
