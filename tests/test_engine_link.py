@@ -358,22 +358,25 @@ async def test_a_mirrored_binding_whose_config_does_not_fit_this_replica_is_skip
 ) -> None:
     # Replicas in the middle of a rollout: the provider still accepts what this replica's bind_schema refuses.
     strict = {"type": "object", "properties": {"region": {"type": "string"}}, "additionalProperties": False}
-    async with (
-        bridge(iii_engine, tmp_path, worker_name="replica-a", interval_ms=200, bind_schema=strict) as a,
-        bridge(iii_engine, tmp_path, worker_name="replica-b", interval_ms=200, bind_schema={"type": "object"}) as b,
-    ):
-        await a.until(lambda: [t for t in iii_engine.trigger_types() if t.worker_name == "replica-b"],
-                      what="replica-b provides the type")
-        await _in_thread(consumer.function, "shop::on-order")
-        fits = await _in_thread(consumer.bind, TYPE, "shop::on-order", {"region": "eu"})
-        misfit = await _in_thread(consumer.bind, TYPE, "shop::on-order", {"region": 7})
-        await b.until(lambda: misfit.id in b.table and fits.id in b.table, what="the provider holds both")
-        await a.until(lambda: fits.id in a.table, what="the mirror")
-        await asyncio.sleep(0.6)
-        assert misfit.id not in a.table
-        skipped = [r.getMessage() for r in caplog.records if "is skipped here" in r.getMessage()]
-        assert len(skipped) == 1 and f"binding {misfit.id}" in skipped[0] and "$.region" in skipped[0], skipped
-        assert _registrations(iii_engine, "replica-a") == 1
+    # The engine holds a new worker's registrations until its namespace is known, so replica-a's could land after
+    # replica-b's: let replica-a provide the type first, then replica-b take it over (the latest wins).
+    async with bridge(iii_engine, tmp_path, worker_name="replica-a", interval_ms=200, bind_schema=strict) as a:
+        await a.until(lambda: [t for t in iii_engine.trigger_types() if t.worker_name == "replica-a"],
+                      what="replica-a provides the type")
+        async with bridge(iii_engine, tmp_path, worker_name="replica-b", interval_ms=200,
+                          bind_schema={"type": "object"}) as b:
+            await a.until(lambda: [t for t in iii_engine.trigger_types() if t.worker_name == "replica-b"],
+                          what="replica-b provides the type")
+            await _in_thread(consumer.function, "shop::on-order")
+            fits = await _in_thread(consumer.bind, TYPE, "shop::on-order", {"region": "eu"})
+            misfit = await _in_thread(consumer.bind, TYPE, "shop::on-order", {"region": 7})
+            await b.until(lambda: misfit.id in b.table and fits.id in b.table, what="the provider holds both")
+            await a.until(lambda: fits.id in a.table, what="the mirror")
+            await asyncio.sleep(0.6)
+            assert misfit.id not in a.table
+            skipped = [r.getMessage() for r in caplog.records if "is skipped here" in r.getMessage()]
+            assert len(skipped) == 1 and f"binding {misfit.id}" in skipped[0] and "$.region" in skipped[0], skipped
+            assert _registrations(iii_engine, "replica-a") == 1
 
 
 async def test_a_replica_registers_again_when_the_provider_is_gone(
