@@ -26,6 +26,7 @@ from iii_helpers.observability import ReconnectionConfig
 from websockets.exceptions import ConnectionClosed
 
 from bridge._reconcile import Reconciler
+from bridge._tasks import cancel_and_wait
 from bridge.bindings import Binding, BindingTable
 from bridge.config import EngineConfig
 from bridge.config.schemas import BindValidator
@@ -232,10 +233,7 @@ class EngineLink:
 
     async def close(self) -> None:
         """Stop following the engine (reconciliation, reports, state changes); :meth:`shutdown` closes the SDK."""
-        tasks = [t for t in (self._reconcile_task, *self._background) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(t for t in (self._reconcile_task, *self._background) if t is not None)
         if self._unsubscribe is not None:
             self._unsubscribe()
 

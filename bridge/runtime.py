@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from bridge._tasks import cancel_and_wait
 from bridge._window import Window
 from bridge.bindings import Binding, BindingTable
 from bridge.config import BridgeConfig, DeadLetterConfig, SourceConfig, redact_dsn
@@ -174,10 +175,7 @@ class SourceRunner:
         pending = set(self._tasks)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=timeout_s)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await cancel_and_wait(pending)
         return len(pending)
 
 
@@ -276,9 +274,7 @@ class Runtime:
         stopping = asyncio.create_task(stop.wait(), name="stop signal")
         refused = asyncio.create_task(self._refused.wait(), name="engine refusal")
         await asyncio.wait({stopping, refused}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (stopping, refused):
-            task.cancel()
-        await asyncio.gather(stopping, refused, return_exceptions=True)
+        await cancel_and_wait((stopping, refused))
         await self.shutdown()
         return 1 if self._refused.is_set() else 0
 
@@ -289,15 +285,12 @@ class Runtime:
     async def shutdown(self) -> None:
         self._stopping = True
         if self._status_task is not None:
-            self._status_task.cancel()
-            await asyncio.gather(self._status_task, return_exceptions=True)
+            await cancel_and_wait([self._status_task])
         log.info("shutting down: no new events; waiting up to %.0f s for in-flight ones", self.drain_timeout_s)
-        for task in self._source_tasks.values():
-            task.cancel()
         # Sources stop intake at once but go on acknowledging what finishes during the drain, so both run
         # together.
         drains = [r.drain(self.drain_timeout_s) for r in self.runners.values()]
-        results = await asyncio.gather(*drains, *self._source_tasks.values(), return_exceptions=True)
+        results = await asyncio.gather(*drains, cancel_and_wait(self._source_tasks.values()), return_exceptions=True)
         abandoned = sum(r for r in results[: len(drains)] if isinstance(r, int))
         if abandoned:
             log.warning("%d event(s) were still in flight; they stay unacknowledged and come back", abandoned)

@@ -48,6 +48,7 @@ from typing import Any, Literal
 from watchfiles import Change, awatch
 
 from bridge._clock import iso_from_ns
+from bridge._tasks import cancel_and_wait
 from bridge.config import SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import Event, Outcome, Sample, Sink
@@ -152,11 +153,9 @@ class FileSource:
             raise RuntimeError(f"file source {self.config.id}: the watch on {fc.path} ended")
         finally:
             stop.set()  # the watcher thread checks it every step; cancelling alone would wait for its timeout
-            for task in tasks:
-                task.cancel()
             try:
-                if tasks:
-                    await asyncio.wait(tasks, timeout=5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(cancel_and_wait(tasks), timeout=5)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._log.wait_idle(), timeout=5)
             finally:

@@ -44,6 +44,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from bridge._tasks import cancel_and_wait
 from bridge.config import SourceConfig
 from bridge.sources import SHUTDOWN_GRACE_S, Outcome, Sample, Sink
 from bridge.sources.kafka._assign import DryRunAssignment, GroupListener, subscribe, topics_text
@@ -182,10 +183,7 @@ class KafkaSource:
 
     async def _shut_down(self, consumer: Any, tasks: list[asyncio.Task[None]], subscribed: bool) -> None:
         self._stopping = True
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         parts = list(self._parts.values())
         try:
             self._set_paused([p for p in parts if not p.paused], True)

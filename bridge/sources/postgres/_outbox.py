@@ -39,6 +39,7 @@ from typing import Any
 import asyncpg
 
 from bridge._clock import iso_now
+from bridge._tasks import first_then_cancel
 from bridge.config import SourceConfig, redact_dsn
 from bridge.sources import Outcome, Sink
 from bridge.sources.postgres._conn import (
@@ -130,14 +131,9 @@ class OutboxMode:
             asyncio.create_task(self._claim_loop(sink, pool), name=f"{self.config.id} outbox claims"),
         ]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
+            await first_then_cancel(tasks)
             raise RuntimeError(f"postgres source {self.config.id}: the outbox loop ended")
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             try:
                 await self._finish_batches()
             finally:

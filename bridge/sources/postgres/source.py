@@ -38,6 +38,7 @@ from typing import Any
 
 from bridge import strictjson
 from bridge._clock import iso_from_epoch, iso_from_ns
+from bridge._tasks import first_then_cancel
 from bridge.config import DeadLetterConfig, SourceConfig, redact_dsn
 from bridge.errors import DeadLetterError, DecodeError
 from bridge.sources import SHUTDOWN_GRACE_S, Event, Outcome, Sample, Sink
@@ -175,14 +176,9 @@ class PostgresSource:
             asyncio.create_task(self._submit_loop(sink), name=f"{self.config.id} submitter"),
         ]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
+            await first_then_cancel(tasks)
             raise RuntimeError(f"postgres source {self.config.id}: the listen loop ended")
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             self.listening = False
             if not self._queue.empty():
                 log.info("postgres source %s: %d received notification(s) not submitted at shutdown are dropped",
