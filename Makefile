@@ -17,7 +17,7 @@ up: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check bridge tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 	$(MAKE) --no-print-directory test-examples
 
 # Every example's own test cases (examples/*/bridge.test.yaml): a template change that breaks one fails CI.

@@ -13,7 +13,8 @@ from bridge.cli import main
 from bridge.errors import RenderError
 from bridge.templates import TemplateCompileError, compile_tree, compile_when, make_context
 
-# "Did not hang": every bomb below takes seconds to hours, or gigabytes, without its bound.
+# "Did not hang": every bomb below takes seconds to hours, or gigabytes, without its bound. Measured in CPU time
+# (what the render budget counts too): wall time on a loaded machine says nothing about the bound.
 BOUND_S = 2.0
 
 
@@ -77,10 +78,10 @@ RENDER_BOMBS: dict[str, tuple[str, Any]] = {
 
 @pytest.mark.parametrize("source,value", list(RENDER_BOMBS.values()), ids=list(RENDER_BOMBS))
 def test_a_template_bomb_is_a_render_error_in_bounded_time(source: str, value: Any) -> None:
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(RenderError) as caught:
         _render(source, value)
-    assert time.perf_counter() - started < BOUND_S, "the render did not stay bounded"
+    assert time.thread_time() - started < BOUND_S, "the render did not stay bounded"
     assert str(caught.value).startswith("payload.v: "), caught.value
 
 
@@ -139,10 +140,10 @@ COMPILE_BOMBS: dict[str, str] = {
 
 @pytest.mark.parametrize("source", list(COMPILE_BOMBS.values()), ids=list(COMPILE_BOMBS))
 def test_a_template_too_deep_to_compile_is_a_template_problem_with_a_line(source: str) -> None:
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(TemplateCompileError) as caught:
         compile_tree({"v": source}, root=("payload",))
-    assert time.perf_counter() - started < BOUND_S
+    assert time.thread_time() - started < BOUND_S
     [problem] = caught.value.problems
     assert problem.path == ("payload", "v") and problem.line == 1
     assert "nested too deeply" in problem.message
@@ -151,9 +152,9 @@ def test_a_template_too_deep_to_compile_is_a_template_problem_with_a_line(source
 @pytest.mark.parametrize("source", ["{{ 10 ** (10 ** 8) }}", "{{ 'x' * (10 ** 10) }}", "{{ 'x' | center(10 ** 9) }}",
                                     "{{ 'x' | center(1000000000) }}", "{{ '%999999999d' % 1 }}"])
 def test_compiling_never_evaluates_a_capped_operation(source: str) -> None:
-    started = time.perf_counter()
+    started = time.thread_time()
     compile_tree({"v": source})
-    assert time.perf_counter() - started < 1.0
+    assert time.thread_time() - started < 1.0
 
 
 VALIDATE_CONFIG = """\
@@ -177,9 +178,9 @@ def test_bridge_validate_answers_in_bounded_time_with_a_diagnostic(
     (tmp_path / "inbox").mkdir()
     config = tmp_path / "bridge.yaml"
     config.write_text(VALIDATE_CONFIG % (".a" * 200))
-    started = time.perf_counter()
+    started = time.process_time()
     code = main(["validate", "-c", str(config)])
-    assert time.perf_counter() - started < 5.0
+    assert time.process_time() - started < 5.0
     out = capsys.readouterr()
     text = out.out + out.err
     assert code != 0
