@@ -101,6 +101,9 @@ class Reconciler:
                              "registering the type again to receive them", spec.id, len(missed),
                              ", ".join(sorted(missed)[:5]))
                     self._advertise(spec)
+                    # The replay takes its time on a busy engine: two more rounds must miss them before the next
+                    # registration (each one replays every binding of the type).
+                    self._missed[spec.id] = set()
             else:
                 await self._mirror(spec, rows, asked[spec.id], provider)
 
