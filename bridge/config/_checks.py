@@ -110,6 +110,9 @@ class Semantics:
         if target.is_dir() or not target.exists():
             self.existing_file(path, value)
             return None
+        if not target.is_file():  # a FIFO would block the read below
+            self.add("file-missing", path, f"{target} is not a regular file")
+            return None
         try:
             with target.open("rb"):
                 pass

@@ -20,6 +20,7 @@ from bridge.sources.kafka._conn import KafkaSecurityError, ssl_context
 from bridge.sources.kafka.spec import TLS_PROTOCOLS, KafkaSourceConfig
 
 PROBE_TIMEOUT_S = 5.0
+_ALERT_WAIT_S = 1.0  # how long the probe listens for an alert after the handshake before it sends a request
 _DEFAULT_PORT = 9092
 _CLIENT_ID = b"iii-bridge-probe"
 # ApiVersions (key 18) version 0, correlation id 1: answered by every broker before anything else.
@@ -88,8 +89,15 @@ async def _probe_tls(host: str, port: int, context: ssl.SSLContext, has_cert: bo
         return (f"no TLS handshake within {timeout_s:.0f} s; is this a PLAINTEXT listener? then set "
                 f"security.protocol to PLAINTEXT or SASL_PLAINTEXT")
     except OSError as exc:
-        return f"cannot connect: {exc.strerror or exc}; is the broker running and reachable?"
+        return f"cannot connect ({exc.strerror or exc}): check that the broker runs and is reachable"
     try:
+        # A broker that refuses the client certificate under TLS 1.3 sends its alert right after the handshake.
+        # Listen for it before writing: a request sent to a connection the broker already closed would be answered
+        # by a TCP reset, which can drop the alert unread.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader.read(1), min(_ALERT_WAIT_S, timeout_s))
+            if reader.at_eof():
+                raise asyncio.IncompleteReadError(b"", 4)
         writer.write(_REQUEST)
         await asyncio.wait_for(writer.drain(), timeout_s)
         await asyncio.wait_for(reader.readexactly(4), timeout_s)
@@ -138,7 +146,7 @@ async def _probe_plain(host: str, port: int, timeout_s: float) -> str | None:
     except TimeoutError:
         return f"no connection within {timeout_s:.0f} s"
     except OSError as exc:
-        return f"cannot connect: {exc.strerror or exc}; is the broker running and reachable?"
+        return f"cannot connect ({exc.strerror or exc}): check that the broker runs and is reachable"
     try:
         writer.write(_REQUEST)
         await asyncio.wait_for(writer.drain(), timeout_s)

@@ -298,8 +298,8 @@ def _pem_problem(checker: KindChecker, path: KeyPath, file: Path, name: str) -> 
         found = re.findall(rb"-----BEGIN ([A-Z ]+)-----", head)
         kinds = _PEM_KINDS[name]
         if not any(kind.decode("ascii") in kinds for kind in found):
-            what = "a certificate" if name != "key_file" else "a private key"
-            problem = f"{file} holds no PEM {what} (a -----BEGIN {kinds[0]}----- block)"
+            what = "certificate" if name != "key_file" else "private key"
+            problem = f"{file} holds no PEM {what} (no -----BEGIN {kinds[0]}----- line)"
             if head[:1] == b"\x30":
                 problem += "; it looks like DER: convert it with openssl x509 -in FILE -inform der -out FILE.pem"
         else:
