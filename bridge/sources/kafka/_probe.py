@@ -31,10 +31,11 @@ _CERT_HINT = "set security.cert_file and key_file"
 
 
 def bootstrap_hosts(bootstrap_servers: str) -> list[tuple[str, int]]:
-    """``host:port`` pairs of a comma-separated bootstrap list (``[v6]:port`` and a ``scheme://`` prefix too)."""
+    """``host:port`` pairs of a comma-separated bootstrap list (``[v6]:port``, a ``scheme://`` prefix and
+    ``user:password@`` too; the credentials are dropped)."""
     hosts: list[tuple[str, int]] = []
     for item in bootstrap_servers.split(","):
-        entry = item.strip().rpartition("://")[2]
+        entry = item.strip().rpartition("://")[2].rpartition("@")[2]  # no credentials in what is logged
         if not entry:
             continue
         if entry.startswith("["):

@@ -195,7 +195,8 @@ def test_the_tls_context_never_prompts_for_a_key_password(tls_certs: Certs) -> N
 
 
 def test_bootstrap_hosts() -> None:
-    assert bootstrap_hosts(" a:1, sasl_ssl://b:2,[::1]:3,c ,,d:x") == [("a", 1), ("b", 2), ("::1", 3), ("c", 9092)]
+    assert bootstrap_hosts(" a:1, sasl_ssl://b:2,[::1]:3,c ,,d:x,sasl_ssl://u:p#1@e:4") == [
+        ("a", 1), ("b", 2), ("::1", 3), ("c", 9092), ("e", 4)]
 
 
 async def test_the_probe_names_a_protocol_mismatch_both_ways(kafka_tls: TlsKafka, kafka_broker: str) -> None:
