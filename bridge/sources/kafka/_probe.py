@@ -20,7 +20,7 @@ from bridge.sources.kafka._conn import KafkaSecurityError, ssl_context
 from bridge.sources.kafka.spec import TLS_PROTOCOLS, KafkaSourceConfig
 
 PROBE_TIMEOUT_S = 5.0
-_ALERT_WAIT_S = 1.0  # how long the probe listens for an alert after the handshake before it sends a request
+_ALERT_WAIT_S = 2.0  # how long the probe listens for an alert after the handshake before it sends a request
 _DEFAULT_PORT = 9092
 _CLIENT_ID = b"iii-bridge-probe"
 # ApiVersions (key 18) version 0, correlation id 1: answered by every broker before anything else.
