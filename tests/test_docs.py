@@ -27,7 +27,8 @@ def _section(text: str, source_id: str) -> str:
 
 
 def test_every_example_is_documented() -> None:
-    assert [p.name for p in EXAMPLE_DIRS] == ["file-inbox", "kafka-orders", "postgres-outbox", "postgres-signups"]
+    assert [p.name for p in EXAMPLE_DIRS] == [
+        "file-inbox", "kafka-orders", "kafka-tls", "postgres-outbox", "postgres-signups"]
 
 
 @pytest.mark.parametrize("example", EXAMPLE_DIRS, ids=lambda p: p.name)

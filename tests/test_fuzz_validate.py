@@ -29,7 +29,7 @@ from bridge.docs import render_docs
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*/bridge.yaml"))
 SEED = int(os.environ.get("BRIDGE_FUZZ_SEED", "20261206"))
-PER_EXAMPLE = 520  # four examples: 2,080 mutants
+PER_EXAMPLE = 416  # five examples: 2,080 mutants
 BOUND_S = 10.0  # per mutant; generous, the machine is shared
 ENV = {"III_URL": "ws://127.0.0.1:49134", "KAFKA_PASSWORD": "0123", "NOT_UTF8": "\udcff"}
 

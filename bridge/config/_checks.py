@@ -103,6 +103,24 @@ class Semantics:
         elif not target.exists():
             self.add("file-missing", path, f"no such file: {target}")
 
+    def readable_file(self, path: KeyPath, value: str) -> Path | None:
+        target = self.resolve(value)
+        if self._unusable(path, target):
+            return None
+        if target.is_dir() or not target.exists():
+            self.existing_file(path, value)
+            return None
+        if not target.is_file():  # a FIFO would block the read below
+            self.add("file-missing", path, f"{target} is not a regular file")
+            return None
+        try:
+            with target.open("rb"):
+                pass
+        except OSError as exc:
+            self.add("file-missing", path, f"cannot read {target}: {exc.strerror or exc}")
+            return None
+        return target
+
     # -- sources
 
     def source(self, sid: str, source: dict[str, Any], defaults: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ schema-keyword       (warning) an unknown keyword in a bind_schema or payload_sc
 template-syntax      a ``payload`` or ``when`` template does not compile
 path-missing         (warning) a watched directory does not exist yet
 path-not-dir         a path that must be a directory is something else
-file-missing         a file the config names (TLS certificate, key) does not exist or is a directory
+file-missing         a file the config names (TLS certificate, key) does not exist, is a directory or cannot be read
 file-unreadable      bridge.yaml itself cannot be read
 url-credentials      (warning) ``engine.url`` carries a password or token, which the iii SDK writes to disk
 ==================== ======================================================================================

@@ -148,6 +148,10 @@ class KindChecker(Protocol):
         """``value`` (relative to bridge.yaml) must be an existing file."""
         ...
 
+    def readable_file(self, path: KeyPath, value: str) -> Path | None:
+        """``value`` (relative to bridge.yaml) must be a file this process can read; returns it if so."""
+        ...
+
 
 def is_set(value: Any) -> bool:
     """Whether an optional config value is really given (null, empty lists and empty strings count as absent)."""

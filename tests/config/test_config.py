@@ -55,6 +55,9 @@ def check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Check:
     return run
 
 
+FAKE_PEM = "-----BEGIN CERTIFICATE-----\nnot checked beyond this line\n-----END CERTIFICATE-----\n"
+
+
 def _load(tmp_path: Path, text: str, env: Mapping[str, str] | None = None) -> Any:
     path = tmp_path / "bridge.yaml"
     path.write_text(textwrap.dedent(text))
@@ -466,7 +469,7 @@ def test_kafka_rules(check: Check) -> None:
 
 
 def test_kafka_security_rules(check: Check, tmp_path: Path) -> None:
-    Path("ca.pem").write_text("x")
+    Path("ca.pem").write_text(FAKE_PEM)
     Path("certs").mkdir()
     assert check("""\
         version: 1
@@ -509,6 +512,8 @@ def test_kafka_security_rules(check: Check, tmp_path: Path) -> None:
         "cert_file is missing",
         f"bridge.yaml:21:42: error[file-missing] sources.tls.kafka.security.ca_file: no such file: "
         f"{tmp_path / 'missing.pem'}",
+        f"bridge.yaml:21:65: error[value] sources.tls.kafka.security.key_file: {tmp_path / 'ca.pem'} holds no PEM "
+        "private key (no -----BEGIN PRIVATE KEY----- line)",
     ]
 
 
@@ -732,7 +737,7 @@ def full(tmp_path: Path) -> Any:
     base = tmp_path / "conf"
     (base / "schemas").mkdir(parents=True)
     (base / "certs").mkdir()
-    (base / "certs" / "ca.pem").write_text("x")
+    (base / "certs" / "ca.pem").write_text(FAKE_PEM)
     (base / "schemas" / "bind.json").write_text('{"type": "object", "properties": {"on": {"default": true}}}')
     return _load(base, FULL, {"KAFKA_PASSWORD": "s3cret"})
 
@@ -1017,7 +1022,8 @@ def test_a_lone_reference_keeps_its_text_where_the_schema_wants_a_string(tmp_pat
               bootstrap_servers: k
               topics: ['${TOPIC}']
               commit_interval_ms: ${COMMIT:500}
-              security: {protocol: SASL_PLAINTEXT, username: '${U}', password: '${KAFKA_PASSWORD}'}
+              security: {protocol: SASL_PLAINTEXT, sasl_mechanism: PLAIN, username: '${U}',
+                         password: '${KAFKA_PASSWORD}'}
             payload: {port: '${PORT:9092}'}
         """, {"W": "007", "D": "true", "TOPIC": "2024", "U": "1e3", "KAFKA_PASSWORD": "0123"})
     assert (config.engine.worker_name, config.engine.namespace, config.default_max_in_flight) == ("007", None, 8)
@@ -1037,7 +1043,7 @@ def test_diagnostics_never_show_a_secret(check: Check) -> None:
             kafka:
               bootstrap_servers: 7
               topics: [t]
-              security: {protocol: SASL_PLAINTEXT, username: u, password: 12345678}
+              security: {protocol: SASL_PLAINTEXT, sasl_mechanism: PLAIN, username: u, password: 12345678}
           p:
             postgres: {dsn: ['postgresql://app:hunter5@db/app'], channels: [c]}
         """, env={"III_URL": "http://bridge:hu#nt?er/2@engine:49134"})
@@ -1047,7 +1053,7 @@ def test_diagnostics_never_show_a_secret(check: Check) -> None:
         "it into a file under ~/.iii/run that other users of this machine can read; "
         "set III_TOKEN instead (sent as a bearer token)",
         "bridge.yaml:6:26: error[type] sources.s.kafka.bootstrap_servers: expected a string, got 7",
-        "bridge.yaml:8:67: error[type] sources.s.kafka.security.password: expected a string or null, "
+        "bridge.yaml:8:90: error[type] sources.s.kafka.security.password: expected a string or null, "
         "got an integer",
         "bridge.yaml:10:21: error[type] sources.p.postgres.dsn: expected a string, got a list",
     ]

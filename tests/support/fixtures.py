@@ -11,6 +11,7 @@ import pytest
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from tests.support.services import PostgresServer, TansuBroker, kafka_bootstrap_from_env
+from tests.support.tlsfront import Certs, TlsCertsDir, TlsKafka, tls_tools_missing
 
 
 @pytest.fixture
@@ -69,3 +70,27 @@ def pg_database(pg_server: PostgresServer) -> Iterator[str]:
         yield dsn
     finally:
         pg_server.drop_database(dsn)
+
+
+@pytest.fixture(scope="session")
+def tls_certs() -> Iterator[Certs]:
+    """A CA, server and client certificates (and a wrong CA) for the session; skips without openssl or socat."""
+    missing = tls_tools_missing()
+    if missing is not None:
+        pytest.skip(f"TLS tests need socat and openssl: {missing}")
+    with TlsCertsDir() as certs:
+        yield certs
+
+
+@pytest.fixture(scope="session")
+def kafka_tls(tls_certs: Certs) -> Iterator[TlsKafka]:
+    """A Tansu broker behind a socat TLS front (server certificate only), for the session."""
+    with TlsKafka(tls_certs, "tls") as kafka:
+        yield kafka
+
+
+@pytest.fixture(scope="session")
+def kafka_mtls(tls_certs: Certs) -> Iterator[TlsKafka]:
+    """A Tansu broker behind a socat TLS front that requires a client certificate, for the session."""
+    with TlsKafka(tls_certs, "mtls") as kafka:
+        yield kafka

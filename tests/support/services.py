@@ -16,10 +16,12 @@ lazily, on first request. PostgresServer lives in :mod:`tests.support._pgserver`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import os
 import signal
 import stat
+import struct
 import subprocess
 import tempfile
 import time
@@ -86,11 +88,27 @@ def _tansu_binary() -> Path:
     return path
 
 
-class TansuBroker:
-    """A Tansu broker with in-memory storage on a free loopback port (everything is lost on stop)."""
+async def _kafka_answers(port: int, timeout_s: float) -> None:
+    """One ApiVersions request and its answer over plain TCP: the broker is up (whatever it advertises)."""
+    body = struct.pack(">hhih", 18, 0, 1, 4) + b"test"
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout_s)
+    try:
+        writer.write(struct.pack(">i", len(body)) + body)
+        await asyncio.wait_for(reader.readexactly(4), timeout_s)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
-    def __init__(self, *, port: int | None = None, startup_timeout_s: float = 15.0) -> None:
+
+class TansuBroker:
+    """A Tansu broker with in-memory storage on a free loopback port (everything is lost on stop).
+    ``advertised_port``: the port clients are sent to after bootstrapping (a TLS front's; default its own)."""
+
+    def __init__(self, *, port: int | None = None, startup_timeout_s: float = 15.0,
+                 advertised_port: int | None = None) -> None:
         self._requested_port = port
+        self._advertised_port = advertised_port
         self._port: int | None = None
         self._startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -102,6 +120,13 @@ class TansuBroker:
         if self._port is None or self._proc is None:
             raise RuntimeError("TansuBroker is not started")
         return f"127.0.0.1:{self._port}"
+
+    @property
+    def port(self) -> int:
+        """The port the broker itself listens on."""
+        if self._port is None:
+            raise RuntimeError("TansuBroker is not started")
+        return self._port
 
     def start(self) -> Self:
         if self._proc is not None:
@@ -123,10 +148,11 @@ class TansuBroker:
         fd, log_name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
         self.log_path = Path(log_name)
         url = f"tcp://127.0.0.1:{port}"
+        advertised = f"tcp://127.0.0.1:{self._advertised_port or port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env["RUST_BACKTRACE"] = "0"
         env["NO_COLOR"] = "1"  # plain text in the log tail of startup errors
-        flags = f"--storage-engine memory://tansu/ --listener-url {url} --advertised-listener-url {url}"
+        flags = f"--storage-engine memory://tansu/ --listener-url {url} --advertised-listener-url {advertised}"
         cmd = [str(binary), "broker", *flags.split()]
         with os.fdopen(fd, "wb") as log:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -139,7 +165,11 @@ class TansuBroker:
                 break
             if port_open(port):
                 try:
-                    run_sync(_kafka_metadata(self.bootstrap, max(0.5, min(5.0, deadline - time.monotonic()))))
+                    wait_s = max(0.5, min(5.0, deadline - time.monotonic()))
+                    if self._advertised_port is None:
+                        run_sync(_kafka_metadata(self.bootstrap, wait_s))
+                    else:  # clients would be sent to a front that is not there yet
+                        run_sync(_kafka_answers(port, wait_s))
                     return
                 except Exception as exc:  # not ready yet: aiokafka raises several kinds
                     last_error = exc

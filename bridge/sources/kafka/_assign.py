@@ -22,7 +22,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from bridge.sources.kafka._conn import connection_options
+from bridge.sources.kafka._conn import shared_options
 from bridge.sources.kafka._offsets import PartitionTrack
 from bridge.sources.kafka.spec import KafkaSourceConfig
 
@@ -97,7 +97,7 @@ class DryRunAssignment:
 
     async def start(self) -> None:
         """Assign every partition there is now."""
-        self._admin = AIOKafkaAdminClient(**connection_options(self._kc))
+        self._admin = AIOKafkaAdminClient(**shared_options(self._kc))
         await self._admin.start()
         await self._refresh()
         if self._pattern is not None and not self._consumer.assignment():

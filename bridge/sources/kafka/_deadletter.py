@@ -19,12 +19,13 @@ import logging
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, RecordListTooLargeError
 
 from bridge._dlencode import encode_record, encode_value
 from bridge.config import DeadLetterConfig, SourceConfig
 from bridge.errors import DeadLetterError
-from bridge.sources.kafka._conn import connection_options
+from bridge.sources.kafka._conn import shared_options
+from bridge.sources.kafka._probe import explain_connection_failure
 from bridge.sources.kafka.spec import KafkaSourceConfig
 
 log = logging.getLogger("bridge.sources.kafka")
@@ -88,8 +89,8 @@ class KafkaDeadLetter:
 
     def __init__(self, kc: KafkaSourceConfig, topic: str) -> None:
         self.topic = topic
+        self._kc = kc
         self._bootstrap = kc.bootstrap_servers
-        self._options = connection_options(kc)
         self._producer: Any = None
         self._starting: asyncio.Lock | None = None
         self._limit = MAX_REQUEST_BYTES  # lowered for good when the broker refuses a message as too large
@@ -102,7 +103,10 @@ class KafkaDeadLetter:
             self._starting = asyncio.Lock()
         async with self._starting:
             if self._producer is None:
-                producer = AIOKafkaProducer(**self._options, acks="all", max_request_size=MAX_REQUEST_BYTES)
+                # The source's connection, security and shared client options (see _conn), made when first
+                # needed: a TLS file that cannot be loaded is then a refusal, retried, not a failed start.
+                producer = AIOKafkaProducer(**shared_options(self._kc), acks="all",
+                                            max_request_size=MAX_REQUEST_BYTES)
                 try:
                     await producer.start()
                 except BaseException:
@@ -134,7 +138,12 @@ class KafkaDeadLetter:
                 limit = max(_MIN_LIMIT_BYTES, min(limit, len(value) + framing) // 2)
                 self._lower_limit(limit, len(value) + framing, exc)
                 continue
-            except Exception as exc:  # KafkaError, a socket error while starting: a refusal, retried by the caller
+            except KafkaConnectionError as exc:
+                cause = await explain_connection_failure(self._kc)
+                why = f"cannot connect to Kafka: {cause}" if cause is not None else repr(exc)
+                raise DeadLetterError(f"cannot write a dead letter to Kafka topic {self.topic}: {why}") from exc
+            except Exception as exc:  # KafkaError, a socket error while starting, a TLS file that cannot be loaded:
+                # a refusal, retried by the caller
                 raise DeadLetterError(f"cannot write a dead letter to Kafka topic {self.topic}: {exc!r}") from exc
             if cut:
                 log.warning("dead letter of event %s: %s cut to a truncation marker (size, sha256) to fit the "

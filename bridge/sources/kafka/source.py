@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from bridge._tasks import cancel_and_wait
 from bridge.config import SourceConfig
@@ -53,6 +53,7 @@ from bridge.sources.kafka._deadletter import KafkaDeadLetter, kafka_dead_letter
 from bridge.sources.kafka._decode import record_event
 from bridge.sources.kafka._flow import Shares
 from bridge.sources.kafka._offsets import PartitionTrack
+from bridge.sources.kafka._probe import explain_connection_failure
 from bridge.sources.kafka.spec import KafkaSourceConfig
 
 __all__ = ["KafkaDeadLetter", "KafkaSource", "connection_options", "kafka_dead_letter"]
@@ -170,6 +171,17 @@ class KafkaSource:
             for task in done:
                 task.result()
             raise RuntimeError(f"kafka source {self.config.id}: its consumer loop ended")
+        except KafkaConnectionError as exc:
+            # aiokafka keeps the cause (a TLS alert, a refused certificate) to its debug log: find it out.
+            cause = await explain_connection_failure(kc)
+            if cause is None:
+                log.error("kafka source %s: the Kafka client failed: %s; check that %s is reachable and the "
+                          "security settings; the source is started again", self.config.id, exc,
+                          kc.bootstrap_servers)
+                raise
+            log.error("kafka source %s: cannot connect to Kafka: %s; the source is started again", self.config.id,
+                      cause)
+            raise KafkaConnectionError(f"cannot connect to Kafka: {cause}") from exc
         except KafkaError as exc:
             log.error("kafka source %s: the Kafka client failed: %s; check that %s is reachable and the "
                       "security settings; the source is started again", self.config.id, exc, kc.bootstrap_servers)

@@ -29,6 +29,11 @@ class KafkaSecurity:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    key_password: str | None = None  # of an encrypted key_file
+
+
+TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ MANAGED_CLIENT_OPTIONS = {
 }
 
 _FILES = ("ca_file", "cert_file", "key_file")
+_SASL_KEYS = ("sasl_mechanism", "username", "password")
 
 
 def kafka_config(source: SourceConfig) -> KafkaSourceConfig:
@@ -114,6 +120,9 @@ class KafkaSpec(KindSpec):
 
     def build(self, source_id: str, block: dict[str, Any], resolve: Callable[[str], Path]) -> KafkaSourceConfig:
         security = dict(block.get("security") or {})
+        for name in (*_FILES, "key_password"):  # "" (an unset ${VAR:}) is no file
+            if security.get(name) == "":
+                security[name] = None
         for name in _FILES:
             if security.get(name):
                 security[name] = resolve(security[name])
@@ -233,16 +242,19 @@ def _check_security(checker: KindChecker, here: KeyPath, sec: dict[str, Any]) ->
     protocol = sec.get("protocol", KafkaSecurity.protocol)
     if not isinstance(protocol, str):
         return
-    if protocol.startswith("SASL_"):
-        for name in ("username", "password"):
+    if protocol in SASL_PROTOCOLS:
+        for name in _SASL_KEYS:
             if not is_set(sec.get(name)):
-                checker.require(here, (name,), f"protocol {protocol} needs {name}")
+                hint = "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, as the cluster's SASL listener expects" if (
+                    name == "sasl_mechanism") else None
+                checker.require(here, (name,), f"protocol {protocol} needs {name}", hint)
     else:
-        for name in ("sasl_mechanism", "username", "password"):
+        for name in _SASL_KEYS:
             if is_set(sec.get(name)):
                 checker.add("value", (*here, name), "only used with protocol SASL_PLAINTEXT or SASL_SSL",
                             f"protocol is {protocol}", key=True)
-    tls = protocol in ("SSL", "SASL_SSL")
+    tls = protocol in TLS_PROTOCOLS
+    usable: dict[str, Path] = {}
     for name in _FILES:
         value = sec.get(name)
         if not isinstance(value, str) or not value:
@@ -250,11 +262,97 @@ def _check_security(checker: KindChecker, here: KeyPath, sec: dict[str, Any]) ->
         if not tls:
             checker.add("value", (*here, name), "only used with protocol SSL or SASL_SSL",
                         f"protocol is {protocol}", key=True)
-        else:
-            checker.existing_file((*here, name), value)
+            continue
+        path = checker.readable_file((*here, name), value)
+        if path is not None and _pem_problem(checker, (*here, name), path, name) is None:
+            usable[name] = path
     if is_set(sec.get("cert_file")) != is_set(sec.get("key_file")):
         name = "key_file" if is_set(sec.get("cert_file")) else "cert_file"
         checker.require(here, (name,), f"cert_file and key_file go together; {name} is missing")
+    if is_set(sec.get("key_password")) and not is_set(sec.get("key_file")):
+        checker.add("value", (*here, "key_password"), "only used with key_file (an encrypted private key)", key=True)
+    if "cert_file" in usable and "key_file" in usable:
+        password = sec.get("key_password")
+        problem = client_cert_problem(usable["cert_file"], usable["key_file"],
+                                      password if isinstance(password, str) and password else None)
+        if problem is not None:
+            where = "key_password" if "key_password" in problem and is_set(sec.get("key_password")) else "key_file"
+            checker.add("value", (*here, where), problem)
+
+
+_PEM_KINDS = {
+    "ca_file": ("CERTIFICATE",),
+    "cert_file": ("CERTIFICATE",),
+    "key_file": ("PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY", "ENCRYPTED PRIVATE KEY", "DSA PRIVATE KEY"),
+}
+
+
+def _pem_problem(checker: KindChecker, path: KeyPath, file: Path, name: str) -> str | None:
+    """A problem with the content of a PEM file (reported at ``path``), or None."""
+    try:
+        with file.open("rb") as f:
+            head = f.read(1 << 20)
+    except OSError as exc:  # checked readable a moment ago; gone or changed since
+        problem = f"cannot read {file}: {exc.strerror or exc}"
+    else:
+        found = re.findall(rb"-----BEGIN ([A-Z ]+)-----", head)
+        kinds = _PEM_KINDS[name]
+        if not any(kind.decode("ascii") in kinds for kind in found):
+            what = "certificate" if name != "key_file" else "private key"
+            problem = f"{file} holds no PEM {what} (no -----BEGIN {kinds[0]}----- line)"
+            if head[:1] == b"\x30":
+                problem += "; it looks like DER: convert it with openssl x509 -in FILE -inform der -out FILE.pem"
+        else:
+            return None
+    checker.add("value", path, problem)
+    return problem
+
+
+def client_cert_problem(cert_file: Path, key_file: Path, password: str | None) -> str | None:
+    """Why the client certificate and its key cannot be loaded together (wrong password, a key that does not
+    belong to the certificate), or None. The standard library's ssl only: no client library."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(cert_file, key_file, password=key_password_callback(password))
+    except KeyPasswordMissing as exc:
+        return str(exc)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return f"{key_file} is not the private key of {cert_file}"
+        if password is not None and key_is_encrypted(key_file):
+            return f"cannot decrypt {key_file} with key_password: is it the right one?"
+        return f"cannot load {cert_file} with {key_file}: {exc}"
+    except OSError as exc:
+        return f"cannot load {cert_file} with {key_file}: {exc.strerror or exc}"
+    return None
+
+
+def key_is_encrypted(key_file: Path) -> bool:
+    """Whether a PEM private key is encrypted (PKCS#8 ``ENCRYPTED PRIVATE KEY`` or a legacy ``Proc-Type``)."""
+    try:
+        with key_file.open("rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in head or b"Proc-Type: 4,ENCRYPTED" in head
+
+
+class KeyPasswordMissing(ValueError):
+    """An encrypted private key and no ``key_password``."""
+
+
+def key_password_callback(password: str | None) -> Callable[[], str]:
+    """The ``password`` argument of ``SSLContext.load_cert_chain``: always a callable, so that OpenSSL never
+    prompts on a terminal for the password of an encrypted key."""
+
+    def give() -> str:
+        if password is None:
+            raise KeyPasswordMissing("the private key is encrypted: set security.key_password")
+        return password
+
+    return give
 
 
 SPEC = KafkaSpec()

@@ -459,7 +459,9 @@ async def test_an_unreachable_broker_makes_run_raise_for_the_supervisor(tmp_path
     config = make_config("127.0.0.1:1", "orders", client_options={"request_timeout_ms": 2000})
     with caplog.at_level(logging.ERROR, logger="bridge.sources.kafka"), pytest.raises(KafkaConnectionError):
         await asyncio.wait_for(source_for(config, tmp_path).run(new_sink()), 15)
-    assert any("127.0.0.1:1" in r.getMessage() and "security settings" in r.getMessage() for r in caplog.records)
+    # The probe after the failed bootstrap names the step that failed: here the TCP connect.
+    assert any("127.0.0.1:1: cannot connect (" in r.getMessage() and "the broker runs and is reachable" in
+               r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 async def test_sasl_credentials_reach_the_broker_and_never_the_logs(kafka_broker: str, topic: str, tmp_path: Any,
