@@ -516,9 +516,16 @@ async def test_a_version_in_flight_is_not_submitted_twice(inbox: Path, state: Pa
 async def test_a_burst_of_a_thousand_files_is_submitted_exactly_once(inbox: Path, state: Path) -> None:
     sink = new_sink()
 
+    # Each file lands whole (written beside the inbox, then renamed in): with this suite's 30 ms settle time, a
+    # write_text descheduled between its create and its write on a loaded machine is two versions of one file.
+    staging = inbox.parent / "staging"
+    staging.mkdir()
+
     def burst() -> None:
         for i in range(1000):
-            (inbox / f"f{i:04d}.json").write_text(json.dumps({"i": i}))
+            written = staging / f"f{i:04d}.json"
+            written.write_text(json.dumps({"i": i}))
+            os.replace(written, inbox / written.name)
 
     async with running(_source(inbox, state, content="json"), sink):
         await asyncio.to_thread(burst)
