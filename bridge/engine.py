@@ -391,17 +391,19 @@ class EngineLink:
             self._advertise(spec)
             self._schedule_reconcile(delay_s=1.0)
 
-    def deactivate(self, trigger_type: str, *, restarting: bool = False) -> None:
+    def deactivate(self, trigger_type: str, *, reload: str | None = None) -> None:
         """The source of ``trigger_type`` stopped being the active replica: stop providing and reconciling the type,
         and keep the SDK from registering it again on a reconnect (it replays every type it was given).
-        ``restarting``: it stopped for a reload that starts it again (said so instead)."""
+        ``reload``: it stopped because a reload "changed" or "removed" it (said so instead)."""
         if trigger_type not in self._advertised:
             return
         self._on_link_loop("deactivate")
         self._unregister(trigger_type)
-        if restarting:
+        if reload == "changed":
             log.info("trigger type %s: its source restarts with its new config; the type is registered again once "
                      "it runs", trigger_type)
+        elif reload == "removed":
+            log.info("trigger type %s: its source was removed from the config; no longer provided", trigger_type)
         else:
             log.info("trigger type %s: this replica is no longer the active one; it stops providing the type",
                      trigger_type)

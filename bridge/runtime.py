@@ -242,7 +242,7 @@ class Runtime:
         self._invoker: Invoker | None = None
         self._reloader = reloader
         self._reload_lock = asyncio.Lock()
-        self._restarting: set[str] = set()  # sources a reload is stopping to start them again
+        self._reloading: dict[str, str] = {}  # source id -> "changed" or "removed": a reload is stopping it
         self.reloads = ReloadStats()
 
     async def run(self, stop: asyncio.Event) -> int:
@@ -327,11 +327,11 @@ class Runtime:
             # Counters go on across a change (a Prometheus counter that drops reads as a restart).
             stats = {sid: self.runners[sid].stats for sid in plan.changed}
             expired = {sid: self.tables[sid].expired for sid in plan.changed}
-            self._restarting = set(plan.changed)
+            self._reloading = {**dict.fromkeys(plan.changed, "changed"), **dict.fromkeys(plan.removed, "removed")}
             try:
                 abandoned = await self._stop_sources([*plan.removed, *plan.changed])
             finally:
-                self._restarting = set()
+                self._reloading = {}
             if abandoned:
                 log.warning("reload: %d event(s) were still in flight after %.0f s; they stay unacknowledged and "
                             "come back", abandoned, self.drain_timeout_s)
@@ -469,7 +469,7 @@ class Runtime:
 
     def _deactivate(self, source_id: str) -> None:
         if self._link is not None:
-            self._link.deactivate(source_id, restarting=source_id in self._restarting)
+            self._link.deactivate(source_id, reload=self._reloading.get(source_id))
 
     def _bind_dry_run(self, source: SourceConfig) -> None:
         try:
