@@ -33,6 +33,8 @@ log = logging.getLogger("bridge.reload")
 WATCH_STEP_MS = 200
 WATCH_DEBOUNCE_MS = 2000
 
+_WATCH_SETUP_S = 1.0  # the watch is set up well within this after it starts
+
 RESTART_ONLY = ("engine", "observability", "state_dir")
 """Top-level settings a reload reports but does not apply: they need a restart."""
 
@@ -148,6 +150,7 @@ class Reloader:
         self._tasks.append(asyncio.create_task(self._loop(), name="config reload"))
         if self._watch_enabled:
             self._start_watch()
+            self._tasks.append(asyncio.create_task(self._changed_while_starting(), name="config check at start"))
             log.info("watching %s for changes (reloads live; SIGHUP reloads too)",
                      ", ".join(str(p) for p in self._watched))
 
@@ -177,6 +180,13 @@ class Reloader:
         await cancel_and_wait([self._watch_task])
         self._start_watch()
 
+    async def _changed_while_starting(self) -> None:
+        """An edit saved after the config was read but before the watch was set up reports nothing: once the watch
+        surely runs, compare the files with what was read, and reload if they differ."""
+        await asyncio.sleep(_WATCH_SETUP_S)
+        if await asyncio.to_thread(_digest, self._watched) != self._digest:
+            self.request("changed while starting")
+
     async def _watch(self, files: tuple[Path, ...], stop: asyncio.Event) -> None:
         from watchfiles import awatch
 
@@ -193,10 +203,14 @@ class Reloader:
             recursive=False,
             ignore_permission_denied=True,
         )
-        async with contextlib.aclosing(changes) as batches:
-            async for batch in batches:
-                names = sorted({Path(path).name for _, path in batch})
-                self.request(f"{', '.join(names)} changed")
+        try:
+            async with contextlib.aclosing(changes) as batches:
+                async for batch in batches:
+                    names = sorted({Path(path).name for _, path in batch})
+                    self.request(f"{', '.join(names)} changed")
+        except Exception as exc:  # the bridge runs on; only the live watch is gone
+            log.error("the watch on the config failed (%s: %s); edits are no longer picked up, SIGHUP still reloads",
+                      type(exc).__name__, exc)
 
     # reloading -----------------------------------------------------------------------------------------------
 

@@ -344,18 +344,25 @@ class Runtime:
                 self._forget_source(sid)
             for sid in (*plan.changed, *plan.added):
                 source = fresh[sid]
-                self._prepare_source(source, stats.get(sid, Stats()))
-                self.tables[sid].expired = expired.get(sid, 0)
-                if self._link is not None:
-                    self._link.provide(self._spec(source))
-                else:
-                    self._bind_dry_run(source)
-                self._start_source(source)
-            order = [s.id for s in new.sources]  # the status line and the metrics list sources in file order
-            self.runners = {sid: self.runners[sid] for sid in order}
+                try:
+                    self._prepare_source(source, stats.get(sid, Stats()))
+                    self.tables[sid].expired = expired.get(sid, 0)
+                    if self._link is not None:
+                        self._link.provide(self._spec(source))
+                    else:
+                        self._bind_dry_run(source)
+                    self._start_source(source)
+                except Exception as exc:  # one source that cannot start must not keep the others stopped
+                    self._forget_source(sid)
+                    log.error("reload: source %s could not be started: %s; it stays stopped until the next reload",
+                              sid, redact_dsn(str(exc)), extra={"trigger_type": sid})
+            # The status line and the metrics list sources in file order.
+            self.runners = {s.id: self.runners[s.id] for s in new.sources if s.id in self.runners}
+            # What runs now: a source that could not start is left out, so the next reload adds it again.
             self.config = dataclasses.replace(
                 new, engine=self.config.engine, observability=self.config.observability,
                 state_dir=self.config.state_dir, path=self.config.path,
+                sources=tuple(s for s in new.sources if s.id in self.runners),
             )
             return plan
 

@@ -116,6 +116,8 @@ def bridges(setup: Setup) -> Iterator[Callable[..., BridgeProcess]]:
         started.append(proc)
         proc.start()
         proc.wait_for_log(r"connected to the iii engine")
+        if "--no-reload" not in args:
+            proc.wait_for_log(r"watching \S+ for changes")
         return proc
 
     yield start
