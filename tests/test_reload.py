@@ -117,7 +117,7 @@ def bridges(setup: Setup) -> Iterator[Callable[..., BridgeProcess]]:
         proc.start()
         proc.wait_for_log(r"connected to the iii engine")
         if "--no-reload" not in args:
-            proc.wait_for_log(r"watching \S+ for changes")
+            proc.wait_for_log(r"bridge.reload: watching .* for changes")
         return proc
 
     yield start
