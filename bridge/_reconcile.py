@@ -107,6 +107,13 @@ class Reconciler:
             else:
                 await self._mirror(spec, rows, asked[spec.id], provider)
 
+    def forget(self, trigger_type: str) -> None:
+        """Drop what is remembered of ``trigger_type``'s bindings (its bind schema or table changed: check anew).
+        Skipped configs are kept by binding id alone, so all are forgotten (at worst a warning is logged again)."""
+        self._missed.pop(trigger_type, None)
+        self._checked.pop(trigger_type, None)
+        self._skipped.clear()
+
     async def providers(self) -> dict[str, str | None]:
         """Trigger type id -> the worker name of its live provider, for this bridge's namespace."""
         result = await self._call(LIST_PROVIDERS, {"include_internal": False})

@@ -139,6 +139,11 @@ def _configure_up(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="no live status line (it is shown only when stderr is a terminal)")
+    parser.add_argument("--no-reload", action="store_true",
+                        help="do not watch the config for changes (SIGHUP still reloads it)")
+    parser.epilog = ("The config is reloaded live when it (or a schema file it $refs) changes and on SIGHUP: an "
+                     "invalid one is refused with its diagnostics and the running one stays; changed sources "
+                     "restart, others are not touched; engine and observability changes need a restart.")
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -151,7 +156,8 @@ def _run_up(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     logs.configure(loaded.observability.log_format, logging.DEBUG if args.verbose else logging.INFO)
-    return run_up(loaded, dry_run=args.dry_run, quiet=args.quiet)
+    return run_up(loaded, dry_run=args.dry_run, quiet=args.quiet, config_path=_config_path(args),
+                  watch=not args.no_reload)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -391,18 +391,53 @@ class EngineLink:
             self._advertise(spec)
             self._schedule_reconcile(delay_s=1.0)
 
-    def deactivate(self, trigger_type: str) -> None:
+    def deactivate(self, trigger_type: str, *, reload: str | None = None) -> None:
         """The source of ``trigger_type`` stopped being the active replica: stop providing and reconciling the type,
-        and keep the SDK from registering it again on a reconnect (it replays every type it was given)."""
+        and keep the SDK from registering it again on a reconnect (it replays every type it was given).
+        ``reload``: it stopped because a reload "changed" or "removed" it (said so instead)."""
         if trigger_type not in self._advertised:
             return
         self._on_link_loop("deactivate")
+        self._unregister(trigger_type)
+        if reload == "changed":
+            log.info("trigger type %s: its source restarts with its new config; the type is registered again once "
+                     "it runs", trigger_type)
+        elif reload == "removed":
+            log.info("trigger type %s: its source was removed from the config; no longer provided", trigger_type)
+        else:
+            log.info("trigger type %s: this replica is no longer the active one; it stops providing the type",
+                     trigger_type)
+
+    def provide(self, spec: TriggerTypeSpec) -> None:
+        """A source added or changed by a reload: from now on its type is advertised as ``spec`` (its bind schema,
+        its binding table). A type not exclusive is registered (again) at once, and the engine replays every binding
+        of it here, each checked against ``spec``'s bind schema (one that no longer fits is rejected with the
+        schema's message, as at bind time); an exclusive one waits for its source to :meth:`activate`."""
+        self._on_link_loop("provide")
+        self._specs[spec.id] = spec
+        self._reconciler.forget(spec.id)
+        if not spec.exclusive or spec.id in self._advertised:
+            self._advertise(spec)
+            self._schedule_reconcile(delay_s=1.0)
+
+    def withdraw(self, trigger_type: str) -> None:
+        """A source removed by a reload: stop providing, reconciling and re-registering its type. (Engine 0.23 has
+        no frame to unregister a type: its bindings stay with the engine, which parks them when this worker
+        leaves.)"""
+        self._on_link_loop("withdraw")
+        self._specs.pop(trigger_type, None)
+        self._reconciler.forget(trigger_type)
+        if self._unregister(trigger_type):
+            log.info("trigger type %s: its source was removed from the config; no longer provided", trigger_type)
+
+    def _unregister(self, trigger_type: str) -> bool:
+        if trigger_type not in self._advertised:
+            return False
         self._advertised.discard(trigger_type)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"unregister_trigger_type")
             self._client.unregister_trigger_type(RegisterTriggerTypeInput(id=trigger_type, description=""))
-        log.info("trigger type %s: this replica is no longer the active one; it stops providing the type",
-                 trigger_type)
+        return True
 
     def _advertise(self, spec: TriggerTypeSpec) -> None:
         # On the link's loop, which is the SDK's: the SDK schedules the frame and stores the handler before it

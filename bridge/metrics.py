@@ -106,11 +106,25 @@ class _Collector(Collector):
                 _source_figures(sid, report.source, figures)
         engine = GaugeMetricFamily("bridge_engine_connected", "1 while the iii engine link is up, else 0.")
         engine.add_metric([], 1 if rt.engine_connected() else 0)
+        reloads = CounterMetricFamily(
+            "bridge_config_reloads", "Live reloads of the config, by result: applied, or rejected (invalid; the "
+            "running config stayed).", labels=["result"],
+        )
+        reloads.add_metric(["applied"], rt.reloads.applied)
+        reloads.add_metric(["rejected"], rt.reloads.rejected)
+        last_ok = GaugeMetricFamily(
+            "bridge_config_last_reload_successful", "1 if the last reload of the config was applied (or none was "
+            "tried yet), 0 if it was rejected.")
+        last_ok.add_metric([], 1 if rt.reloads.last_ok else 0)
+        last_success = GaugeMetricFamily(
+            "bridge_config_last_reload_success_timestamp_seconds",
+            "When the running config was taken (Unix time): the start, or the last applied reload.")
+        last_success.add_metric([], rt.reloads.last_success_s)
         families: list[Metric] = [
             received, done, deliveries, retries, dl_failures, in_flight, bindings, expired, running, latency
         ]
         families.extend(f for f in figures.values() if f.samples)
-        families.append(engine)
+        families.extend((engine, reloads, last_ok, last_success))
         return families
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -25,11 +26,12 @@ from bridge.config.schemas import BindValidator
 from bridge.deadletter import DeadLetterSink, destination_key, open_destination
 from bridge.dispatch import Dispatcher, Invocation, Invoker, Stats
 from bridge.errors import BindConfigError
+from bridge.reload import Reloader, ReloadPlan, ReloadStats, plan_reload
 from bridge.sources import SHUTDOWN_GRACE_S, Event, OnDone, Source, spec_of
 from bridge.status import SourceStatus, StatusLine, status_enabled
 
 if TYPE_CHECKING:
-    from bridge.engine import EngineLink
+    from bridge.engine import EngineLink, TriggerTypeSpec
     from bridge.metrics import MetricsServer
 
 log = logging.getLogger("bridge.runtime")
@@ -209,9 +211,11 @@ class Runtime:
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
         out: TextIO = sys.stdout,
         status: TextIO | None = None,
+        reloader: Reloader | None = None,
     ) -> None:
         """``link``: the engine link, whose loop :meth:`run` must run on (a dry run has none and needs none).
-        ``status``: draw the live status line on this stream (a terminal) while running."""
+        ``status``: draw the live status line on this stream (a terminal) while running. ``reloader``: watches the
+        config and calls :meth:`reload` (see :mod:`bridge.reload`)."""
         if link is None and not dry_run:
             raise ValueError("a Runtime needs an engine link, unless it is a dry run")
         self._dry_run_dir: tempfile.TemporaryDirectory[str] | None = None
@@ -235,6 +239,11 @@ class Runtime:
         self._metrics: MetricsServer | None = None
         self._stopping = False
         self._refused = asyncio.Event()  # the engine refused this bridge for good: `bridge up` exits 1
+        self._invoker: Invoker | None = None
+        self._reloader = reloader
+        self._reload_lock = asyncio.Lock()
+        self._reloading: dict[str, str] = {}  # source id -> "changed" or "removed": a reload is stopping it
+        self.reloads = ReloadStats()
 
     async def run(self, stop: asyncio.Event) -> int:
         cfg = self.config
@@ -244,24 +253,17 @@ class Runtime:
             if self._dry_run_dir is not None:
                 self._dry_run_dir.cleanup()
             return 1
-        invoker = self._make_invoker()
+        self._invoker = self._make_invoker()
         for source in cfg.sources:
-            table = BindingTable(source.id)
-            self.tables[source.id] = table
-            self.validators[source.id] = BindValidator(source.id, source.bind_schema)
-            dispatcher = Dispatcher(source, table, invoker, self._dead_letters(source), stats=Stats())
-            self.runners[source.id] = SourceRunner(
-                source, dispatcher, table, self._activate, self._deactivate
-            )
-            self.source_states[source.id] = "starting"
+            self._prepare_source(source, Stats())
         if self.dry_run:
-            self._bind_dry_run()
+            for source in cfg.sources:
+                self._bind_dry_run(source)
         else:
             self._start_engine()
         for source in cfg.sources:
-            self._source_tasks[source.id] = asyncio.create_task(
-                self._supervise(source, self.runners[source.id]), name=f"source {source.id}"
-            )
+            self._start_source(source)
+        self.reloads.started(time.time())
         log.info(
             "bridge up: %d source(s) running (%s)%s",
             len(cfg.sources),
@@ -269,12 +271,16 @@ class Runtime:
             " in dry-run mode (payloads are printed, nothing is invoked)" if self.dry_run else "",
         )
         if self._status_stream is not None:
-            line = StatusLine(self._status_stream, self.status_snapshot)
+            line = StatusLine(self._status_stream, self.status_snapshot, note=self.reloads.status_note)
             self._status_task = asyncio.create_task(line.run(), name="status line")
+        if self._reloader is not None:
+            self._reloader.start(self)
         stopping = asyncio.create_task(stop.wait(), name="stop signal")
         refused = asyncio.create_task(self._refused.wait(), name="engine refusal")
         await asyncio.wait({stopping, refused}, return_when=asyncio.FIRST_COMPLETED)
         await cancel_and_wait((stopping, refused))
+        if self._reloader is not None:
+            await self._reloader.close()
         await self.shutdown()
         return 1 if self._refused.is_set() else 0
 
@@ -289,13 +295,98 @@ class Runtime:
         log.info("shutting down: no new events; waiting up to %.0f s for in-flight ones", self.drain_timeout_s)
         # Sources stop intake at once but go on acknowledging what finishes during the drain, so both run
         # together.
-        drains = [r.drain(self.drain_timeout_s) for r in self.runners.values()]
-        results = await asyncio.gather(*drains, cancel_and_wait(self._source_tasks.values()), return_exceptions=True)
-        abandoned = sum(r for r in results[: len(drains)] if isinstance(r, int))
+        async with self._reload_lock:  # a reload under way finishes first (it may be starting sources)
+            abandoned = await self._stop_sources(list(self.runners))
         if abandoned:
             log.warning("%d event(s) were still in flight; they stay unacknowledged and come back", abandoned)
         await self._close_resources()
         log.info("bridge stopped")
+
+    async def _stop_sources(self, source_ids: list[str]) -> int:
+        """Stop these sources as at shutdown: intake stops at once, in-flight events get up to ``drain_timeout_s``
+        to finish and be acknowledged (both run together). Returns how many events were abandoned."""
+        runners = [self.runners[sid] for sid in source_ids if sid in self.runners]
+        tasks = [self._source_tasks[sid] for sid in source_ids if sid in self._source_tasks]
+        drains = [r.drain(self.drain_timeout_s) for r in runners]
+        results = await asyncio.gather(*drains, cancel_and_wait(tasks), return_exceptions=True)
+        return sum(r for r in results[: len(drains)] if isinstance(r, int))
+
+    # reloading -----------------------------------------------------------------------------------------------
+
+    async def reload(self, new: BridgeConfig) -> ReloadPlan:
+        """Apply a new, valid config source by source (DESIGN §4): unchanged sources are not touched; changed ones
+        drain, stop and start again with their new config (their trigger type is registered again, so the engine
+        replays every binding against the new bind schema); added ones start and advertise; removed ones drain
+        and stop. ``engine``, ``observability`` and ``state_dir`` need a restart: they are kept as they run."""
+        async with self._reload_lock:
+            if self._stopping:
+                return ReloadPlan((), (), (), ())  # too late: the bridge is stopping
+            if self._dry_run_dir is not None:
+                new = _dry_run_config(new, Path(self._dry_run_dir.name))
+            plan = plan_reload(self.config, new)
+            # Counters go on across a change (a Prometheus counter that drops reads as a restart).
+            stats = {sid: self.runners[sid].stats for sid in plan.changed}
+            expired = {sid: self.tables[sid].expired for sid in plan.changed}
+            self._reloading = {**dict.fromkeys(plan.changed, "changed"), **dict.fromkeys(plan.removed, "removed")}
+            try:
+                abandoned = await self._stop_sources([*plan.removed, *plan.changed])
+            finally:
+                self._reloading = {}
+            if abandoned:
+                log.warning("reload: %d event(s) were still in flight after %.0f s; they stay unacknowledged and "
+                            "come back", abandoned, self.drain_timeout_s)
+            for sid in plan.removed:
+                self._forget_source(sid)
+                if self._link is not None:
+                    self._link.withdraw(sid)
+            fresh = {s.id: s for s in new.sources}
+            for sid in plan.changed:
+                self._forget_source(sid)
+            for sid in (*plan.changed, *plan.added):
+                source = fresh[sid]
+                try:
+                    self._prepare_source(source, stats.get(sid, Stats()))
+                    self.tables[sid].expired = expired.get(sid, 0)
+                    if self._link is not None:
+                        self._link.provide(self._spec(source))
+                    else:
+                        self._bind_dry_run(source)
+                    self._start_source(source)
+                except Exception as exc:  # one source that cannot start must not keep the others stopped
+                    self._forget_source(sid)
+                    log.error("reload: source %s could not be started: %s; it stays stopped until the next reload",
+                              sid, redact_dsn(str(exc)), extra={"trigger_type": sid})
+            # The status line and the metrics list sources in file order.
+            self.runners = {s.id: self.runners[s.id] for s in new.sources if s.id in self.runners}
+            # What runs now: a source that could not start is left out, so the next reload adds it again.
+            self.config = dataclasses.replace(
+                new, engine=self.config.engine, observability=self.config.observability,
+                state_dir=self.config.state_dir, path=self.config.path,
+                sources=tuple(s for s in new.sources if s.id in self.runners),
+            )
+            return plan
+
+    def _prepare_source(self, source: SourceConfig, stats: Stats) -> None:
+        assert self._invoker is not None
+        table = BindingTable(source.id)
+        self.tables[source.id] = table
+        self.validators[source.id] = BindValidator(source.id, source.bind_schema)
+        dispatcher = Dispatcher(source, table, self._invoker, self._dead_letters(source), stats=stats)
+        self.runners[source.id] = SourceRunner(source, dispatcher, table, self._activate, self._deactivate)
+        self.source_states[source.id] = "starting"
+
+    def _start_source(self, source: SourceConfig) -> None:
+        self._source_tasks[source.id] = asyncio.create_task(
+            self._supervise(source, self.runners[source.id]), name=f"source {source.id}"
+        )
+
+    def _forget_source(self, source_id: str) -> None:
+        self.runners.pop(source_id, None)
+        self.tables.pop(source_id, None)
+        self.validators.pop(source_id, None)
+        self._source_tasks.pop(source_id, None)
+        self.sources.pop(source_id, None)
+        self.source_states.pop(source_id, None)
 
     async def _close_resources(self) -> None:
         for sink in self._sinks.values():
@@ -363,22 +454,21 @@ class Runtime:
         return self._link
 
     def _start_engine(self) -> None:
-        from bridge.engine import TriggerTypeSpec  # the SDK is imported only when the engine is really used
-
         assert self._link is not None
 
-        specs = [
-            TriggerTypeSpec(
-                id=s.id,
-                description=s.description,
-                bind=self.validators[s.id],
-                payload_schema=s.payload_schema,
-                table=self.tables[s.id],
-                exclusive=spec_of(s).exclusive(s),
-            )
-            for s in self.config.sources
-        ]
-        self._link.start(specs, on_fatal=self._engine_refused)
+        self._link.start([self._spec(s) for s in self.config.sources], on_fatal=self._engine_refused)
+
+    def _spec(self, source: SourceConfig) -> TriggerTypeSpec:
+        from bridge.engine import TriggerTypeSpec
+
+        return TriggerTypeSpec(
+            id=source.id,
+            description=source.description,
+            bind=self.validators[source.id],
+            payload_schema=source.payload_schema,
+            table=self.tables[source.id],
+            exclusive=spec_of(source).exclusive(source),
+        )
 
     def _activate(self, source_id: str) -> None:
         if self._link is not None:
@@ -386,19 +476,18 @@ class Runtime:
 
     def _deactivate(self, source_id: str) -> None:
         if self._link is not None:
-            self._link.deactivate(source_id)
+            self._link.deactivate(source_id, reload=self._reloading.get(source_id))
 
-    def _bind_dry_run(self) -> None:
-        for source in self.config.sources:
-            try:
-                config = self.validators[source.id].check({})
-            except BindConfigError as exc:
-                log.info("dry run: %s needs a bind config (%s); rendering with an empty one", source.id, exc)
-                config = {}
-            self.tables[source.id].upsert(
-                Binding(id="dry-run", trigger_type=source.id, function_id=f"dry-run::{source.id}",
-                        namespace=None, config=config)
-            )
+    def _bind_dry_run(self, source: SourceConfig) -> None:
+        try:
+            config = self.validators[source.id].check({})
+        except BindConfigError as exc:
+            log.info("dry run: %s needs a bind config (%s); rendering with an empty one", source.id, exc)
+            config = {}
+        self.tables[source.id].upsert(
+            Binding(id="dry-run", trigger_type=source.id, function_id=f"dry-run::{source.id}",
+                    namespace=None, config=config)
+        )
 
     def _dead_letters(self, source: SourceConfig) -> DeadLetterSink:
         config = source.delivery.dead_letter
@@ -443,9 +532,11 @@ def _dry_run_config(config: BridgeConfig, scratch: Path) -> BridgeConfig:
 
 
 def install_signal_handlers(
-    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, on_second: Callable[[], None]
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, on_second: Callable[[], None],
+    on_hup: Callable[[], None] | None = None,
 ) -> None:
     """First SIGINT/SIGTERM: set ``stop`` on ``loop`` (graceful stop). Second: ``on_second`` (exit at once).
+    SIGHUP: ``on_hup()`` on ``loop`` (reload the config), when given.
 
     Installed on the main thread, which is not the thread the runtime runs on when an engine link owns its loop;
     the handlers run there and hand the stop over to the loop."""
@@ -465,11 +556,21 @@ def install_signal_handlers(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
+    if on_hup is not None:
+        def hup(_signum: int, _frame: object) -> None:
+            log.info("SIGHUP received: reloading the config")
+            loop.call_soon_threadsafe(on_hup)
+
+        signal.signal(signal.SIGHUP, hup)
 
 
-def run_up(config: BridgeConfig, *, dry_run: bool = False, quiet: bool = False) -> int:
+def run_up(
+    config: BridgeConfig, *, dry_run: bool = False, quiet: bool = False, config_path: Path | None = None,
+    watch: bool = True,
+) -> int:
     """`bridge up`: run until SIGINT/SIGTERM; exit 0 after a graceful stop. The live status line is drawn on
-    stderr when it is a terminal, unless ``quiet``.
+    stderr when it is a terminal, unless ``quiet``. With ``config_path`` (the file as the user named it), the
+    config is reloaded live on SIGHUP and, when ``watch``, whenever it or a schema file it loads changes.
 
     With an engine, the runtime runs on the engine link's loop (the SDK's own: DESIGN §5, "One event loop"); a
     dry run connects to nothing and runs on a loop of its own."""
@@ -477,13 +578,30 @@ def run_up(config: BridgeConfig, *, dry_run: bool = False, quiet: bool = False) 
 
     status = sys.stderr if status_enabled(sys.stderr, quiet=quiet) else None
     stop = asyncio.Event()
-    if dry_run:
-        loop = asyncio.new_event_loop()
-        install_signal_handlers(loop, stop, lambda: os._exit(1))
-        with asyncio.Runner(loop_factory=lambda: loop) as runner:
-            return runner.run(Runtime(config, dry_run=True, status=status).run(stop))
-    from bridge.engine import EngineLink
+    loop = asyncio.new_event_loop() if dry_run else None
+    link = None
+    if not dry_run:
+        from bridge.engine import EngineLink
 
-    link = EngineLink(config.engine)
-    install_signal_handlers(link.loop, stop, lambda: os._exit(1))
-    return link.run(Runtime(config, link=link, status=status).run(stop))
+        link = EngineLink(config.engine)
+        loop = link.loop
+    assert loop is not None
+
+    async def main() -> int:
+        # Made on the loop it runs on (its events belong there).
+        reloader = Reloader(config_path, config, watch=watch) if config_path is not None else None
+        if reloader is not None:
+            hup_target.append(reloader)
+        return await Runtime(config, link=link, dry_run=dry_run, status=status, reloader=reloader).run(stop)
+
+    hup_target: list[Reloader] = []
+
+    def on_hup() -> None:
+        for reloader in hup_target:
+            reloader.request("SIGHUP")
+
+    install_signal_handlers(loop, stop, lambda: os._exit(1), on_hup if config_path is not None else None)
+    if link is None:
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            return runner.run(main())
+    return link.run(main())

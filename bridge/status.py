@@ -47,15 +47,19 @@ def status_enabled(stream: TextIO, *, quiet: bool, env: Mapping[str, str] | None
 
 
 def format_status(
-    engine_connected: bool, sources: Sequence[SourceStatus], rates: Mapping[str, float], width: int
+    engine_connected: bool, sources: Sequence[SourceStatus], rates: Mapping[str, float], width: int,
+    note: str | None = None,
 ) -> str:
-    """``engine up · orders: 2 bound, 12.5 ev/s, 3 in flight, 0 dead · ...``, cut to ``width`` columns."""
+    """``engine up · orders: 2 bound, 12.5 ev/s, 3 in flight, 0 dead · ... · <note>``, cut to ``width`` columns.
+    ``note``: the last config reload, if any."""
     parts = ["engine up" if engine_connected else "engine DOWN"]
     for s in sources:
         rate = rates.get(s.id, 0.0)
         parts.append(
             f"{s.id}: {s.bindings} bound, {_rate(rate)} ev/s, {s.in_flight} in flight, {s.dead_lettered} dead"
         )
+    if note:
+        parts.append(note)
     line = " · ".join(parts)
     if width > 1 and len(line) > width - 1:  # the last column would wrap on some terminals
         line = line[: max(0, width - 2)] + "…"
@@ -83,9 +87,12 @@ class StatusLine:
         snapshot: Callable[[], tuple[bool, list[SourceStatus]]],
         *,
         interval_s: float = REFRESH_S,
+        note: Callable[[], str | None] | None = None,
     ) -> None:
+        """``note()``: a last part of the line (the last config reload), or None."""
         self._stream = stream
         self._snapshot = snapshot
+        self._note = note
         self._interval_s = interval_s
         self._text = ""
         self._shown = False
@@ -134,7 +141,8 @@ class StatusLine:
                 rates = {sid: max(0, n - counts.get(sid, n)) / elapsed for sid, n in received.items()}
         self._last = (now, received)
         width = _width(self._stream)
-        text = format_status(connected, sources, rates, width)
+        note = self._note() if self._note is not None else None
+        text = format_status(connected, sources, rates, width, note)
         with self._lock:
             self._text = text
             self._shown = False

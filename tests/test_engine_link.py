@@ -431,6 +431,35 @@ async def test_an_exclusive_standby_never_registers_its_trigger_type(
         assert _registrations(iii_engine, "standby") == 1  # not replayed by the SDK after stepping down
 
 
+# --- reload: a new spec, a withdrawn type ----------------------------------------------------------------------
+
+
+async def test_a_new_spec_gets_every_binding_replayed_and_checked_against_its_bind_schema(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    loose = {"type": "object", "properties": {"label": {"type": "string"}}}
+    async with bridge(iii_engine, tmp_path, worker_name="reloader", bind_schema=loose) as p:
+        await _in_thread(consumer.function, "shop::short")
+        await _in_thread(consumer.function, "shop::long")
+        short = await _in_thread(consumer.bind, TYPE, "shop::short", {"label": "ok"})
+        long = await _in_thread(consumer.bind, TYPE, "shop::long", {"label": "much-too-long"})
+        await p.until(lambda: len(p.table) == 2, what="both bindings")
+        tight = {"type": "object", "properties": {"label": {"type": "string", "maxLength": 5}}}
+        table = BindingTable(TYPE)
+        await p.call(p.link.provide, TriggerTypeSpec(TYPE, "orders", BindValidator(TYPE, tight), None, table))
+        await p.until(lambda: short.id in table, what="the binding that fits, replayed into the new table")
+        errors = await _in_thread(consumer.wait_registration_errors, 1)
+        assert (errors[0]["id"], errors[0]["function_id"]) == (long.id, "shop::long")
+        assert errors[0]["error"]["message"].endswith("$.label: 'much-too-long' is too long")
+        assert long.id not in table
+        assert _registrations(iii_engine, "reloader") == 2
+        await p.call(p.link.withdraw, TYPE)
+        await _in_thread(iii_engine.disconnect, "reloader")
+        await p.until(lambda: p.link.connected, what="the reconnect")
+        await asyncio.sleep(0.5)
+        assert _registrations(iii_engine, "reloader") == 2  # a withdrawn type is not registered again
+
+
 # --- one worker name, one bridge -------------------------------------------------------------------------------
 
 _CONFLICT_CONFIG = """\

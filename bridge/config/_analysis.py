@@ -22,6 +22,7 @@ class Analysis:
     problems: list[Problem] = field(default_factory=list)
     schemas: dict[tuple[str, str], dict[str, Any] | None] = field(default_factory=dict)
     invalid: set[KeyPath] = field(default_factory=set)  # values the YAML reader refused (e.g. a !tag)
+    schema_files: set[Path] = field(default_factory=set)  # the files ``{$ref: file}`` schemas name (absolute)
 
     @property
     def base_dir(self) -> Path:

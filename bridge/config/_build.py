@@ -82,4 +82,5 @@ def build(result: Analysis) -> BridgeConfig:
         defaults=_delivery(default_delivery, state_dir),
         default_max_in_flight=default_max,
         sources=tuple(built),
+        schema_files=tuple(sorted(result.schema_files)),
     )

@@ -210,6 +210,7 @@ class Semantics:
     def schema_file(self, here: KeyPath, ref: str, bind: bool) -> dict[str, Any] | None:
         file_part, _, fragment = ref.partition("#")
         shown = os.path.normpath(os.path.join(os.path.dirname(self.r.display), file_part))
+        self.r.schema_files.add(self.resolve(file_part))
         try:
             document, positions = load_schema_file(self.resolve(file_part))
             schema, prefix = resolve_pointer(document, fragment)

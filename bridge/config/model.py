@@ -88,6 +88,7 @@ class BridgeConfig:
     defaults: DeliveryConfig
     default_max_in_flight: int
     sources: tuple[SourceConfig, ...]
+    schema_files: tuple[Path, ...] = ()  # the files its sources' ``{$ref: file}`` schemas load (a reload watches them)
 
     def source(self, source_id: str) -> SourceConfig:
         for s in self.sources:

@@ -48,6 +48,7 @@ import contextlib
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -453,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     with engine:
         print(engine.url, flush=True)
+        print(f"iii-bridge TEST ENGINE at {engine.url}: a stand-in for trying and testing the bridge, not an iii "
+              "engine. In production the bridge connects to an iii engine (III_URL).", file=sys.stderr, flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while not stop.wait(0.5):  # a timed wait: a bare wait() would defer signals indefinitely
                 pass
