@@ -10,7 +10,7 @@ from typing import Any
 
 from aiokafka.helpers import create_ssl_context
 
-from bridge.sources.kafka.spec import KafkaSourceConfig
+from bridge.sources.kafka.spec import CLIENT_OPTION_DEFAULTS, KafkaSourceConfig
 
 
 def connection_options(kc: KafkaSourceConfig) -> dict[str, Any]:
@@ -30,9 +30,11 @@ def connection_options(kc: KafkaSourceConfig) -> dict[str, Any]:
 
 
 def consumer_options(kc: KafkaSourceConfig) -> dict[str, Any]:
-    """The consumer's options: ``client_options`` first, so that the bridge's own settings win. Offsets are only
-    ever committed by hand (and never by a dry run); ``start_from`` applies where the group has no offset."""
+    """The consumer's options: the bridge's defaults for some client settings (``CLIENT_OPTION_DEFAULTS``), then
+    ``client_options``, then the bridge's own settings, which win. Offsets are only ever committed by hand (and never
+    by a dry run); ``start_from`` applies where the group has no offset."""
     return {
+        **CLIENT_OPTION_DEFAULTS,
         **kc.client_options,
         **connection_options(kc),
         "group_id": kc.group_id,
