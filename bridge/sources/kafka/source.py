@@ -321,17 +321,16 @@ class KafkaSource:
                 await sink.wait_for_bindings()
                 continue
             self._wake.clear()
-            progressed = await self._submit_round(sink)
-            if progressed:
-                await asyncio.sleep(0)  # let delivery tasks and the fetch task run between rounds
-            else:
-                await self._wake.wait()
+            await self._submit_round(sink)
+            # A round takes every partition up to its share (or the window up to full): nothing more can go before
+            # an event is done or records are fetched, and either sets the wake (also while the round ran).
+            await self._wake.wait()
 
-    async def _submit_round(self, sink: Sink) -> bool:
+    async def _submit_round(self, sink: Sink) -> None:
         parts = [p for p in self._parts.values() if p.buffer]
         self._window_blocked = False
         if not parts:
-            return False
+            return
         share = self._shares.share(self._assigned_count(), sum(1 for p in self._parts.values() if p.outstanding))
         # With ordering partition the runner's lane of a partition still holds the events submitted after the one
         # that finished, so topping it up can wait until half its share is free; otherwise (none, or key, whose
@@ -339,24 +338,21 @@ class KafkaSource:
         self._low_water = share - (max(1, share // 2) if self._kc.ordering == "partition" else 1)
         start = self._round % len(parts)
         self._round += 1
-        progressed = False
         for part in parts[start:] + parts[:start]:
             while part.current and part.buffer and part.undone < share:
                 if self._stopping or not sink.has_bindings():
-                    return progressed
+                    return
                 if sink.window_full():
                     self._window_blocked = True
-                    return progressed
+                    return
                 record = part.take()
                 event, on_done = self._event_of(part, record)
-                progressed = True
                 if not sink.offer(event, on_done):  # the fast path refused it: a binding is stale, or a submit waits
                     try:
                         await sink.submit(event, on_done)
                     except BaseException:
                         part.untake(record)
                         raise
-        return progressed
 
     def _event_of(self, part: PartitionTrack, record: Any) -> tuple[Event, OnDone]:
         """The event of a record just taken from ``part``'s buffer, and its acknowledgement hook."""
