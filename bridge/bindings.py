@@ -157,6 +157,10 @@ class BindingTable:
         while not self.ready:
             await self._ready.wait()
 
+    def live(self, binding_id: str) -> Binding | None:
+        """The binding if it exists and is not stale (no wait); else None."""
+        return None if binding_id in self._stale else self._bindings.get(binding_id)
+
     async def wait_settled(self, binding_id: str) -> Binding | None:
         """Wait while the binding is stale; return it once it is live again, None once it has ended."""
         while binding_id in self._stale:

@@ -201,13 +201,15 @@ class Dispatcher:
         delivery = self._delivery
         retry = delivery.retry
         condition = binding.condition_function_id
+        invoker, table = self.invoker, self.table
         while True:
-            await self._wait_for_engine()
-            if await self.table.wait_settled(binding.id) is None:
+            if not invoker.connected:
+                await invoker.wait_connected()
+            if table.live(binding.id) is None and await table.wait_settled(binding.id) is None:
                 log.info("event %s: binding %s → %s has ended (unbound, or not replayed in time); not delivering "
                          "to it", event.id, binding.id, binding.function_id, extra=self._log_context(event, binding))
                 return "filtered"
-            if not self.invoker.connected:
+            if not invoker.connected:
                 continue  # the link dropped again while the binding waited
             attempts.start()
             calling = condition or binding.function_id
@@ -219,7 +221,7 @@ class Dispatcher:
                     condition = None  # passed: a retry only repeats the delivery
                     calling = binding.function_id
                     started = time.perf_counter()
-                await self.invoker.invoke(Invocation(
+                await invoker.invoke(Invocation(
                     binding.function_id, payload, binding.namespace, delivery.timeout_ms, delivery.mode,
                     delivery.queue, binding.metadata,
                 ))
@@ -292,10 +294,6 @@ class Dispatcher:
             context["binding_id"] = binding.id
             context["function_id"] = binding.function_id
         return context
-
-    async def _wait_for_engine(self) -> None:
-        if not self.invoker.connected:
-            await self.invoker.wait_connected()
 
     # dead letters --------------------------------------------------------------------------------------------
 

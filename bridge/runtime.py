@@ -14,7 +14,8 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -73,7 +74,9 @@ class SourceRunner:
         self.stats = dispatcher.stats
         self._window = Window(config.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._order_tails: dict[Any, asyncio.Future[None]] = {}
+        # Events of one order key that wait for their turn, the first being delivered; one task works through
+        # each lane and ends when it is empty (see :meth:`_run_lane`).
+        self._lanes: dict[Any, deque[tuple[Event, OnDone]]] = {}
 
     # Sink ----------------------------------------------------------------------------------------------------
 
@@ -91,19 +94,29 @@ class SourceRunner:
     def offer(self, event: Event, on_done: OnDone, *, waited: bool = False) -> bool:
         """Start delivering ``event`` now if a live (not stale) binding exists and the window has room (and no
         earlier submit waits for it); False, accepting nothing, otherwise. The source's fast path: no task switch
-        before the delivery starts."""
+        before the delivery starts.
+
+        An event with an order key joins the lane of its key: the lane's task delivers its events one after the
+        other, in submit order, each right after the one before it is done (no task, future or loop turn of its
+        own per event). Any other event gets a task of its own."""
         if not self.table.ready or not self._window.take(waited=waited):
             return False
-        previous: asyncio.Future[None] | None = None
-        mine: asyncio.Future[None] | None = None
-        if event.order_key is not None:
-            previous = self._order_tails.get(event.order_key)
-            mine = asyncio.get_running_loop().create_future()
-            self._order_tails[event.order_key] = mine
-        task = asyncio.create_task(self._run(event, on_done, previous, mine), name=f"event {event.id}")
+        key = event.order_key
+        if key is None:
+            self._start(self._run_one(event, on_done), event)
+            return True
+        lane = self._lanes.get(key)
+        if lane is not None:
+            lane.append((event, on_done))  # its task is delivering an earlier event: this one comes next
+            return True
+        lane = self._lanes[key] = deque(((event, on_done),))
+        self._start(self._run_lane(key, lane), event)
+        return True
+
+    def _start(self, work: Coroutine[Any, Any, None], event: Event) -> None:
+        task = asyncio.create_task(work, name=f"event {event.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
 
     @property
     def peak_in_flight(self) -> int:
@@ -131,18 +144,35 @@ class SourceRunner:
 
     # delivery ------------------------------------------------------------------------------------------------
 
-    async def _run(
-        self,
-        event: Event,
-        on_done: OnDone,
-        previous: asyncio.Future[None] | None,
-        mine: asyncio.Future[None] | None,
-    ) -> None:
+    async def _run_one(self, event: Event, on_done: OnDone) -> None:
         try:
-            if previous is not None:
-                await asyncio.shield(previous)
-            await self.table.wait_non_empty()
-            extra = {"trigger_type": self.config.id, "event_id": event.id}
+            await self._deliver(event, on_done)
+        finally:
+            self._window.release()
+
+    async def _run_lane(self, key: Any, lane: deque[tuple[Event, OnDone]]) -> None:
+        """Deliver the events of one order key in submit order, retries included: the next one starts only once
+        the one before it is done (acknowledged, or its acknowledgement failed). Events offered meanwhile join
+        the lane; the task ends when the lane is empty, and the key's next event starts a new one."""
+        try:
+            while lane:
+                event, on_done = lane[0]
+                await self._deliver(event, on_done)
+                lane.popleft()
+                self._window.release()
+        finally:
+            # Cancelled (at shutdown, past the drain timeout): what is left stays unacknowledged; its slots free.
+            for _ in range(len(lane)):
+                self._window.release()
+            lane.clear()
+            if self._lanes.get(key) is lane:
+                del self._lanes[key]
+
+    async def _deliver(self, event: Event, on_done: OnDone) -> None:
+        """Deliver one event and acknowledge it; raises only on cancellation."""
+        try:
+            if len(self.table) == 0:
+                await self.table.wait_non_empty()
             try:
                 outcome = await self.dispatcher.deliver(event)
             except Exception as exc:
@@ -152,34 +182,31 @@ class SourceRunner:
                 # any dead letter: the dispatcher holds the event while the destination refuses, and treats
                 # any error of the destination as a refusal), so the event is never acknowledged unrecorded.
                 log.exception("event %s of %s: unexpected error while delivering it; dead-lettering it",
-                              event.id, self.config.id, extra=extra)
+                              event.id, self.config.id, extra=self._log_extra(event))
                 outcome = await self.dispatcher.dead_letter_internal_error(event, exc)
             try:
                 await on_done(outcome)
             except Exception:
                 log.exception("event %s of %s: acknowledgement failed; it stays unacknowledged", event.id,
-                              self.config.id, extra=extra)
+                              self.config.id, extra=self._log_extra(event))
         except Exception:
-            # Only waiting for an earlier event or for bindings can get here (both are plain futures): log it
-            # loudly, the event stays unacknowledged and a restart redelivers it.
+            # Only waiting for bindings can get here (a plain future): log it loudly, the event stays
+            # unacknowledged and a restart redelivers it.
             log.exception("event %s of %s: unexpected error; it stays unacknowledged", event.id, self.config.id,
-                          extra={"trigger_type": self.config.id, "event_id": event.id})
-        finally:
-            self._window.release()
-            if mine is not None:
-                if not mine.done():
-                    mine.set_result(None)
-                if self._order_tails.get(event.order_key) is mine:
-                    del self._order_tails[event.order_key]
+                          extra=self._log_extra(event))
+
+    def _log_extra(self, event: Event) -> dict[str, Any]:
+        return {"trigger_type": self.config.id, "event_id": event.id}
 
     async def drain(self, timeout_s: float) -> int:
-        """Wait for in-flight events; cancel what is left after ``timeout_s``. Returns how many were abandoned."""
+        """Wait for in-flight events; cancel what is left after ``timeout_s``. Returns how many events were
+        abandoned (being delivered, or waiting in a lane for their turn)."""
         pending = set(self._tasks)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=timeout_s)
+        abandoned = self._window.taken if pending else 0
         await cancel_and_wait(pending)
-        return len(pending)
-
+        return abandoned
 
 class DryRunInvoker:
     """`bridge up --dry-run`: prints each rendered payload as one JSON line instead of invoking anything."""

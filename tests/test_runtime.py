@@ -229,6 +229,34 @@ async def test_offer_starts_an_event_only_when_submit_would_not_wait(tmp_path: P
     assert await runner.drain(5) == 0
 
 
+async def test_a_lane_runs_its_key_in_order_and_a_drain_cut_counts_and_frees_what_it_held(tmp_path: Path) -> None:
+    gate = _Gate()
+    runner = _runner(tmp_path, 8, gate, payload={"n": "{{ event.n }}"})
+    acked: list[int] = []
+
+    def ack(n: int) -> Any:
+        async def on_done(outcome: Outcome) -> None:
+            acked.append(n)
+        return on_done
+
+    for n in range(5):  # one key: one call at a time; another key alongside
+        assert runner.offer(Event(id=f"e{n}", source="synthetic", fields={"n": n}, order_key="a"), ack(n))
+    assert runner.offer(Event(id="e9", source="synthetic", fields={"n": 9}, order_key="b"), ack(9))
+    await gate.until_calls(2)
+    assert sorted(c["n"] for c in gate.calls) == [0, 9]
+    await gate.release_one()  # 0 (the first call made) is done: 1 starts at once
+    await gate.until_calls(3)
+    assert gate.calls[-1]["n"] == 1 and acked == [0]
+    assert runner.in_flight() == 5
+    # Cut while 1 and 9 are being delivered and 2, 3, 4 wait in the lane: all five are abandoned, unacknowledged.
+    assert await runner.drain(0.05) == 5
+    assert acked == [0] and runner.in_flight() == 0
+    assert runner.offer(Event(id="e5", source="synthetic", fields={"n": 5}, order_key="a"), ack(5))  # a new lane
+    await gate.until_calls(4)
+    assert gate.calls[-1]["n"] == 5
+    assert await runner.drain(0.01) == 1
+
+
 async def test_waiting_submits_go_in_order_and_a_cancelled_one_passes_its_turn_on(tmp_path: Path) -> None:
     gate = _Gate()
     runner = _runner(tmp_path, 1, gate, payload={"n": "{{ event.n }}"})

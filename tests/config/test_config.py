@@ -36,7 +36,7 @@ from bridge.config.schemas import bridge_schema
 from bridge.config.yamlpos import decode_text, load_yaml
 from bridge.errors import ConfigError
 from bridge.sources.file.spec import FileSourceConfig
-from bridge.sources.kafka.spec import MANAGED_CLIENT_OPTIONS, KafkaSecurity, KafkaSourceConfig
+from bridge.sources.kafka.spec import CLIENT_OPTION_DEFAULTS, MANAGED_CLIENT_OPTIONS, KafkaSecurity, KafkaSourceConfig
 from bridge.sources.postgres.spec import PostgresSourceConfig
 
 Check = Callable[..., list[str]]
@@ -904,8 +904,9 @@ def test_client_options_are_the_consumer_arguments_the_bridge_does_not_set() -> 
     assert set(allowed) | set(MANAGED_CLIENT_OPTIONS) == set(arguments)
     assert not set(allowed) & set(MANAGED_CLIENT_OPTIONS)
     for name, sub in allowed.items():
-        if "default" in sub:
-            assert sub["default"] == arguments[name], name
+        if "default" in sub:  # the client's default, or the one the bridge sets instead
+            assert sub["default"] == CLIENT_OPTION_DEFAULTS.get(name, arguments[name]), name
+    assert set(CLIENT_OPTION_DEFAULTS) <= set(allowed)
 
 
 # --- redaction ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from bridge.sources.kafka.spec import (
+    CLIENT_OPTION_DEFAULTS,
     SASL_PROTOCOLS,
     TLS_PROTOCOLS,
     KafkaSecurity,
@@ -89,9 +90,11 @@ def shared_options(kc: KafkaSourceConfig) -> dict[str, Any]:
 
 
 def consumer_options(kc: KafkaSourceConfig) -> dict[str, Any]:
-    """The consumer's options: ``client_options`` first, so that the bridge's own settings win. Offsets are only
-    ever committed by hand (and never by a dry run); ``start_from`` applies where the group has no offset."""
+    """The consumer's options: the bridge's defaults for some client settings (``CLIENT_OPTION_DEFAULTS``), then
+    ``client_options``, then the bridge's own settings, which win. Offsets are only ever committed by hand (and never
+    by a dry run); ``start_from`` applies where the group has no offset."""
     return {
+        **CLIENT_OPTION_DEFAULTS,
         **kc.client_options,
         **connection_options(kc),
         "group_id": kc.group_id,

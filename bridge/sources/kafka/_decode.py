@@ -80,39 +80,38 @@ def record_event(source_id: str, kc: KafkaSourceConfig, record: KafkaRecord) -> 
     topic, partition, offset = record.topic, record.partition, record.offset
     key, key_problem = decode(record.key, kc.key_format)
     value, value_problem = decode(record.value, kc.value_format)
-    error: DecodeError | None = None
-    raw: dict[str, str] = {}
-    problems = []
-    for part, field, problem, decoded, fmt, data in (
-        ("key", "key_raw_b64", key_problem, key, kc.key_format, record.key),
-        ("value", "raw_b64", value_problem, value, kc.value_format, record.value),
-    ):
-        if problem is None:
-            continue
-        if decoded is None and data is not None:
-            raw[field] = b64(bytes(data))
-            held = f"event.{field} holds the raw {part} as base64"
-        else:
-            held = f"event.{part} holds the raw {part} as text"
-        problems.append(f"{part} is {problem} for {part}_format {fmt}; {held}")
-    if problems:
-        error = DecodeError(f"kafka record {topic}/{partition}@{offset}: " + "; ".join(problems))
     timestamp = record.timestamp
     has_time = timestamp is not None and timestamp >= 0  # -1: a record written without a timestamp
+    fields = {
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "key": key,
+        "value": value,
+        "headers": headers_text(record.headers),
+        "timestamp": timestamp if has_time else None,
+        "timestamp_iso": iso_ms(timestamp) if has_time else None,
+    }
+    error: DecodeError | None = None
+    if key_problem is not None or value_problem is not None:
+        problems = []
+        for part, field, problem, decoded, fmt, data in (
+            ("key", "key_raw_b64", key_problem, key, kc.key_format, record.key),
+            ("value", "raw_b64", value_problem, value, kc.value_format, record.value),
+        ):
+            if problem is None:
+                continue
+            if decoded is None and data is not None:
+                fields[field] = b64(bytes(data))
+                held = f"event.{field} holds the raw {part} as base64"
+            else:
+                held = f"event.{part} holds the raw {part} as text"
+            problems.append(f"{part} is {problem} for {part}_format {fmt}; {held}")
+        error = DecodeError(f"kafka record {topic}/{partition}@{offset}: " + "; ".join(problems))
     return Event(
         id=f"kafka:{topic}:{partition}:{offset}",
         source=source_id,
-        fields={
-            "topic": topic,
-            "partition": partition,
-            "offset": offset,
-            "key": key,
-            "value": value,
-            "headers": headers_text(record.headers),
-            "timestamp": timestamp if has_time else None,
-            "timestamp_iso": iso_ms(timestamp) if has_time else None,
-            **raw,
-        },
+        fields=fields,
         error=error,
         order_key=order_key(record, kc.ordering),
     )

@@ -46,7 +46,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from bridge._tasks import cancel_and_wait
 from bridge.config import SourceConfig
-from bridge.sources import SHUTDOWN_GRACE_S, Outcome, Sample, Sink
+from bridge.sources import SHUTDOWN_GRACE_S, Event, OnDone, Outcome, Sample, Sink
 from bridge.sources.kafka._assign import DryRunAssignment, GroupListener, subscribe, topics_text
 from bridge.sources.kafka._conn import at_most, connection_options, consumer_options, tp_text
 from bridge.sources.kafka._deadletter import KafkaDeadLetter, kafka_dead_letter
@@ -95,6 +95,8 @@ class KafkaSource:
         self._held = False  # every partition paused because nothing is bound
         self._stopping = False
         self._round = 0
+        self._low_water = 0  # a done event wakes the submit task once its partition has no more undone than this
+        self._window_blocked = False  # the last submit round stopped at a full in-flight window
         self._committed: dict[tuple[str, int], int] = {}
 
     # --- read-only views (tests, metrics, dead letters) ---------------------------------------------------------
@@ -331,30 +333,41 @@ class KafkaSource:
                 await sink.wait_for_bindings()
                 continue
             self._wake.clear()
-            progressed = await self._submit_round(sink)
-            if progressed:
-                await asyncio.sleep(0)  # let delivery tasks and the fetch task run between rounds
-            else:
-                await self._wake.wait()
+            await self._submit_round(sink)
+            # A round takes every partition up to its share (or the window up to full): nothing more can go before
+            # an event is done or records are fetched, and either sets the wake (also while the round ran).
+            await self._wake.wait()
 
-    async def _submit_round(self, sink: Sink) -> bool:
+    async def _submit_round(self, sink: Sink) -> None:
         parts = [p for p in self._parts.values() if p.buffer]
+        self._window_blocked = False
         if not parts:
-            return False
+            return
         share = self._shares.share(self._assigned_count(), sum(1 for p in self._parts.values() if p.outstanding))
+        # With ordering partition the runner's lane of a partition still holds the events submitted after the one
+        # that finished, so topping it up can wait until half its share is free; otherwise (none, or key, whose
+        # lanes are per key) every free slot is an event fewer in flight.
+        self._low_water = share - (max(1, share // 2) if self._kc.ordering == "partition" else 1)
         start = self._round % len(parts)
         self._round += 1
-        progressed = False
         for part in parts[start:] + parts[:start]:
             while part.current and part.buffer and part.undone < share:
-                if self._stopping or sink.window_full() or not sink.has_bindings():
-                    return progressed
-                await self._submit_one(sink, part)
-                progressed = True
-        return progressed
+                if self._stopping or not sink.has_bindings():
+                    return
+                if sink.window_full():
+                    self._window_blocked = True
+                    return
+                record = part.take()
+                event, on_done = self._event_of(part, record)
+                if not sink.offer(event, on_done):  # the fast path refused it: a binding is stale, or a submit waits
+                    try:
+                        await sink.submit(event, on_done)
+                    except BaseException:
+                        part.untake(record)
+                        raise
 
-    async def _submit_one(self, sink: Sink, part: PartitionTrack) -> None:
-        record = part.take()
+    def _event_of(self, part: PartitionTrack, record: Any) -> tuple[Event, OnDone]:
+        """The event of a record just taken from ``part``'s buffer, and its acknowledgement hook."""
         event = record_event(self.config.id, self._kc, record)
         if event.error is not None:
             log.warning("kafka source %s: %s; the event goes to the dead letter", self.config.id, event.error)
@@ -365,17 +378,17 @@ class KafkaSource:
         async def on_done(outcome: Outcome) -> None:
             self._on_done(part, offset)
 
-        try:
-            await sink.submit(event, on_done)
-        except BaseException:
-            part.untake(record)
-            raise
+        return event, on_done
 
     def _on_done(self, part: PartitionTrack, offset: int) -> None:
         if not part.current:
             return  # abandoned at a revoke: the partition's next owner starts from the committed offset
         part.done(offset)
-        self._wake.set()
+        # The submit task tops a partition up once it fell to its low water (see _submit_round): with ordering
+        # partition, one submit round per few events, not one per event. While the window held a round back,
+        # every freed slot counts.
+        if part.undone <= self._low_water or self._window_blocked:
+            self._wake.set()
         if self._stopping:
             self._room.set()
             if not any(p.undone for p in self._parts.values()):

@@ -26,6 +26,7 @@ from bridge._clock import iso_ms
 from bridge.config import DeadLetterConfig, DeliveryConfig, SourceConfig
 from bridge.errors import DeadLetterError, DecodeError
 from bridge.sources import Event
+from bridge.sources.kafka._conn import consumer_options
 from bridge.sources.kafka._deadletter import MAX_REQUEST_BYTES, fit_record, truncation_marker
 from bridge.sources.kafka._decode import decode, record_event
 from bridge.sources.kafka._flow import Shares
@@ -189,6 +190,25 @@ async def test_bytes_and_text_formats_and_null_key_and_value(kafka_broker: str, 
     assert keyless.order_key == (topic, 0)  # a null key falls back to the partition
     assert tombstone.error is None
     assert (tombstone.fields["key"], tombstone.fields["value"]) == (base64.b64encode(b"gone").decode(), None)
+
+
+async def test_a_record_larger_than_the_default_partition_fetch_size_is_delivered(kafka_broker: str, topic: str,
+                                                                                   tmp_path: Any) -> None:
+    # The bridge fetches at most 256 KiB per partition by default (memory stays flat whatever the backlog); a
+    # larger record still comes, alone in its fetch, and the records after it too.
+    big = json.dumps({"blob": "x" * 400_000}).encode()
+    await produce(kafka_broker, topic, [(2, b"small", b"1", []), (2, b"big", big, []), (2, b"after", b"2", [])])
+    sink = new_sink()
+    config = make_config(kafka_broker, topic)
+    assert isinstance(config.kind_config, KafkaSourceConfig)
+    options = consumer_options(config.kind_config)
+    assert (options["fetch_max_bytes"], options["max_partition_fetch_bytes"]) == (1024 * 1024, 256 * 1024)
+    async with running(source_for(config, tmp_path), sink):
+        events = await sink.wait_for(3)
+    assert [e.fields["key"] for e in events] == ["small", "big", "after"]
+    assert len(events[1].fields["value"]["blob"]) == 400_000
+    chosen = dataclasses.replace(config.kind_config, client_options={"max_partition_fetch_bytes": 4096})
+    assert consumer_options(chosen)["max_partition_fetch_bytes"] == 4096  # client_options win
 
 
 async def test_json_key_text_value_ordering_none_and_topic_pattern(kafka_broker: str, topic: str,
