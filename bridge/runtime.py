@@ -208,6 +208,7 @@ class SourceRunner:
         await cancel_and_wait(pending)
         return abandoned
 
+
 class DryRunInvoker:
     """`bridge up --dry-run`: prints each rendered payload as one JSON line instead of invoking anything."""
 
