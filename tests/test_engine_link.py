@@ -23,7 +23,7 @@ from bridge.config import DeadLetterConfig, DeliveryConfig, EngineConfig, RetryC
 from bridge.config.schemas import BindValidator
 from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher
-from bridge.engine import EngineLink, TriggerTypeSpec
+from bridge.engine import EngineLink, TriggerTypeSpec, observable_function_id
 from bridge.sources import Event, Outcome
 from bridge.sources.file.spec import FileSourceConfig
 from bridge.testing.consumer import Consumer
@@ -33,6 +33,10 @@ from tests.support.files import read_jsonl
 from tests.support.process import BridgeProcess
 
 TYPE = "orders"
+
+# Every test against an engine before 0.25 (trigger mode) and one with observe.v1 (observe mode), where the
+# consumers' register_trigger reaches the bridge's observable function through the engine's legacy shim.
+pytestmark = pytest.mark.both_engines
 
 
 class Bridge:
@@ -109,6 +113,10 @@ async def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _registrations(engine: TestEngine, worker: str) -> int:
+    """How often ``worker`` offered TYPE: a trigger type, or (observe mode) its observable function."""
+    if engine.features:
+        frames = engine.frames_of("registerfunction", direction="in", worker=worker)
+        return len([f for f in frames if f["id"] == observable_function_id(TYPE)])
     return len([f for f in engine.frames_of("registertriggertype", direction="in", worker=worker) if f["id"] == TYPE])
 
 
@@ -320,6 +328,7 @@ async def test_a_condition_that_never_answers_is_dead_lettered_like_a_delivery(
 # --- replicas --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.trigger_only("observe mode: one owner delivers, the others wait to take over")
 async def test_a_replica_that_is_not_the_provider_mirrors_the_list_and_never_registers_again(
     iii_engine: TestEngine, tmp_path: Path, consumer: Consumer, make_consumer: Callable[..., Consumer]
 ) -> None:
@@ -353,6 +362,7 @@ async def test_a_replica_that_is_not_the_provider_mirrors_the_list_and_never_reg
         assert _registrations(iii_engine, "replica-a") == 1
 
 
+@pytest.mark.trigger_only("observe mode: one owner delivers, the others wait to take over")
 async def test_a_mirrored_binding_whose_config_does_not_fit_this_replica_is_skipped_and_logged(
     iii_engine: TestEngine, tmp_path: Path, consumer: Consumer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -379,6 +389,7 @@ async def test_a_mirrored_binding_whose_config_does_not_fit_this_replica_is_skip
             assert _registrations(iii_engine, "replica-a") == 1
 
 
+@pytest.mark.trigger_only("observe mode: test_observe_a_replica_takes_the_function_over_when_its_owner_is_gone")
 async def test_a_replica_registers_again_when_the_provider_is_gone(
     iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
 ) -> None:
@@ -398,6 +409,31 @@ async def test_a_replica_registers_again_when_the_provider_is_gone(
         assert _registrations(iii_engine, "replica-a") == 2
 
 
+@pytest.mark.parametrize("iii_engine", ["observe"], indirect=True)
+async def test_observe_a_replica_takes_the_function_over_when_its_owner_is_gone(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    # The engine keeps the first owner of a function id and refuses the others: one replica delivers, the others
+    # wait (their tables stay empty) and one of them registers the function once its owner is gone.
+    async with contextlib.AsyncExitStack() as first:
+        a = await first.enter_async_context(bridge(iii_engine, tmp_path, worker_name="replica-a", interval_ms=200))
+        await a.until(lambda: iii_engine.has_function(observable_function_id(TYPE)), what="replica-a owns it")
+        async with bridge(iii_engine, tmp_path, worker_name="replica-b", interval_ms=200) as b:
+            await b.until(lambda: iii_engine.frames_of("registrationrejected", worker="replica-b"),
+                          what="the engine keeps the first owner")
+            await _in_thread(consumer.function, "shop::on-order")
+            bound = await _in_thread(consumer.bind, TYPE, "shop::on-order")
+            await a.until(lambda: bound.id in a.table, what="the owner hears the observer")
+            await asyncio.sleep(0.6)  # reconciliation rounds: the refused replica waits, no ping-pong
+            assert bound.id not in b.table and _registrations(iii_engine, "replica-b") == 1
+            await first.aclose()  # replica-a leaves
+            await b.until(lambda: bound.id in b.table, timeout=15, what="replica-b takes the function over")
+            assert _registrations(iii_engine, "replica-b") == 2
+            assert await asyncio.wait_for(b.deliver(1), 10) == "delivered"
+            assert consumer.calls("shop::on-order") == [{"n": 1}]
+
+
+@pytest.mark.trigger_only("observe mode: observers are acknowledged by revision; no list to reconcile")
 async def test_a_provider_that_lost_a_binding_on_the_way_registers_again_to_get_it_replayed(
     iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
 ) -> None:
@@ -499,6 +535,18 @@ def test_the_sdk_internals_the_link_relies_on_exist() -> None:
         f"iii-sdk {sdk}: a call made on the SDK's own loop no longer skips the cross-thread hop (DESIGN §5)"
     )
     assert "_on_sdk_loop" in inspect.getsource(III.trigger_async), f"iii-sdk {sdk}: trigger_async changed its path"
+    # observe mode: which features a connection's engine announced, and whether it confirmed a function
+    for name in ("_registered_on_connection", "_engine_features", "_functions", "_connection_epoch"):
+        assert f"self.{name}" in init, f"iii-sdk {sdk}: III.{name} is gone; the engine link needs it (observe mode)"
+    assert "self._on_engine_features(worker.features" in inspect.getsource(III._handle_message), (
+        f"iii-sdk {sdk}: workerregistered no longer goes through III._on_engine_features (the link's mode choice)"
+    )
+    from iii.observable import FunctionObservers
+
+    observers = inspect.getsource(FunctionObservers.__init__)
+    assert "self.confirmed " in observers and "self.confirmed_epoch " in observers, (
+        f"iii-sdk {sdk}: FunctionObservers.confirmed(_epoch) is gone (observe mode: a refused replica, a reconnect)"
+    )
 
 
 def test_the_bridge_binds_and_calls_on_the_sdks_own_loop_without_a_hop(
