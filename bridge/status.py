@@ -47,10 +47,14 @@ def status_enabled(stream: TextIO, *, quiet: bool, env: Mapping[str, str] | None
 
 
 def format_status(
-    engine_connected: bool, sources: Sequence[SourceStatus], rates: Mapping[str, float], width: int
+    engine_connected: bool, sources: Sequence[SourceStatus], rates: Mapping[str, float], width: int,
+    mode: str | None = None,
 ) -> str:
-    """``engine up · orders: 2 bound, 12.5 ev/s, 3 in flight, 0 dead · ...``, cut to ``width`` columns."""
+    """``engine up (observe mode) · orders: 2 bound, 12.5 ev/s, 3 in flight, 0 dead · ...``, cut to ``width``
+    columns; ``mode`` is how the bridge offers its sources to this engine (trigger or observe), once known."""
     parts = ["engine up" if engine_connected else "engine DOWN"]
+    if mode is not None:
+        parts[0] += f" ({mode} mode)"
     for s in sources:
         rate = rates.get(s.id, 0.0)
         parts.append(
@@ -82,10 +86,12 @@ class StatusLine:
         stream: TextIO,
         snapshot: Callable[[], tuple[bool, list[SourceStatus]]],
         *,
+        mode: Callable[[], str | None] = lambda: None,
         interval_s: float = REFRESH_S,
     ) -> None:
         self._stream = stream
         self._snapshot = snapshot
+        self._mode = mode
         self._interval_s = interval_s
         self._text = ""
         self._shown = False
@@ -134,7 +140,7 @@ class StatusLine:
                 rates = {sid: max(0, n - counts.get(sid, n)) / elapsed for sid, n in received.items()}
         self._last = (now, received)
         width = _width(self._stream)
-        text = format_status(connected, sources, rates, width)
+        text = format_status(connected, sources, rates, width, self._mode())
         with self._lock:
             self._text = text
             self._shown = False

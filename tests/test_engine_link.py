@@ -467,6 +467,38 @@ async def test_an_exclusive_standby_never_registers_its_trigger_type(
         assert _registrations(iii_engine, "standby") == 1  # not replayed by the SDK after stepping down
 
 
+# --- the mode of each connection ------------------------------------------------------------------------------
+
+
+async def test_the_mode_follows_the_engine_of_each_connection(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.engine")
+    old = TestEngine().start()
+    port = old.port
+    try:
+        async with bridge(old, tmp_path, grace_ms=1000) as b:
+            assert b.link.mode == "trigger"
+            with Consumer(old.url, engine=old) as consumer:
+                await _in_thread(consumer.function, "shop::on-order")
+                await _in_thread(consumer.bind, TYPE, "shop::on-order")
+                assert await asyncio.wait_for(b.deliver(1), 10) == "delivered"
+            await _in_thread(old.stop)
+            # The same address, now an engine 0.25+: the bridge registers its source as an observable function.
+            with TestEngine(port=port, features=("observe.v1",)) as new, Consumer(new.url, engine=new) as consumer:
+                await b.until(lambda: b.link.mode == "observe", timeout=20, what="observe mode")
+                await b.until(lambda: new.has_function(observable_function_id(TYPE)), what="the function")
+                await b.until(lambda: not new.trigger_types(), what="the trigger type withdrawn")
+                await _in_thread(consumer.function, "shop::on-order")
+                bound = await _in_thread(consumer.bind, TYPE, "shop::on-order")
+                await b.until(lambda: bound.id in b.table, what="the binding, through the legacy shim")
+                assert await asyncio.wait_for(b.deliver(2), 10) == "delivered"
+                assert consumer.calls("shop::on-order") == [{"n": 2}]
+    finally:
+        old.stop()
+    modes = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().endswith("mode")
+             or " mode: " in r.getMessage()]
+    assert modes == ["trigger mode", "observe mode"], modes
+
+
 # --- one worker name, one bridge -------------------------------------------------------------------------------
 
 _CONFLICT_CONFIG = """\
