@@ -311,9 +311,13 @@ class EngineLink:
             raise EngineUnavailable()
         if call.binding_id is not None and self._mode == "observe":
             observer = self._observers.get(call.binding_id)
-            if observer is None:
+            if observer is not None:
+                return await self._deliver_to_observer(observer, call)
+            if any(call.binding_id in spec.table for spec in self._specs.values()):
+                # one of this link's bindings whose observer is gone (or not confirmed again yet): never a
+                # direct call past the observer
                 raise DeliveryError("OBSERVER_NOT_ACTIVE", f"binding {call.binding_id} has no active observer")
-            return await self._deliver_to_observer(observer, call)
+            # not a binding of this link (a dead letter replayed): a direct call of its function
         request: dict[str, Any] = {
             "function_id": call.function_id,
             "payload": call.payload,

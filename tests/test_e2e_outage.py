@@ -31,6 +31,9 @@ from tests.support.files import drop, read_jsonl, wait_for
 from tests.support.process import BridgeProcess
 from tests.support.services import committed_offsets, pg_execute, pg_fetch
 
+# Against an engine before 0.25 (trigger mode) and one with observe.v1 (observe mode).
+pytestmark = pytest.mark.both_engines
+
 PARTITIONS = 4
 RECONCILE_MS = 1000
 OUTAGE_S = 3.0
