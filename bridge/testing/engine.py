@@ -240,12 +240,13 @@ class TestEngine(Router, Builtins):
             return [WorkerInfo(w.id, w.name, w.namespace, w.connected, w.metadata) for w in self._seen]
 
     def bindings(self, trigger_type: str | None = None) -> list[BindingInfo]:
-        """Live bindings (in the order they went live), then parked ones."""
+        """Live bindings (in the order they went live), then parked ones; then (observe.v1) the triggers the
+        legacy shim made observers of, parked unless their observer is active."""
         with self._lock:
             st = self._state
             found = [(b, False) for b in st.bindings.values()]
             found += [(b, True) for b in st.pending.values() if b.id not in st.bindings]
-            return [
+            infos = [
                 BindingInfo(
                     b.id, b.trigger_type, b.function_id, b.config, b.metadata, b.namespace, b.owner.id,
                     b.owner.name, parked, b.error, b.trigger_namespace, b.home_namespace,
@@ -254,6 +255,29 @@ class TestEngine(Router, Builtins):
                 for b, parked in found
                 if trigger_type is None or b.trigger_type == trigger_type
             ]
+            for o in st.observers.values():
+                if o.legacy is None or (trigger_type is not None and o.legacy["trigger_type"] != trigger_type):
+                    continue
+                parked = o.state != "active"
+                infos.append(BindingInfo(
+                    o.id, o.legacy["trigger_type"], o.target, o.legacy["config"], o.metadata, o.target_namespace,
+                    o.worker.id, o.worker.name, parked, o.error, None, o.worker.namespace,
+                    None if parked else o.namespace,
+                ))
+            return infos
+
+    def provider(self, trigger_type: str) -> str | None:
+        """The name of the worker that gets ``trigger_type``'s bindings: its trigger type's provider, else
+        (observe.v1) the owner of the observable function that took the type over."""
+        with self._lock:
+            st = self._state
+            for t in st.trigger_types.values():
+                if t.id == trigger_type:
+                    return t.provider.name
+            for o in st.observables.values():
+                if o.legacy_trigger_type == trigger_type:
+                    return o.owner.name
+            return None
 
     def trigger_types(self) -> list[TriggerTypeInfo]:
         with self._lock:
