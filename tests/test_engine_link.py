@@ -467,6 +467,23 @@ async def test_an_exclusive_standby_never_registers_its_trigger_type(
         assert _registrations(iii_engine, "standby") == 1  # not replayed by the SDK after stepping down
 
 
+async def test_a_config_the_bridge_refuses_reads_the_same_in_both_modes(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    # A format the engine's args_format check does not assert but the bridge's bind check does: the bridge itself
+    # refuses, with one text whichever mode (observe mode: the engine's code for args, INVALID_ARGS).
+    schema = {"type": "object", "properties": {"reply_to": {"type": "string", "format": "email"}}}
+    async with bridge(iii_engine, tmp_path, bind_schema=schema) as b:
+        await _in_thread(consumer.function, "shop::on-order")
+        await _in_thread(consumer.bind, TYPE, "shop::on-order", {"reply_to": "nobody"})
+        [error] = [e["error"] for e in await _in_thread(consumer.wait_registration_errors)]
+        assert error["message"] == (
+            "bind config rejected by trigger type 'orders': $.reply_to: 'nobody' is not a 'email'"
+        )
+        assert error["code"] == ("INVALID_ARGS" if iii_engine.features else "trigger_registration_failed")
+        assert len(b.table) == 0
+
+
 # --- the mode of each connection ------------------------------------------------------------------------------
 
 
