@@ -36,7 +36,7 @@ from websockets.exceptions import ConnectionClosed
 
 from bridge._reconcile import LIST_FUNCTIONS, Reconciler
 from bridge._tasks import cancel_and_wait
-from bridge.bindings import Binding, BindingTable
+from bridge.bindings import Binding, BindingTable, observable_function_id
 from bridge.config import EngineConfig
 from bridge.config.schemas import BindValidator
 from bridge.dispatch import Invocation
@@ -68,11 +68,6 @@ _REJECTED_ARGS = "INVALID_ARGS"
 
 T = TypeVar("T")
 Mode = Literal["trigger", "observe"]
-
-
-def observable_function_id(trigger_type: str) -> str:
-    """The id of the observable function a source is in observe mode (iii's ``service::name`` convention)."""
-    return f"bridge::{trigger_type}"
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from bridge.bindings import observable_function_id
 from bridge.cli import main
-from bridge.engine import observable_function_id
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from tests.support.files import drop, read_jsonl, wait_for
