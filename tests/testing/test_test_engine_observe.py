@@ -214,4 +214,4 @@ def test_the_first_owner_keeps_the_function_and_observers_wait_for_the_next_one(
     iii_engine.wait_until(lambda: [o.state for o in iii_engine.observers()] == ["pending"])
     third = make_owner("bridge-c")  # the function registered again: its observers come with functionregistered
     iii_engine.wait_until(lambda: third.observer(handle.id))
-    assert [o.state for o in iii_engine.observers()] == ["active"]
+    iii_engine.wait_until(lambda: [o.state for o in iii_engine.observers()] == ["active"])  # after its ack
