@@ -65,6 +65,10 @@ _CONFIRM_POLL_S = 0.05
 # The code of a bind config the bridge refuses in on_observer_added: the engine's own for args that do not fit
 # args_format, so an observer reads one code whichever of the two checked it.
 _REJECTED_ARGS = "INVALID_ARGS"
+# A delivery to an observer the SDK has not activated yet (its hook returned a moment ago) waits this long between
+# tries, this many times (about 1 s), before it fails like any delivery.
+_ACTIVATION_WAIT_S = 0.01
+_ACTIVATION_TRIES = 100
 
 T = TypeVar("T")
 Mode = Literal["trigger", "observe"]
@@ -345,29 +349,45 @@ class EngineLink:
         with the observer's metadata): ``call_async`` for sync, ``emit`` for void; enqueue has no observer
         equivalent and falls back to sync (``bridge validate`` warns)."""
         if call.mode == "void":
-            if observer.emit(call.payload):
-                return None
-            if observer in self._active_observers(observer.function_id):
-                return None  # the observer's own filters declined the event
+            for _ in range(_ACTIVATION_TRIES):
+                if observer.emit(call.payload):
+                    return None
+                if observer in self._active_observers(observer.function_id):
+                    return None  # the observer's own filters declined the event
+                if not await self._activating(observer):
+                    break
             raise DeliveryError("OBSERVER_NOT_ACTIVE", f"observer {observer.id} is no longer active")
         if call.mode == "enqueue" and observer.function_id not in self._enqueue_warned:
             self._enqueue_warned.add(observer.function_id)
             log.warning("delivery mode enqueue has no equivalent for observers (observe mode): %s delivers to its "
                         "observers synchronously", observer.function_id)
-        try:
-            return await observer.call_async(call.payload, timeout_ms=call.timeout_ms)
-        except DeliveryError:
-            raise
-        except InvocationError as exc:
-            if exc.code == "FILTERS_NOT_MATCHED":
-                return None  # the observer's own filters declined the event: nothing was sent
-            if exc.code in _LINK_ERRORS:
-                raise EngineUnavailable(exc.message) from exc
-            raise DeliveryError(exc.code, exc.message) from exc
-        except _LINK_EXCEPTIONS as exc:
-            raise EngineUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        except Exception as exc:
-            raise DeliveryError("client_error", f"{type(exc).__name__}: {exc}") from exc
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await observer.call_async(call.payload, timeout_ms=call.timeout_ms)
+            except DeliveryError:
+                raise
+            except InvocationError as exc:
+                if exc.code == "FILTERS_NOT_MATCHED":
+                    return None  # the observer's own filters declined the event: nothing was sent
+                if exc.code == "OBSERVER_NOT_ACTIVE" and tries < _ACTIVATION_TRIES and await self._activating(observer):
+                    continue
+                if exc.code in _LINK_ERRORS:
+                    raise EngineUnavailable(exc.message) from exc
+                raise DeliveryError(exc.code, exc.message) from exc
+            except _LINK_EXCEPTIONS as exc:
+                raise EngineUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            except Exception as exc:
+                raise DeliveryError("client_error", f"{type(exc).__name__}: {exc}") from exc
+
+    async def _activating(self, observer: Observer) -> bool:
+        """The SDK activates an observer just after its on_observer_added hook (which made the binding) returned:
+        a delivery that came in between waits a moment instead of failing. False when it is no longer ours."""
+        if self._observers.get(observer.id) is not observer:
+            return False
+        await asyncio.sleep(_ACTIVATION_WAIT_S)
+        return True
 
     def _active_observers(self, function_id: str) -> list[Observer]:
         for ref in self._functions.values():
