@@ -19,7 +19,16 @@ is done once every binding has succeeded, been filtered out or been dead-lettere
 `condition_function_id` (an iii convention): that function is called with the rendered payload before each \
 delivery, and the binding receives the event only when it does not return false. An error the condition function \
 raises skips the binding too; a call that fails because of the link (engine unreachable, `TIMEOUT`, \
-`invocation_stopped`) says nothing about the condition and is retried like a delivery."""
+`invocation_stopped`) says nothing about the condition and is retried like a delivery.
+
+Two ways to bind. On an iii engine 0.25 or later (one that announces `observe.v1`), each trigger type is also an \
+observable function, `bridge::<trigger type id>`: observe it with `iii.observe`, passing the bind config as \
+`args` (the engine checks them against the same schema and refuses a mismatch with `INVALID_ARGS`); \
+`register_trigger` with `config` keeps working there too (the engine turns it into an observer of that \
+function). On an older engine only `register_trigger` exists. Either way a binding behaves the same: same checks, \
+payloads, retries and dead letters. An observer gets each call with the observer's own metadata; with delivery \
+mode `void` it gets the payload itself when it observes with `deliver: "input"` (as the examples do), else the \
+iii `Observed` envelope around it."""
 
 BIND_INTRO = (
     "Pass these options as `config` when binding (JSON Schema 2020-12, advertised to iii as the trigger type's "
@@ -42,8 +51,10 @@ TEMPLATED = (
 
 EXAMPLE_INTRO = (
     "With `iii` your connected iii-sdk client, and the function already registered on it (the config shown "
-    "holds the options' examples or defaults):"
+    "holds the options' examples or defaults). As an observer (iii 0.25 and later):"
 )
+
+EXAMPLE_TRIGGER = "Or as a trigger (any iii version; on 0.25 and later the engine makes it an observer):"
 
 
 def source_summary(source: SourceConfig, base: Path) -> str:
@@ -77,7 +88,8 @@ def _guarantee(source: SourceConfig) -> str:
     elif mode == "enqueue":
         text += (
             f" Delivery mode `enqueue` hands each call to the iii queue `{redact(source.delivery.queue)}`; once "
-            "the queue accepts it, the queue's own retries and dead-letter queue apply."
+            "the queue accepts it, the queue's own retries and dead-letter queue apply. Observers (iii 0.25 and "
+            "later) have no queue: they get each call as in delivery mode `sync`."
         )
     return text
 
@@ -179,7 +191,11 @@ def _replicas(source: SourceConfig, engine: EngineConfig) -> str:
             "that joins picks the bindings up the same way; no replica registers the type again just because its "
             "list differs. When the replica that registered last goes away, the engine parks the bindings; a "
             "surviving replica sees it at its next reconciliation, registers the type and gets every binding "
-            f"replayed, keeping its own list meanwhile, so its deliveries go on. {gone}"
+            f"replayed, keeping its own list meanwhile, so its deliveries go on. {gone} On an iii engine 0.25 or "
+            "later (observe mode) the engine keeps the first replica that registers the observable function as its "
+            "only owner: that replica hears every observer and delivers every event; the others stand by with no "
+            "binding (so they take no share of the events) and one of them registers the function, and gets every "
+            "observer, once the owner is gone."
         )
     active, _ = spec.replicas(source)
     return (

@@ -1,7 +1,8 @@
 """The binding table of one trigger type, independent of how a binding arrived.
 
-Bindings come from the engine today (``registertrigger`` frames, replayed after every reconnect); an observer
-adapter could feed the same table later. Every method runs on the bridge's own event loop.
+Bindings come from the engine: ``registertrigger`` frames (trigger mode, replayed after every reconnect) or the
+observers of the source's observable function (observe mode); the table does not care which. Every method runs on
+the bridge's own event loop.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Change = Literal["added", "updated", "unchanged"]
+
+
+def observable_function_id(trigger_type: str) -> str:
+    """The id of the observable function a source is on an engine with ``observe.v1`` (iii's ``service::name``
+    convention): its bindings are that function's observers."""
+    return f"bridge::{trigger_type}"
 
 
 @dataclass(frozen=True)

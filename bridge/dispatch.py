@@ -41,6 +41,7 @@ class Invocation:
     mode: str = "sync"  # "sync", "void" or "enqueue" (delivery.mode)
     queue: str | None = None  # with mode "enqueue"
     metadata: dict[str, Any] | None = None  # the binding's metadata, passed along with the call
+    binding_id: str | None = None  # the delivery's binding (an observer in observe mode); None for a condition
 
 
 class Invoker(Protocol):
@@ -223,7 +224,7 @@ class Dispatcher:
                     started = time.perf_counter()
                 await invoker.invoke(Invocation(
                     binding.function_id, payload, binding.namespace, delivery.timeout_ms, delivery.mode,
-                    delivery.queue, binding.metadata,
+                    delivery.queue, binding.metadata, binding.id,
                 ))
             except DeliveryError as exc:
                 if calling == binding.function_id:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bridge import _docsprose as prose
+from bridge.bindings import observable_function_id
 from bridge.config import REDACTED, BridgeConfig, SourceConfig, redact
 from bridge.config.schemas import BindValidator, SchemaFileError, resolve_pointer
 from bridge.errors import BindConfigError
@@ -60,6 +61,7 @@ def _source_section(config: BridgeConfig, source: SourceConfig) -> list[str]:
         "| | |",
         "|---|---|",
         f"| trigger type id | `{source.id}` |",
+        f"| observable function (iii 0.25+) | `{observable_function_id(source.id)}` |",
         f"| kind | {source.kind} |",
         f"| source | {_cell(prose.source_summary(source, base))} |",
         "",
@@ -286,8 +288,25 @@ def _examples(source: SourceConfig) -> list[str]:
     function_id = f"my-service::on-{re.sub(r'[^A-Za-z0-9]+', '-', source.id).strip('-').lower()}"
     py = "{" + ", ".join(f"{json.dumps(k)}: {_py(v)}" for k, v in config.items()) + "}"
     ts = "{ " + ", ".join(f"{_ts_key(k)}: {_ts(v)}" for k, v in config.items()) + " }" if config else "{}"
+    observable = json.dumps(observable_function_id(source.id))
     return [
         prose.EXAMPLE_INTRO,
+        "",
+        "```python",
+        "iii.observe(",
+        f'    {{"function_id": {observable}, "args": {py}, "deliver": "input"}},',
+        f"    {json.dumps(function_id)},",
+        ")",
+        "```",
+        "",
+        "```typescript",
+        "iii.observe(",
+        f'  {{ function_id: {observable}, args: {ts}, deliver: "input" }},',
+        f"  {json.dumps(function_id)},",
+        ")",
+        "```",
+        "",
+        prose.EXAMPLE_TRIGGER,
         "",
         "```python",
         "iii.register_trigger({",

@@ -5,6 +5,14 @@ owns that loop and the bridge runs on it (DESIGN §5, "One event loop"): :meth:`
 there, binding callbacks and connection-state changes arrive on it, and ``trigger_async`` awaited on it skips
 the cross-thread hop the SDK makes for a caller on any other loop. Code on another loop (a replay, a test)
 reaches the link through :meth:`EngineLink.on_loop`.
+
+Two ways to offer a source, chosen per connection by the engine's ``workerregistered.features`` (DESIGN §7):
+**trigger mode** (no ``observe.v1``: an engine before 0.25) advertises a trigger type whose bindings arrive as
+``registertrigger``; **observe mode** (``observe.v1``) registers an owner-delivered observable function
+(``bridge::<trigger type id>``, ``args_format`` = the bind schema, ``legacy_trigger_type`` = the trigger type
+id) whose observers, made by ``iii.observe`` or by an old ``register_trigger`` through the engine's legacy shim,
+become the bindings; deliveries then go through each observer's handle. A reconnect to another engine may
+switch the mode. The binding table, dispatch and dead letters do not care which mode a binding came from.
 """
 
 from __future__ import annotations
@@ -16,18 +24,19 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from iii import InitOptions, InvocationError, RegistrationRejectedError
+from iii import InitOptions, InvocationError, ObserveHooks, Observer, ObserveRejection, RegistrationRejectedError
 from iii.iii import III
+from iii.iii_constants import FunctionRef
 from iii.iii_types import RegisterTriggerTypeInput
 from iii.triggers import TriggerConfig, TriggerHandler
 from iii_helpers.observability import ReconnectionConfig
 from websockets.exceptions import ConnectionClosed
 
-from bridge._reconcile import Reconciler
+from bridge._reconcile import LIST_FUNCTIONS, Reconciler
 from bridge._tasks import cancel_and_wait
-from bridge.bindings import Binding, BindingTable
+from bridge.bindings import Binding, BindingTable, observable_function_id
 from bridge.config import EngineConfig
 from bridge.config.schemas import BindValidator
 from bridge.dispatch import Invocation
@@ -49,7 +58,20 @@ _UNREACHABLE_REPEAT_S = 30.0  # then how often it is repeated while the engine s
 # Python handler only once the main thread executes again, which an untimed wait would put off indefinitely.
 _WAIT_SLICE_S = 0.2
 
+_OBSERVE_V1 = "observe.v1"
+# How often, after a reconnect in observe mode, the link looks whether the engine confirmed the function again
+# (its functionregistered carries the current observers; the SDK runs hooks only for the changed ones).
+_CONFIRM_POLL_S = 0.05
+# The code of a bind config the bridge refuses in on_observer_added: the engine's own for args that do not fit
+# args_format, so an observer reads one code whichever of the two checked it.
+_REJECTED_ARGS = "INVALID_ARGS"
+# A delivery to an observer the SDK has not activated yet (its hook returned a moment ago) waits this long between
+# tries, this many times (about 1 s), before it fails like any delivery.
+_ACTIVATION_WAIT_S = 0.01
+_ACTIVATION_TRIES = 100
+
 T = TypeVar("T")
+Mode = Literal["trigger", "observe"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +92,13 @@ class _QuietSdk(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return "is deprecated and will be removed" not in message and not message.startswith("Connection failed")
+        return (
+            "is deprecated and will be removed" not in message
+            and not message.startswith("Connection failed")
+            # a mode switch: the SDK replayed an observable function to an engine without observe; the link
+            # says which mode it uses and replaces the function with a trigger type
+            and "declares observe hooks or owner delivery" not in message
+        )
 
 
 logging.getLogger("iii.iii").addFilter(_QuietSdk())
@@ -127,6 +155,11 @@ class EngineLink:
         self._reconcile_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._advertised: set[str] = set()  # trigger types this bridge provides (an exclusive standby: not yet)
+        self._mode: Mode | None = None  # of the current (or last) connection; None until an engine said hello
+        self._registered: set[str] = set()  # the types registered with the SDK in the current mode
+        self._functions: dict[str, FunctionRef] = {}  # observe mode: trigger type -> its observable function
+        self._observers: dict[str, Observer] = {}  # observe mode: binding id -> the observer it is
+        self._enqueue_warned: set[str] = set()
         self._unsubscribe: Callable[[], None] | None = None
         self._reconciler = Reconciler(
             self._call_engine,
@@ -226,8 +259,20 @@ class EngineLink:
             self._specs[spec.id] = spec
             if not spec.exclusive:
                 self._advertise(spec)
+        # What the engine supports arrives with every connection's `workerregistered`, on this loop; the SDK
+        # offers no callback for it, so the link wraps the SDK method that takes it.
+        client = self._client
+        take_features = client._on_engine_features
+
+        def on_features(features: list[str]) -> None:
+            take_features(features)
+            self._features_from_sdk(list(features))
+
+        client._on_engine_features = on_features
+        if client._registered_on_connection:  # this connection's hello came before start()
+            self._features_from_sdk(sorted(client._engine_features))
         # Fired at once with the current state, then on every change, on this loop.
-        self._unsubscribe = self._client.add_connection_state_listener(self._state_from_sdk)
+        self._unsubscribe = client.add_connection_state_listener(self._state_from_sdk)
         self._reconcile_task = asyncio.create_task(self._reconcile_loop(), name="engine-reconcile")
         self._spawn(self._report_unreachable(), "engine-unreachable-report")
 
@@ -240,6 +285,12 @@ class EngineLink:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def mode(self) -> Mode | None:
+        """``trigger`` or ``observe``: how this link offers its sources on the current (or last) connection; None
+        before any engine answered."""
+        return self._mode
 
     @property
     def worker_name(self) -> str | None:
@@ -257,6 +308,15 @@ class EngineLink:
         call)."""
         if not self._connected:
             raise EngineUnavailable()
+        if call.binding_id is not None and self._mode == "observe":
+            observer = self._observers.get(call.binding_id)
+            if observer is not None:
+                return await self._deliver_to_observer(observer, call)
+            if any(call.binding_id in spec.table for spec in self._specs.values()):
+                # one of this link's bindings whose observer is gone (or not confirmed again yet): never a
+                # direct call past the observer
+                raise DeliveryError("OBSERVER_NOT_ACTIVE", f"binding {call.binding_id} has no active observer")
+            # not a binding of this link (a dead letter replayed): a direct call of its function
         request: dict[str, Any] = {
             "function_id": call.function_id,
             "payload": call.payload,
@@ -283,6 +343,57 @@ class EngineLink:
             # Anything else the SDK raises (a payload it cannot serialise, a bug) must still end in a retry or a
             # dead letter, never in an event that is silently left unacknowledged.
             raise DeliveryError("client_error", f"{type(exc).__name__}: {exc}") from exc
+
+    async def _deliver_to_observer(self, observer: Observer, call: Invocation) -> Any:
+        """Observe mode: a delivery through the observer's handle (the engine routes it to the observer's target
+        with the observer's metadata): ``call_async`` for sync, ``emit`` for void; enqueue has no observer
+        equivalent and falls back to sync (``bridge validate`` warns)."""
+        if call.mode == "void":
+            for _ in range(_ACTIVATION_TRIES):
+                if observer.emit(call.payload):
+                    return None
+                if observer in self._active_observers(observer.function_id):
+                    return None  # the observer's own filters declined the event
+                if not await self._activating(observer):
+                    break
+            raise DeliveryError("OBSERVER_NOT_ACTIVE", f"observer {observer.id} is no longer active")
+        if call.mode == "enqueue" and observer.function_id not in self._enqueue_warned:
+            self._enqueue_warned.add(observer.function_id)
+            log.warning("delivery mode enqueue has no equivalent for observers (observe mode): %s delivers to its "
+                        "observers synchronously", observer.function_id)
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await observer.call_async(call.payload, timeout_ms=call.timeout_ms)
+            except DeliveryError:
+                raise
+            except InvocationError as exc:
+                if exc.code == "FILTERS_NOT_MATCHED":
+                    return None  # the observer's own filters declined the event: nothing was sent
+                if exc.code == "OBSERVER_NOT_ACTIVE" and tries < _ACTIVATION_TRIES and await self._activating(observer):
+                    continue
+                if exc.code in _LINK_ERRORS:
+                    raise EngineUnavailable(exc.message) from exc
+                raise DeliveryError(exc.code, exc.message) from exc
+            except _LINK_EXCEPTIONS as exc:
+                raise EngineUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            except Exception as exc:
+                raise DeliveryError("client_error", f"{type(exc).__name__}: {exc}") from exc
+
+    async def _activating(self, observer: Observer) -> bool:
+        """The SDK activates an observer just after its on_observer_added hook (which made the binding) returned:
+        a delivery that came in between waits a moment instead of failing. False when it is no longer ours."""
+        if self._observers.get(observer.id) is not observer:
+            return False
+        await asyncio.sleep(_ACTIVATION_WAIT_S)
+        return True
+
+    def _active_observers(self, function_id: str) -> list[Observer]:
+        for ref in self._functions.values():
+            if ref.id == function_id:
+                return list(ref.observers())
+        return []
 
     async def _call_engine(self, function_id: str, payload: dict[str, Any]) -> Any:
         return await self.invoke(Invocation(function_id, payload, None, _LIST_TIMEOUT_MS))
@@ -324,6 +435,7 @@ class EngineLink:
                 log.info("reconnected to the iii engine; bindings are being replayed")
                 if any(spec.table.stale_ids() for spec in self._specs.values()):
                     self._spawn(self._expire_stale(self._link_generation), "engine-rebind-grace")
+                    self._spawn(self._revive_observers(self._link_generation), "engine-observers-confirmed")
             else:
                 log.info("connected to the iii engine at %s as worker %s", self._config.url, self.worker_name)
             self._ever_connected = True
@@ -398,7 +510,7 @@ class EngineLink:
         if trigger_type not in self._advertised:
             return
         self._on_link_loop("deactivate")
-        self._unregister(trigger_type)
+        self._stop_advertising(trigger_type)
         if reload == "changed":
             log.info("trigger type %s: its source restarts with its new config; the type is registered again once "
                      "it runs", trigger_type)
@@ -427,22 +539,158 @@ class EngineLink:
         self._on_link_loop("withdraw")
         self._specs.pop(trigger_type, None)
         self._reconciler.forget(trigger_type)
-        if self._unregister(trigger_type):
+        if self._stop_advertising(trigger_type):
             log.info("trigger type %s: its source was removed from the config; no longer provided", trigger_type)
 
-    def _unregister(self, trigger_type: str) -> bool:
+    def _stop_advertising(self, trigger_type: str) -> bool:
+        """Stop offering ``trigger_type`` (in either mode) and keep the SDK from offering it again on a reconnect;
+        False when it was not offered."""
         if trigger_type not in self._advertised:
             return False
         self._advertised.discard(trigger_type)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"unregister_trigger_type")
-            self._client.unregister_trigger_type(RegisterTriggerTypeInput(id=trigger_type, description=""))
+        self._unregister(trigger_type)
         return True
+
+    def _features_from_sdk(self, features: list[str]) -> None:
+        """A connection's ``workerregistered`` said what the engine supports: offer the sources in its mode."""
+        mode: Mode = "observe" if _OBSERVE_V1 in features else "trigger"
+        if mode == self._mode:
+            return
+        previous, self._mode = self._mode, mode
+        shown = ", ".join(features) if features else "none"
+        if mode == "observe":
+            log.info("observe mode: the iii engine announces observe.v1 (features: %s); each source is an "
+                     "observable function bridge::<trigger type> that iii.observe observers and register_trigger "
+                     "binders both reach", shown)
+        else:
+            log.info("trigger mode: the iii engine does not announce observe.v1 (features: %s; an engine before "
+                     "0.25); each source is a trigger type for register_trigger", shown)
+        if previous is not None:
+            for type_id in sorted(self._registered):
+                self._unregister(type_id, previous)
+        for type_id in sorted(self._advertised):
+            self._register(self._specs[type_id])
 
     def _advertise(self, spec: TriggerTypeSpec) -> None:
         # On the link's loop, which is the SDK's: the SDK schedules the frame and stores the handler before it
         # runs again, so a binding the engine replays at once always finds the handler.
         self._on_link_loop("advertise")
+        if self._mode is not None:
+            self._register(spec)
+        if spec.id in self._advertised:
+            log.debug("registered trigger type %s again", spec.id)
+        else:
+            self._advertised.add(spec.id)
+            log.info("advertised trigger type %s", spec.id)
+
+    def _register(self, spec: TriggerTypeSpec) -> None:
+        """Offer ``spec`` in the current mode (again: a trigger type is registered anew, which makes this bridge
+        its provider; an observable function is unregistered and registered anew, which claims it if no other
+        replica owns it)."""
+        if self._mode == "observe":
+            self._register_observable(spec)
+        else:
+            self._register_trigger_type(spec)
+        self._registered.add(spec.id)
+
+    def _unregister(self, type_id: str, mode: Mode | None = None) -> None:
+        if type_id not in self._registered:
+            return
+        self._registered.discard(type_id)
+        if (mode or self._mode) == "observe":
+            ref = self._functions.pop(type_id, None)
+            if ref is not None:
+                ref.unregister()
+            spec = self._specs.get(type_id)
+            function_id = observable_function_id(type_id)
+            for binding_id in [i for i, o in self._observers.items() if o.function_id == function_id]:
+                self._observers.pop(binding_id, None)
+                if spec is not None:
+                    spec.table.remove(binding_id)
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"unregister_trigger_type")
+            self._client.unregister_trigger_type(RegisterTriggerTypeInput(id=type_id, description=""))
+
+    def _register_observable(self, spec: TriggerTypeSpec) -> None:
+        function_id = observable_function_id(spec.id)
+        previous = self._functions.pop(spec.id, None)
+        if previous is not None:
+            previous.unregister()
+
+        async def added(observer: Observer) -> None:
+            self._observer_added(spec, observer)
+
+        async def removed(observer: Observer) -> None:
+            self._observer_removed(spec, observer)
+
+        async def called(_data: Any) -> Any:
+            raise RuntimeError(
+                f"{function_id} is an event source of iii-bridge: observe it (iii.observe with args) or bind to "
+                f"trigger type {spec.id} (register_trigger with config); calling it delivers nothing"
+            )
+
+        hooks = ObserveHooks(
+            delivery="owner", args_format=spec.bind.advertised, legacy_trigger_type=spec.id,
+            on_observer_added=added, on_observer_removed=removed,
+        )
+        self._functions[spec.id] = self._client.register_function(
+            function_id, called, description=spec.description, request_format={"type": "object"},
+            response_format=spec.payload_schema, observe=hooks, local_dispatch=False,
+        )
+
+    def _observer_added(self, spec: TriggerTypeSpec, observer: Observer) -> None:
+        """An observer of ``spec``'s function (made by iii.observe, or by register_trigger through the legacy
+        shim): checked like a bind config, then a binding; raising refuses it with the text trigger mode gives."""
+        try:
+            checked = spec.bind.check(observer.args)
+        except BindConfigError as exc:
+            self.binding_rejected(spec, observer.id, observer.target, str(exc))
+            raise ObserveRejection(_REJECTED_ARGS, str(exc)) from exc
+        self._observers[observer.id] = observer
+        # The observer's target namespace and metadata stay with the engine, which routes each delivery to
+        # the target and adds the metadata itself.
+        self.binding_added(spec, Binding(observer.id, spec.id, observer.target, None, checked))
+
+    def _observer_removed(self, spec: TriggerTypeSpec, observer: Observer) -> None:
+        binding_id = observer.id
+        if self._observers.get(binding_id) is observer:
+            del self._observers[binding_id]
+            if spec.table.is_stale(binding_id):
+                # Left out of the set an engine sent after a reconnect (a restarted engine knows only the observers
+                # that came back so far): stale, not gone; it waits for its observer up to rebind_grace_ms.
+                log.debug("binding %s of %s waits for its observer to come back", binding_id, spec.id)
+                return
+            self.binding_removed(spec, binding_id)
+
+    async def _revive_observers(self, generation: int) -> None:
+        """Observe mode, after a reconnect: once the engine confirmed a function again (its functionregistered
+        carries the current observers; the SDK runs hooks only for those that changed), its unchanged
+        observers are bindings again, not stale ones."""
+        deadline = time.monotonic() + self._config.rebind_grace_ms / 1000
+        pending = set(self._functions)
+        while pending and generation == self._link_generation and time.monotonic() < deadline:
+            await asyncio.sleep(_CONFIRM_POLL_S)
+            if self._mode != "observe":
+                return
+            client = self._client
+            for type_id in list(pending):
+                ref = self._functions.get(type_id)
+                spec = self._specs.get(type_id)
+                state = client._functions.get(ref.id).observe if ref is not None and ref.id in client._functions \
+                    else None
+                if ref is None or spec is None or state is None:
+                    pending.discard(type_id)
+                    continue
+                if state.confirmed_epoch != client._connection_epoch:
+                    continue
+                pending.discard(type_id)
+                for observer in ref.observers():
+                    binding = spec.table.get(observer.id)
+                    if binding is not None and self._observers.get(observer.id) is observer:
+                        self.binding_added(spec, binding)
+
+    def _register_trigger_type(self, spec: TriggerTypeSpec) -> None:
         request = RegisterTriggerTypeInput(
             id=spec.id,
             description=spec.description,
@@ -454,11 +702,6 @@ class EngineLink:
             # engines speak observe (the binding table does not care where a binding came from).
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"register_trigger_type")
             self._client.register_trigger_type(request, _Handler(self, spec))
-        if spec.id in self._advertised:
-            log.debug("registered trigger type %s again", spec.id)
-        else:
-            self._advertised.add(spec.id)
-            log.info("advertised trigger type %s", spec.id)
 
     def _schedule_reconcile(self, delay_s: float) -> None:
         async def later() -> None:
@@ -507,9 +750,41 @@ class EngineLink:
         if not self._connected:
             return
         try:
-            await self._reconciler.run(list(self._specs.values()))
+            if self._mode == "observe":
+                await self._reconcile_observe()
+            else:
+                await self._reconciler.run(list(self._specs.values()))
         except DeliveryError as exc:
             log.debug("reconciliation with the engine skipped: %s", exc)
+
+    async def _reconcile_observe(self) -> None:
+        """Observe mode: the engine keeps the first owner of a function id and refuses the others
+        (``FUNCTION_NAMESPACE_CONFLICT``); a replica it refused registers the function again once no worker owns
+        it (the owner left: its observers wait, pending, for the next owner and come with its
+        ``functionregistered``)."""
+        client = self._client
+        refused = []
+        for type_id in sorted(self._registered):
+            ref = self._functions.get(type_id)
+            data = client._functions.get(ref.id) if ref is not None else None
+            if data is not None and data.observe is not None and not data.observe.confirmed:
+                refused.append(type_id)
+        if not refused:
+            return
+        result = await self._call_engine(LIST_FUNCTIONS, {"include_internal": True})
+        rows = result.get("functions") if isinstance(result, dict) else None
+        owned = {
+            (str(r.get("namespace") or "default"), r.get("function_id"))
+            for r in (rows if isinstance(rows, list) else []) if isinstance(r, dict)
+        }
+        namespace = self._config.namespace or "default"
+        for type_id in refused:
+            function_id = observable_function_id(type_id)
+            if (namespace, function_id) in owned or type_id not in self._registered:
+                continue
+            log.info("%s has no owner any more (the replica that owned it left): this replica registers it and takes "
+                     "its observers over", function_id)
+            self._register(self._specs[type_id])
 
 
 def _refusal_text(error: object, url: str) -> str:

@@ -169,6 +169,7 @@ class MetricsServer:
         self.registry.register(_Collector(runtime))
         ProcessCollector(registry=self.registry)
         self._readiness: Callable[[], tuple[bool, str]] = runtime.readiness
+        self._mode: Callable[[], str | None] = runtime.engine_mode
         self._listen = listen
         self._server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
@@ -200,7 +201,10 @@ class MetricsServer:
             return 200, _TEXT, b"ok\n"
         if path == "/readyz":
             ready, reason = self._readiness()
-            return (200, _TEXT, b"ready\n") if ready else (503, _TEXT, f"not ready: {reason}\n".encode())
+            if not ready:
+                return 503, _TEXT, f"not ready: {reason}\n".encode()
+            mode = self._mode()
+            return 200, _TEXT, (f"ready ({mode} mode)\n" if mode else "ready\n").encode()
         return 404, _TEXT, b"not found; try /metrics, /healthz or /readyz\n"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

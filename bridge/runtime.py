@@ -299,7 +299,8 @@ class Runtime:
             " in dry-run mode (payloads are printed, nothing is invoked)" if self.dry_run else "",
         )
         if self._status_stream is not None:
-            line = StatusLine(self._status_stream, self.status_snapshot, note=self.reloads.status_note)
+            line = StatusLine(self._status_stream, self.status_snapshot, mode=self.engine_mode,
+                              note=self.reloads.status_note)
             self._status_task = asyncio.create_task(line.run(), name="status line")
         if self._reloader is not None:
             self._reloader.start(self)
@@ -432,6 +433,10 @@ class Runtime:
         if self.dry_run:
             return True
         return self._link is not None and bool(self._link.connected)
+
+    def engine_mode(self) -> str | None:
+        """``trigger`` or ``observe``: how the sources are offered to the connected engine (None: not known yet)."""
+        return None if self._link is None else self._link.mode
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why not): the engine link is up and every source runs."""

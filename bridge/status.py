@@ -49,10 +49,14 @@ def status_enabled(stream: TextIO, *, quiet: bool, env: Mapping[str, str] | None
 def format_status(
     engine_connected: bool, sources: Sequence[SourceStatus], rates: Mapping[str, float], width: int,
     note: str | None = None,
+    mode: str | None = None,
 ) -> str:
-    """``engine up · orders: 2 bound, 12.5 ev/s, 3 in flight, 0 dead · ... · <note>``, cut to ``width`` columns.
-    ``note``: the last config reload, if any."""
+    """``engine up (observe mode) · orders: 2 bound, 12.5 ev/s, 3 in flight, 0 dead · ... · <note>``, cut to
+    ``width`` columns. ``note``: the last config reload, if any; ``mode``: how the bridge offers its sources to this
+    engine (trigger or observe), once known."""
     parts = ["engine up" if engine_connected else "engine DOWN"]
+    if mode is not None:
+        parts[0] += f" ({mode} mode)"
     for s in sources:
         rate = rates.get(s.id, 0.0)
         parts.append(
@@ -86,6 +90,7 @@ class StatusLine:
         stream: TextIO,
         snapshot: Callable[[], tuple[bool, list[SourceStatus]]],
         *,
+        mode: Callable[[], str | None] = lambda: None,
         interval_s: float = REFRESH_S,
         note: Callable[[], str | None] | None = None,
     ) -> None:
@@ -93,6 +98,7 @@ class StatusLine:
         self._stream = stream
         self._snapshot = snapshot
         self._note = note
+        self._mode = mode
         self._interval_s = interval_s
         self._text = ""
         self._shown = False
@@ -142,7 +148,7 @@ class StatusLine:
         self._last = (now, received)
         width = _width(self._stream)
         note = self._note() if self._note is not None else None
-        text = format_status(connected, sources, rates, width, note)
+        text = format_status(connected, sources, rates, width, note, self._mode())
         with self._lock:
             self._text = text
             self._shown = False

@@ -21,6 +21,9 @@ from bridge.testing.engine import TestEngine
 from tests.support.files import drop, read_jsonl, wait_for
 from tests.support.process import BridgeProcess
 
+# Against an engine before 0.25 (trigger mode) and one with observe.v1 (observe mode).
+pytestmark = pytest.mark.both_engines
+
 CONFIG = """\
 version: 1
 engine:

@@ -65,6 +65,11 @@ def test_every_source_has_every_section(example: Path) -> None:
         assert f'"type": "{source.id}"' in section  # Python
         assert f'type: "{source.id}"' in section  # TypeScript
         assert "iii.register_trigger({" in section and "iii.registerTrigger({" in section
+        # both ways to bind: an observer of the source's observable function (iii 0.25+), args as the config
+        assert f"| observable function (iii 0.25+) | `bridge::{source.id}` |" in section
+        assert f'{{"function_id": "bridge::{source.id}", "args": ' in section  # Python
+        assert f'{{ function_id: "bridge::{source.id}", args: ' in section  # TypeScript
+        assert section.count("iii.observe(") == 2
         for bullet in ("Guarantee", "Ordering", "Retries", "Dead letters", "Back-pressure", "No binding yet",
                        "Engine outages", "Replicas"):
             assert f"- **{bullet}**: " in section, bullet

@@ -23,7 +23,7 @@ from bridge.config import DeadLetterConfig, DeliveryConfig, EngineConfig, RetryC
 from bridge.config.schemas import BindValidator
 from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher
-from bridge.engine import EngineLink, TriggerTypeSpec
+from bridge.engine import EngineLink, TriggerTypeSpec, observable_function_id
 from bridge.sources import Event, Outcome
 from bridge.sources.file.spec import FileSourceConfig
 from bridge.testing.consumer import Consumer
@@ -33,6 +33,10 @@ from tests.support.files import read_jsonl
 from tests.support.process import BridgeProcess
 
 TYPE = "orders"
+
+# Every test against an engine before 0.25 (trigger mode) and one with observe.v1 (observe mode), where the
+# consumers' register_trigger reaches the bridge's observable function through the engine's legacy shim.
+pytestmark = pytest.mark.both_engines
 
 
 class Bridge:
@@ -109,6 +113,10 @@ async def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _registrations(engine: TestEngine, worker: str) -> int:
+    """How often ``worker`` offered TYPE: a trigger type, or (observe mode) its observable function."""
+    if engine.features:
+        frames = engine.frames_of("registerfunction", direction="in", worker=worker)
+        return len([f for f in frames if f["id"] == observable_function_id(TYPE)])
     return len([f for f in engine.frames_of("registertriggertype", direction="in", worker=worker) if f["id"] == TYPE])
 
 
@@ -320,6 +328,7 @@ async def test_a_condition_that_never_answers_is_dead_lettered_like_a_delivery(
 # --- replicas --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.trigger_only("observe mode: one owner delivers, the others wait to take over")
 async def test_a_replica_that_is_not_the_provider_mirrors_the_list_and_never_registers_again(
     iii_engine: TestEngine, tmp_path: Path, consumer: Consumer, make_consumer: Callable[..., Consumer]
 ) -> None:
@@ -353,6 +362,7 @@ async def test_a_replica_that_is_not_the_provider_mirrors_the_list_and_never_reg
         assert _registrations(iii_engine, "replica-a") == 1
 
 
+@pytest.mark.trigger_only("observe mode: one owner delivers, the others wait to take over")
 async def test_a_mirrored_binding_whose_config_does_not_fit_this_replica_is_skipped_and_logged(
     iii_engine: TestEngine, tmp_path: Path, consumer: Consumer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -379,6 +389,7 @@ async def test_a_mirrored_binding_whose_config_does_not_fit_this_replica_is_skip
             assert _registrations(iii_engine, "replica-a") == 1
 
 
+@pytest.mark.trigger_only("observe mode: test_observe_a_replica_takes_the_function_over_when_its_owner_is_gone")
 async def test_a_replica_registers_again_when_the_provider_is_gone(
     iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
 ) -> None:
@@ -398,6 +409,31 @@ async def test_a_replica_registers_again_when_the_provider_is_gone(
         assert _registrations(iii_engine, "replica-a") == 2
 
 
+@pytest.mark.parametrize("iii_engine", ["observe"], indirect=True)
+async def test_observe_a_replica_takes_the_function_over_when_its_owner_is_gone(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    # The engine keeps the first owner of a function id and refuses the others: one replica delivers, the others
+    # wait (their tables stay empty) and one of them registers the function once its owner is gone.
+    async with contextlib.AsyncExitStack() as first:
+        a = await first.enter_async_context(bridge(iii_engine, tmp_path, worker_name="replica-a", interval_ms=200))
+        await a.until(lambda: iii_engine.has_function(observable_function_id(TYPE)), what="replica-a owns it")
+        async with bridge(iii_engine, tmp_path, worker_name="replica-b", interval_ms=200) as b:
+            await b.until(lambda: iii_engine.frames_of("registrationrejected", worker="replica-b"),
+                          what="the engine keeps the first owner")
+            await _in_thread(consumer.function, "shop::on-order")
+            bound = await _in_thread(consumer.bind, TYPE, "shop::on-order")
+            await a.until(lambda: bound.id in a.table, what="the owner hears the observer")
+            await asyncio.sleep(0.6)  # reconciliation rounds: the refused replica waits, no ping-pong
+            assert bound.id not in b.table and _registrations(iii_engine, "replica-b") == 1
+            await first.aclose()  # replica-a leaves
+            await b.until(lambda: bound.id in b.table, timeout=15, what="replica-b takes the function over")
+            assert _registrations(iii_engine, "replica-b") == 2
+            assert await asyncio.wait_for(b.deliver(1), 10) == "delivered"
+            assert consumer.calls("shop::on-order") == [{"n": 1}]
+
+
+@pytest.mark.trigger_only("observe mode: observers are acknowledged by revision; no list to reconcile")
 async def test_a_provider_that_lost_a_binding_on_the_way_registers_again_to_get_it_replayed(
     iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
 ) -> None:
@@ -450,7 +486,9 @@ async def test_a_new_spec_gets_every_binding_replayed_and_checked_against_its_bi
         await p.until(lambda: short.id in table, what="the binding that fits, replayed into the new table")
         errors = await _in_thread(consumer.wait_registration_errors, 1)
         assert (errors[0]["id"], errors[0]["function_id"]) == (long.id, "shop::long")
-        assert errors[0]["error"]["message"].endswith("$.label: 'much-too-long' is too long")
+        # Observe mode: the engine checks the observer's args against the new args_format itself, in its words.
+        where = "args.label" if iii_engine.features else "$.label"
+        assert errors[0]["error"]["message"].endswith(f"{where}: 'much-too-long' is too long"), errors
         assert long.id not in table
         assert _registrations(iii_engine, "reloader") == 2
         await p.call(p.link.withdraw, TYPE)
@@ -458,6 +496,55 @@ async def test_a_new_spec_gets_every_binding_replayed_and_checked_against_its_bi
         await p.until(lambda: p.link.connected, what="the reconnect")
         await asyncio.sleep(0.5)
         assert _registrations(iii_engine, "reloader") == 2  # a withdrawn type is not registered again
+
+
+async def test_a_config_the_bridge_refuses_reads_the_same_in_both_modes(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer
+) -> None:
+    # A format the engine's args_format check does not assert but the bridge's bind check does: the bridge itself
+    # refuses, with one text whichever mode (observe mode: the engine's code for args, INVALID_ARGS).
+    schema = {"type": "object", "properties": {"reply_to": {"type": "string", "format": "email"}}}
+    async with bridge(iii_engine, tmp_path, bind_schema=schema) as b:
+        await _in_thread(consumer.function, "shop::on-order")
+        await _in_thread(consumer.bind, TYPE, "shop::on-order", {"reply_to": "nobody"})
+        [error] = [e["error"] for e in await _in_thread(consumer.wait_registration_errors)]
+        assert error["message"] == (
+            "bind config rejected by trigger type 'orders': $.reply_to: 'nobody' is not a 'email'"
+        )
+        assert error["code"] == ("INVALID_ARGS" if iii_engine.features else "trigger_registration_failed")
+        assert len(b.table) == 0
+
+
+# --- the mode of each connection ------------------------------------------------------------------------------
+
+
+async def test_the_mode_follows_the_engine_of_each_connection(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.engine")
+    old = TestEngine().start()
+    port = old.port
+    try:
+        async with bridge(old, tmp_path, grace_ms=1000) as b:
+            assert b.link.mode == "trigger"
+            with Consumer(old.url, engine=old) as consumer:
+                await _in_thread(consumer.function, "shop::on-order")
+                await _in_thread(consumer.bind, TYPE, "shop::on-order")
+                assert await asyncio.wait_for(b.deliver(1), 10) == "delivered"
+            await _in_thread(old.stop)
+            # The same address, now an engine 0.25+: the bridge registers its source as an observable function.
+            with TestEngine(port=port, features=("observe.v1",)) as new, Consumer(new.url, engine=new) as consumer:
+                await b.until(lambda: b.link.mode == "observe", timeout=20, what="observe mode")
+                await b.until(lambda: new.has_function(observable_function_id(TYPE)), what="the function")
+                await b.until(lambda: not new.trigger_types(), what="the trigger type withdrawn")
+                await _in_thread(consumer.function, "shop::on-order")
+                bound = await _in_thread(consumer.bind, TYPE, "shop::on-order")
+                await b.until(lambda: bound.id in b.table, what="the binding, through the legacy shim")
+                assert await asyncio.wait_for(b.deliver(2), 10) == "delivered"
+                assert consumer.calls("shop::on-order") == [{"n": 2}]
+    finally:
+        old.stop()
+    modes = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().endswith("mode")
+             or " mode: " in r.getMessage()]
+    assert modes == ["trigger mode", "observe mode"], modes
 
 
 # --- one worker name, one bridge -------------------------------------------------------------------------------
@@ -528,6 +615,18 @@ def test_the_sdk_internals_the_link_relies_on_exist() -> None:
         f"iii-sdk {sdk}: a call made on the SDK's own loop no longer skips the cross-thread hop (DESIGN §5)"
     )
     assert "_on_sdk_loop" in inspect.getsource(III.trigger_async), f"iii-sdk {sdk}: trigger_async changed its path"
+    # observe mode: which features a connection's engine announced, and whether it confirmed a function
+    for name in ("_registered_on_connection", "_engine_features", "_functions", "_connection_epoch"):
+        assert f"self.{name}" in init, f"iii-sdk {sdk}: III.{name} is gone; the engine link needs it (observe mode)"
+    assert "self._on_engine_features(worker.features" in inspect.getsource(III._handle_message), (
+        f"iii-sdk {sdk}: workerregistered no longer goes through III._on_engine_features (the link's mode choice)"
+    )
+    from iii.observable import FunctionObservers
+
+    observers = inspect.getsource(FunctionObservers.__init__)
+    assert "self.confirmed " in observers and "self.confirmed_epoch " in observers, (
+        f"iii-sdk {sdk}: FunctionObservers.confirmed(_epoch) is gone (observe mode: a refused replica, a reconnect)"
+    )
 
 
 def test_the_bridge_binds_and_calls_on_the_sdks_own_loop_without_a_hop(

@@ -159,7 +159,7 @@ def test_counters_move_and_readiness_follows_the_engine(
     assert _value(_samples(_get(f"{base}/metrics")[2]), "bridge_engine_connected") == 0
     iii_engine.resume()
     wait_for(lambda: _get(f"{base}/readyz")[0] == 200, 30, "/readyz 200 once the engine is back")
-    assert _get(f"{base}/readyz")[2] == "ready\n"
+    assert _get(f"{base}/readyz")[2] == "ready (trigger mode)\n"  # how the sources are offered to this engine
 
 
 # ---------------------------------------------------------------------------------------------------------

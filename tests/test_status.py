@@ -30,6 +30,7 @@ def test_format() -> None:
         "engine up · orders: 2 bound, 12.3 ev/s, 3 in flight, 1 dead · inbox: 0 bound, 250 ev/s, 0 in flight, 0 dead"
     )
     assert format_status(False, [], {}, 80) == "engine DOWN"
+    assert format_status(True, [], {}, 80, mode="observe") == "engine up (observe mode)"
     short = format_status(True, rows, {}, 30)
     assert short == "engine up · orders: 2 bound,…" and len(short) == 29
 

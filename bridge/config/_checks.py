@@ -155,6 +155,11 @@ class Semantics:
         mode, queue = merged.get("mode", DeliveryConfig.mode), merged.get("queue")
         if mode == "enqueue" and not is_set(queue) and (whole or "mode" in own or "queue" in own):
             self.require(here, ("queue",), "mode: enqueue needs a queue")
+        if mode == "enqueue" and own.get("mode") == "enqueue":
+            self.add("enqueue-observe", (*here, "mode"),
+                     "enqueue has no equivalent for observers: on an engine with observe.v1 (iii 0.25 and later) "
+                     "the bridge delivers to its observers with sync instead",
+                     "keep it for an engine before 0.25, choose sync or void for a newer one", severity="warning")
         if is_set(own.get("queue")) and mode != "enqueue":
             self.add("value", (*here, "queue"), "only used with mode: enqueue", key=True)
         retry, own_retry = as_mapping(merged.get("retry")), as_mapping(own.get("retry"))

@@ -28,6 +28,7 @@ path-not-dir         a path that must be a directory is something else
 file-missing         a file the config names (TLS certificate, key) does not exist, is a directory or cannot be read
 file-unreadable      bridge.yaml itself cannot be read
 url-credentials      (warning) ``engine.url`` carries a password or token, which the iii SDK writes to disk
+enqueue-observe      (warning) ``delivery.mode: enqueue``, which observers (engines with ``observe.v1``) get as sync
 ==================== ======================================================================================
 """
 

@@ -80,6 +80,24 @@ class FunctionInfo:
     worker_name: str | None
 
 
+@dataclass(frozen=True)
+class ObserverInfo:
+    """An observer (observe.v1). ``legacy``: ``{trigger_type, config}`` when the legacy shim made it of a
+    ``registertrigger`` (its id is the trigger's); ``state``: pending, active or error (``error`` says why)."""
+
+    id: str
+    namespace: str
+    function_id: str
+    target: str
+    target_namespace: str
+    args: dict[str, Any]
+    state: str
+    error: dict[str, Any] | None
+    legacy: dict[str, Any] | None
+    worker_id: str
+    worker_name: str | None
+
+
 class Worker:
     """One connection on the main path; a reconnecting SDK is a new Worker with a new id."""
 
@@ -157,6 +175,69 @@ class State:
     bindings: dict[str, Binding] = field(default_factory=dict)  # live: held by a provider, listed
     pending: dict[str, Binding] = field(default_factory=dict)  # parked or rejected, not listed
     invocations: dict[str, Invocation] = field(default_factory=dict)
+    # observe.v1 only: observable functions by (namespace, id), observers by id, one revision counter.
+    observables: dict[tuple[str, str], Observable] = field(default_factory=dict)
+    observers: dict[str, Observer] = field(default_factory=dict)
+    revision: int = 0
 
 
 Builtin = Callable[[Worker, Any], Any]
+
+
+@dataclass
+class Observable:
+    """A function registered with an ``observe`` descriptor (``registerfunction.observe``) on an engine with
+    ``observe.v1``: its owner hears its observers (``functionregistered``, ``observeradded``/``removed``)."""
+
+    namespace: str
+    function_id: str
+    owner: Worker
+    delivery: str  # "auto" or "owner"
+    args_format: Any
+    legacy_trigger_type: str | None
+    allow: bool = True
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.function_id)
+
+
+@dataclass
+class Observer:
+    """An observer as the engine keeps it. ``worker`` made it: an ``observe`` frame, or (``legacy`` set) a
+    ``registertrigger`` the legacy shim mapped onto it. ``state``: pending (no owner yet, or its ack awaited),
+    active, or error (``error`` holds why)."""
+
+    id: str
+    worker: Worker
+    namespace: str  # the source function's
+    function_id: str
+    args: dict[str, Any]
+    filters: Any
+    target: str
+    target_namespace: str
+    capture: list[str] | None
+    on: str | None
+    deliver: str | None
+    metadata: Any
+    legacy: dict[str, Any] | None = None
+    state: str = "pending"
+    error: dict[str, Any] | None = None
+    revision: int = 0  # the revision it was offered to the owner with (its ack echoes it)
+
+    @property
+    def source_key(self) -> tuple[str, str]:
+        return (self.namespace, self.function_id)
+
+    def info(self) -> dict[str, Any]:
+        """What its owner sees (never its metadata, policy or worker)."""
+        info: dict[str, Any] = {"id": self.id, "args": self.args, "target": self.target}
+        if self.filters:
+            info["filters"] = self.filters
+        if self.capture is not None:
+            info["capture"] = self.capture
+        if self.on is not None:
+            info["on"] = self.on
+        if self.legacy is not None:
+            info["legacy"] = self.legacy
+        return info

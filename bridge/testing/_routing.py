@@ -21,11 +21,12 @@ from bridge.testing._enginestate import (
     TypeKey,
     Worker,
 )
+from bridge.testing._observe import Observing
 
 # Frames whose effect depends on the connection's namespace: held until engine::workers::register fixes it.
 _HELD = frozenset({
     "registerfunction", "registerservice", "unregisterfunction", "registertrigger", "unregistertrigger",
-    "registertriggertype",
+    "registertriggertype", "unregistertriggertype", "observe", "unobserve",
 })
 
 
@@ -37,9 +38,10 @@ def _blank_message(field: str) -> str:
     return f"`{field}` is empty: it was named and left blank. Give it a name, or omit it to use `{DEFAULT_NS}`."
 
 
-class Router:
+class Router(Observing):
     """The routing state machine; TestEngine provides the attributes declared here."""
 
+    _observe: bool  # the engine announces observe.v1 (the observe handlers of the Observing mixin apply)
     _queues: frozenset[str]  # the queue names enqueue calls may use
     _handlers: dict[str, Callable[[Worker, dict[str, Any]], None]]  # frame type -> handler
     _send: Callable[[Worker, dict[str, Any]], None]  # records a frame and queues it on the worker's connection
@@ -82,6 +84,8 @@ class Router:
         for function_id in w.functions:
             if st.functions.get((w.namespace, function_id)) is w:
                 del st.functions[(w.namespace, function_id)]
+        if self._observe:
+            self._observe_worker_dropped(w)
         for invocation_id in sorted(w.invocations):
             call = st.invocations.pop(invocation_id, None)
             if call is None:
@@ -202,6 +206,8 @@ class Router:
             d["id"], d["trigger_type"], d["function_id"], d["config"], d.get("metadata"),
             d.get("namespace") or DEFAULT_NS, d.get("trigger_namespace"), w.namespace, w,
         )
+        if self._observe and self._shim_trigger(st, binding):
+            return  # the legacy shim made it an observer of the function that took the type over
         # An upsert just overwrites: a previous provider of this id is told nothing.
         if self._activate(st, binding):
             st.pending.pop(binding.id, None)
@@ -210,6 +216,8 @@ class Router:
 
     def _on_unregister_trigger(self, w: Worker, d: dict[str, Any]) -> None:
         st = w.state
+        if self._observe and self._shim_unbind(st, d["id"]):
+            return
         binding = st.bindings.pop(d["id"], None)
         st.pending.pop(d["id"], None)
         if binding is not None:
@@ -253,6 +261,8 @@ class Router:
             return
         w.state.functions[key] = w
         w.functions[function_id] = d
+        if self._observe:
+            self._observe_function_registered(w, d)
 
     def _on_unregister_function(self, w: Worker, d: dict[str, Any]) -> None:
         if w.functions.pop(d["id"], None) is not None and w.state.functions.get((w.namespace, d["id"])) is w:
@@ -268,6 +278,11 @@ class Router:
     # ------------------------------------------------------------------ invocations
 
     def _on_invoke(self, w: Worker, d: dict[str, Any]) -> None:
+        if self._observe and d.get("activation") is not None:
+            routed = self._owner_call(w, d)  # an owner's delivery to one of its observers
+            if routed is None:
+                return
+            d = routed
         function_id, invocation_id, namespace = d["function_id"], d.get("invocation_id"), d.get("namespace")
         action = d.get("action")
         if _blank(namespace):
@@ -304,7 +319,7 @@ class Router:
         frame: dict[str, Any] = {
             "type": "invokefunction", "invocation_id": engine_id, "function_id": function_id, "data": data,
         }
-        for key in ("traceparent", "baggage", "metadata"):
+        for key in ("traceparent", "baggage", "metadata", "activation"):
             if d.get(key) is not None:
                 frame[key] = d[key]
         self._send(target, frame)

@@ -27,18 +27,25 @@ _FIELDS: dict[str, dict[str, str]] = {
     "unregistertrigger": {"id": "str", "trigger_type": "str?"},
     "registerfunction": {
         "id": "str", "description": "str?", "request_format": "any?", "response_format": "any?",
-        "metadata": "any?", "invocation": "obj?",
+        "metadata": "any?", "invocation": "obj?", "observe": "obj?",
     },
     "unregisterfunction": {"id": "str"},
     "invokefunction": {
         "invocation_id": "uuid?", "function_id": "str", "data": "any", "traceparent": "str?", "baggage": "str?",
-        "action": "action?", "metadata": "any?", "namespace": "str?",
+        "action": "action?", "metadata": "any?", "namespace": "str?", "activation": "obj?",
     },
     "invocationresult": {
         "invocation_id": "uuid", "function_id": "str", "result": "any?", "error": "error?", "traceparent": "str?",
         "baggage": "str?",
     },
     "registerservice": {"id": "str", "name": "str?", "description": "str?", "parent_service_id": "str?"},
+    # observe.v1 (0.25; only an engine that announces it handles them), and 0.25's unregistertriggertype
+    "observe": {"id": "str", "source": "obj", "target": "obj", "metadata": "any?"},
+    "unobserve": {"id": "str"},
+    "observerack": {"function_id": "str", "namespace": "str?", "id": "str", "revision": "any", "error": "error?"},
+    "invocationsobserved": {"items": "any"},
+    "localinvocationstats": {},
+    "unregistertriggertype": {"id": "str", "namespace": "str?"},
     "ping": {},
     "pong": {},
     "reattach": {"previous_worker_id": "str", "reattach_token": "str?"},

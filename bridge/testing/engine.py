@@ -5,6 +5,8 @@ this one. It follows the engine 0.23 source (``engine/src/`` of the public iii r
 iii protocol notes sum it up in "What a test engine must do", for an SDK 0.25 client in trigger mode:
 
 1. WebSocket on ``/`` and ``/otel``; ``workerregistered`` without ``features``; no permessage-deflate.
+   ``TestEngine(features=("observe.v1",))`` is an engine 0.25+ instead: it announces the feature and speaks
+   observe too (observable functions, observers, the legacy shim of ``register_trigger``: ``_observe.py``).
 2. Registrations (``registerfunction``, ``registertriggertype``, ``registertrigger``, their ``unregister*``,
    ``registerservice``) are held until the void ``engine::workers::register`` call fixes the connection's
    namespace (or the grace, 5 s, runs out: then ``default``). ``ping`` gets ``pong``. There is no
@@ -68,6 +70,7 @@ from bridge.testing._enginestate import (
     Builtin,
     Frame,
     FunctionInfo,
+    ObserverInfo,
     State,
     TriggerTypeInfo,
     Worker,
@@ -77,7 +80,7 @@ from bridge.testing._routing import Router
 from bridge.testing._wire import decodes
 from bridge.testing.waiting import wait_for
 
-__all__ = ["BindingInfo", "Frame", "FunctionInfo", "TestEngine", "TriggerTypeInfo", "WorkerInfo"]
+__all__ = ["BindingInfo", "Frame", "FunctionInfo", "ObserverInfo", "TestEngine", "TriggerTypeInfo", "WorkerInfo"]
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -98,16 +101,21 @@ class TestEngine(Router, Builtins):
         queues: tuple[str, ...] = (),
         record_frames: bool = True,
         registration_grace_s: float = 5.0,
+        features: tuple[str, ...] = (),
     ) -> None:
         """``queues``: names iii's queue worker accepts for ``enqueue`` calls (none: every enqueue fails with
         ``enqueue_error``, as on an engine without a queue worker). ``record_frames=False`` for benchmarks.
         ``registration_grace_s``: how long a connection's registrations wait for ``engine::workers::register``
-        before they land in ``default`` (the engine's default is 5 s)."""
+        before they land in ``default`` (the engine's default is 5 s). ``features``: what ``workerregistered``
+        announces; none (the default) is an engine before 0.25 and the SDK's trigger mode, ``("observe.v1",)``
+        an engine 0.25+ that speaks observe (``_observe.py``) next to trigger types."""
         self._host = host
         self._port = port
         self._queues = frozenset(queues)
         self._record_frames = record_frames
         self._grace_s = registration_grace_s
+        self._features = tuple(features)
+        self._observe = "observe.v1" in self._features
         self._lock = threading.Lock()
         self._state = State()
         self._seen: list[Worker] = []
@@ -131,6 +139,15 @@ class TestEngine(Router, Builtins):
             "reattach": self._on_reattach,
             "ping": lambda w, _d: self._send(w, {"type": "pong"}),
         }
+        if self._observe:
+            self._handlers.update({
+                "observe": self._on_observe,
+                "unobserve": self._on_unobserve,
+                "observerack": self._on_observer_ack,
+                "invocationsobserved": self._on_invocations_observed,
+                "localinvocationstats": lambda _w, _d: None,
+                "unregistertriggertype": self._on_unregister_trigger_type,
+            })
         self._builtins: dict[str, Builtin] = {
             "engine::workers::register": self._fn_register_worker,
             "engine::registered-triggers::list": self._fn_registered_triggers,
@@ -224,12 +241,13 @@ class TestEngine(Router, Builtins):
             return [WorkerInfo(w.id, w.name, w.namespace, w.connected, w.metadata) for w in self._seen]
 
     def bindings(self, trigger_type: str | None = None) -> list[BindingInfo]:
-        """Live bindings (in the order they went live), then parked ones."""
+        """Live bindings (in the order they went live), then parked ones; then (observe.v1) the triggers the
+        legacy shim made observers of, parked unless their observer is active."""
         with self._lock:
             st = self._state
             found = [(b, False) for b in st.bindings.values()]
             found += [(b, True) for b in st.pending.values() if b.id not in st.bindings]
-            return [
+            infos = [
                 BindingInfo(
                     b.id, b.trigger_type, b.function_id, b.config, b.metadata, b.namespace, b.owner.id,
                     b.owner.name, parked, b.error, b.trigger_namespace, b.home_namespace,
@@ -238,6 +256,29 @@ class TestEngine(Router, Builtins):
                 for b, parked in found
                 if trigger_type is None or b.trigger_type == trigger_type
             ]
+            for o in st.observers.values():
+                if o.legacy is None or (trigger_type is not None and o.legacy["trigger_type"] != trigger_type):
+                    continue
+                parked = o.state != "active"
+                infos.append(BindingInfo(
+                    o.id, o.legacy["trigger_type"], o.target, o.legacy["config"], o.metadata, o.target_namespace,
+                    o.worker.id, o.worker.name, parked, o.error, None, o.worker.namespace,
+                    None if parked else o.namespace,
+                ))
+            return infos
+
+    def provider(self, trigger_type: str) -> str | None:
+        """The name of the worker that gets ``trigger_type``'s bindings: its trigger type's provider, else
+        (observe.v1) the owner of the observable function that took the type over."""
+        with self._lock:
+            st = self._state
+            for t in st.trigger_types.values():
+                if t.id == trigger_type:
+                    return t.provider.name
+            for o in st.observables.values():
+                if o.legacy_trigger_type == trigger_type:
+                    return o.owner.name
+            return None
 
     def trigger_types(self) -> list[TriggerTypeInfo]:
         with self._lock:
@@ -258,9 +299,27 @@ class TestEngine(Router, Builtins):
             return (namespace or DEFAULT_NS, function_id) in self._state.functions
 
     def has_binding(self, trigger_id: str) -> bool:
-        """Whether the engine holds this binding, live or parked."""
+        """Whether the engine holds this binding, live or parked (or, observe.v1, as an observer of the legacy
+        shim)."""
         with self._lock:
-            return trigger_id in self._state.bindings or trigger_id in self._state.pending
+            st = self._state
+            return trigger_id in st.bindings or trigger_id in st.pending or trigger_id in st.observers
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self._features
+
+    def observers(self, function_id: str | None = None) -> list[ObserverInfo]:
+        """The observers the engine holds (observe.v1), oldest first."""
+        with self._lock:
+            return [
+                ObserverInfo(
+                    o.id, o.namespace, o.function_id, o.target, o.target_namespace, o.args, o.state, o.error,
+                    o.legacy, o.worker.id, o.worker.name,
+                )
+                for o in self._state.observers.values()
+                if function_id is None or o.function_id == function_id
+            ]
 
     @property
     def internal_errors(self) -> list[str]:
@@ -358,8 +417,11 @@ class TestEngine(Router, Builtins):
         with self._lock:
             self._state.workers[w.id] = w
             self._seen.append(w)
-            # No `features`: the SDK then runs in pre-0.25 (trigger) mode.
-            self._send(w, {"type": "workerregistered", "worker_id": w.id, "reattach_token": w.reattach_token})
+            # Without `features` the SDK runs in pre-0.25 (trigger) mode.
+            hello: dict[str, Any] = {"type": "workerregistered", "worker_id": w.id, "reattach_token": w.reattach_token}
+            if self._features:
+                hello["features"] = list(self._features)
+            self._send(w, hello)
             w.grace = asyncio.get_running_loop().call_later(self._grace_s, self._grace_over, w)
         writer = asyncio.create_task(self._write(w))
         try:
@@ -448,8 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=49134)
     parser.add_argument("--queue", action="append", default=[], help="a queue name enqueue calls may use")
+    parser.add_argument("--observe", action="store_true", help="announce observe.v1 (an engine 0.25+)")
     args = parser.parse_args(argv)
-    engine = TestEngine(args.host, args.port, queues=tuple(args.queue), record_frames=False)
+    features = ("observe.v1",) if args.observe else ()
+    engine = TestEngine(args.host, args.port, queues=tuple(args.queue), record_frames=False, features=features)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     with engine:

@@ -582,6 +582,9 @@ def test_delivery_rules(check: Check) -> None:
             delivery: {queue: q, dead_letter: {postgres_table: "x y"}}
         """) == [
         "bridge.yaml:3:3: error[missing-key] defaults.delivery: mode: enqueue needs a queue",
+        "bridge.yaml:4:11: warning[enqueue-observe] defaults.delivery.mode: enqueue has no equivalent for "
+        "observers: on an engine with observe.v1 (iii 0.25 and later) the bridge delivers to its observers with "
+        "sync instead; keep it for an engine before 0.25, choose sync or void for a newer one",
         "bridge.yaml:5:5: error[value] defaults.delivery.dead_letter: set exactly one of file, kafka_topic, "
         "postgres_table (found file and kafka_topic)",
         "bridge.yaml:6:54: error[value] defaults.delivery.retry.max_backoff_ms: max_backoff_ms (100) is less than "

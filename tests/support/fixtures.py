@@ -13,11 +13,20 @@ from bridge.testing.engine import TestEngine
 from tests.support.services import PostgresServer, TansuBroker, kafka_bootstrap_from_env
 from tests.support.tlsfront import Certs, TlsCertsDir, TlsKafka, tls_tools_missing
 
+ENGINE_MODES = ("trigger", "observe")
+"""The engines a test marked ``both_engines`` (``pytestmark = pytest.mark.both_engines`` for a module) runs
+against: one before 0.25 (the bridge's trigger mode) and one with ``observe.v1`` (observe mode)."""
+
+FEATURES = {"trigger": (), "observe": ("observe.v1",)}
+
 
 @pytest.fixture
-def iii_engine() -> Iterator[TestEngine]:
-    """A started TestEngine for this test; fails the test if the engine hit an internal error."""
-    with TestEngine() as engine:
+def iii_engine(request: pytest.FixtureRequest) -> Iterator[TestEngine]:
+    """A started TestEngine for this test; fails the test if the engine hit an internal error. An engine before
+    0.25 (trigger mode) unless the test is parametrized indirectly with ``"observe"`` (an engine with
+    ``observe.v1``)."""
+    mode = getattr(request, "param", "trigger")
+    with TestEngine(features=FEATURES[mode]) as engine:
         yield engine
         errors = engine.internal_errors
     assert not errors, "the iii test engine failed while handling frames:\n" + "\n".join(errors)
@@ -94,3 +103,25 @@ def kafka_mtls(tls_certs: Certs) -> Iterator[TlsKafka]:
     """A Tansu broker behind a socat TLS front that requires a client certificate, for the session."""
     with TlsKafka(tls_certs, "mtls") as kafka:
         yield kafka
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_engines: run each test that uses iii_engine against both engines (trigger and observe mode)"
+    )
+    config.addinivalue_line(
+        "markers", "trigger_only(why): in a both_engines module, a test of trigger mode only (why: what observe mode "
+        "does instead)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    definition = metafunc.definition
+    chosen = any(m.args and m.args[0] == "iii_engine" for m in definition.iter_markers("parametrize"))
+    if (
+        "iii_engine" in metafunc.fixturenames
+        and definition.get_closest_marker("both_engines")
+        and not definition.get_closest_marker("trigger_only")
+        and not chosen  # the test names its engine itself
+    ):
+        metafunc.parametrize("iii_engine", ENGINE_MODES, indirect=True)
