@@ -14,10 +14,11 @@ from typing import Any, Literal
 Change = Literal["added", "updated", "unchanged"]
 
 
-def observable_function_id(trigger_type: str) -> str:
+def observable_function_id(trigger_type: str, function_id: str | None = None) -> str:
     """The id of the observable function a source is on an engine with ``observe.v1`` (iii's ``service::name``
-    convention): its bindings are that function's observers."""
-    return f"bridge::{trigger_type}"
+    convention): the source's own ``function_id`` when it sets one, else ``bridge::<trigger type>``. Its bindings
+    are that function's observers."""
+    return function_id or f"bridge::{trigger_type}"
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def _source_section(config: BridgeConfig, source: SourceConfig) -> list[str]:
         "| | |",
         "|---|---|",
         f"| trigger type id | `{source.id}` |",
-        f"| observable function (iii 0.25+) | `{observable_function_id(source.id)}` |",
+        f"| observable function (iii 0.25+) | `{observable_function_id(source.id, source.function_id)}` |",
         f"| kind | {source.kind} |",
         f"| source | {_cell(prose.source_summary(source, base))} |",
         "",
@@ -288,7 +288,7 @@ def _examples(source: SourceConfig) -> list[str]:
     function_id = f"my-service::on-{re.sub(r'[^A-Za-z0-9]+', '-', source.id).strip('-').lower()}"
     py = "{" + ", ".join(f"{json.dumps(k)}: {_py(v)}" for k, v in config.items()) + "}"
     ts = "{ " + ", ".join(f"{_ts_key(k)}: {_ts(v)}" for k, v in config.items()) + " }" if config else "{}"
-    observable = json.dumps(observable_function_id(source.id))
+    observable = json.dumps(observable_function_id(source.id, source.function_id))
     return [
         prose.EXAMPLE_INTRO,
         "",

@@ -84,6 +84,12 @@ class TriggerTypeSpec:
     payload_schema: dict[str, Any] | None
     table: BindingTable
     exclusive: bool = False  # advertised only once its source is the active replica (see activate())
+    function_id: str | None = None  # observe mode: the source's own observable function id (None: bridge::<id>)
+
+    @property
+    def observable_id(self) -> str:
+        """The id of the observable function this source is in observe mode."""
+        return observable_function_id(self.id, self.function_id)
 
 
 class _QuietSdk(logging.Filter):
@@ -158,6 +164,7 @@ class EngineLink:
         self._mode: Mode | None = None  # of the current (or last) connection; None until an engine said hello
         self._registered: set[str] = set()  # the types registered with the SDK in the current mode
         self._functions: dict[str, FunctionRef] = {}  # observe mode: trigger type -> its observable function
+        self._function_ids: dict[str, str] = {}  # observe mode: trigger type -> the id it was registered under
         self._observers: dict[str, Observer] = {}  # observe mode: binding id -> the observer it is
         self._enqueue_warned: set[str] = set()
         self._unsubscribe: Callable[[], None] | None = None
@@ -602,7 +609,7 @@ class EngineLink:
             if ref is not None:
                 ref.unregister()
             spec = self._specs.get(type_id)
-            function_id = observable_function_id(type_id)
+            function_id = self._function_ids.pop(type_id, observable_function_id(type_id))
             for binding_id in [i for i, o in self._observers.items() if o.function_id == function_id]:
                 self._observers.pop(binding_id, None)
                 if spec is not None:
@@ -613,7 +620,7 @@ class EngineLink:
             self._client.unregister_trigger_type(RegisterTriggerTypeInput(id=type_id, description=""))
 
     def _register_observable(self, spec: TriggerTypeSpec) -> None:
-        function_id = observable_function_id(spec.id)
+        function_id = self._function_ids[spec.id] = spec.observable_id
         previous = self._functions.pop(spec.id, None)
         if previous is not None:
             previous.unregister()
@@ -779,7 +786,7 @@ class EngineLink:
         }
         namespace = self._config.namespace or "default"
         for type_id in refused:
-            function_id = observable_function_id(type_id)
+            function_id = self._specs[type_id].observable_id
             if (namespace, function_id) in owned or type_id not in self._registered:
                 continue
             log.info("%s has no owner any more (the replica that owned it left): this replica registers it and takes "

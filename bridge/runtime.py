@@ -501,6 +501,7 @@ class Runtime:
             payload_schema=source.payload_schema,
             table=self.tables[source.id],
             exclusive=spec_of(source).exclusive(source),
+            function_id=source.function_id,
         )
 
     def _activate(self, source_id: str) -> None:

@@ -151,6 +151,16 @@ def test_without_payload_template_the_event_fields_are_listed(tmp_path: Path) ->
     assert "none (`ordering: none`): up to 64 events in parallel" in text
 
 
+def test_a_source_that_names_its_observable_function_is_documented_under_that_name(tmp_path: Path) -> None:
+    (tmp_path / "bridge.yaml").write_text(
+        "version: 1\nsources:\n  raw:\n    function_id: shop::order-placed\n"
+        "    kafka: {bootstrap_servers: 'b:9092', topics: [t]}\n"
+    )
+    text = render_docs(_load(tmp_path / "bridge.yaml"))
+    assert "| observable function (iii 0.25+) | `shop::order-placed` |" in text
+    assert '"function_id": "shop::order-placed"' in text and "bridge::raw" not in text
+
+
 def test_outage_and_replica_figures_come_from_the_engine_config(tmp_path: Path) -> None:
     (tmp_path / "bridge.yaml").write_text(
         "version: 1\nengine: {rebind_grace_ms: 4500, reconcile_interval_ms: 1500}\nsources:\n"

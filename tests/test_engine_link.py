@@ -80,6 +80,7 @@ async def bridge(
     initial_backoff_ms: int = 100,
     timeout_ms: int = 5000,
     bind_schema: dict[str, Any] | None = None,
+    function_id: str | None = None,
 ) -> AsyncIterator[Bridge]:
     config = EngineConfig(
         url=engine.url, worker_name=worker_name, reconcile_interval_ms=interval_ms, rebind_grace_ms=grace_ms
@@ -93,7 +94,8 @@ async def bridge(
         payload={"n": "{{ event.n }}"},
     )
     table = BindingTable(TYPE)
-    spec = TriggerTypeSpec(TYPE, "orders", BindValidator(TYPE, bind_schema), None, table, exclusive=exclusive)
+    spec = TriggerTypeSpec(TYPE, "orders", BindValidator(TYPE, bind_schema), None, table, exclusive=exclusive,
+                           function_id=function_id)
     link = EngineLink(config)
     dead = FileDeadLetter(tmp_path / f"dead-{worker_name or 'bridge'}.jsonl")
     b = Bridge(link, table, Dispatcher(source, table, link, dead), spec)
@@ -513,6 +515,23 @@ async def test_a_config_the_bridge_refuses_reads_the_same_in_both_modes(
         )
         assert error["code"] == ("INVALID_ARGS" if iii_engine.features else "trigger_registration_failed")
         assert len(b.table) == 0
+
+
+async def test_observe_a_source_that_names_its_function_is_that_observable_function(tmp_path: Path) -> None:
+    with TestEngine(features=("observe.v1",)) as engine, Consumer(engine.url, engine=engine) as consumer:
+        async with bridge(engine, tmp_path, function_id="shop::order-placed") as b:
+            await b.until(lambda: engine.has_function("shop::order-placed"), what="the source's function")
+            assert not engine.has_function(observable_function_id(TYPE))
+            await _in_thread(consumer.function, "shop::on-order")
+            handle = await _in_thread(consumer.iii.observe, {"function_id": "shop::order-placed", "args": {}},
+                                      "shop::on-order")
+            await _in_thread(handle.ready, 10)
+            await b.until(lambda: handle.id in b.table, what="the observer")
+            legacy = await _in_thread(consumer.bind, TYPE, "shop::on-order")  # the trigger type reaches it too
+            await b.until(lambda: legacy.id in b.table, what="the register_trigger binder")
+            assert await asyncio.wait_for(b.deliver(1), 10) == "delivered"
+            calls = await _in_thread(consumer.wait_calls, "shop::on-order", 2)
+            assert calls == [{"n": 1}, {"n": 1}], calls
 
 
 # --- the mode of each connection ------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ def build(result: Analysis) -> BridgeConfig:
             bind_schema=result.schemas.get((sid, "bind_schema")),
             payload_schema=result.schemas.get((sid, "payload_schema")),
             when=raw.get("when"),
+            function_id=raw.get("function_id"),
             payload=raw.get("payload"),
             line=key.line if key else 0,
         ))

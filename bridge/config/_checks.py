@@ -14,6 +14,7 @@ from typing import Any
 
 from bridge import sources
 from bridge._redact import redact_dsn
+from bridge.bindings import observable_function_id
 from bridge.config._analysis import Analysis
 from bridge.config.diagnostics import Problem, Severity, did_you_mean, format_path
 from bridge.config.model import DEFAULT_STATE_DIR, DeadLetterConfig, DeliveryConfig, RetryConfig, resolve_path
@@ -61,9 +62,11 @@ class Semantics:
             self.directory(("state_dir",), state_dir, warn_missing=False)
         defaults = as_mapping(as_mapping(self.data.get("defaults")).get("delivery"))
         self.delivery(("defaults", "delivery"), defaults, defaults, whole=True)
+        functions: dict[str, str] = {}  # observable function id -> the source registered as it
         for sid, source in as_mapping(self.data.get("sources")).items():
             if isinstance(source, dict):
                 self.source(sid, source, defaults)
+                self.function_id(sid, source, functions)
 
     # -- paths
 
@@ -146,6 +149,17 @@ class Semantics:
         for name in ("bind_schema", "payload_schema"):
             self.r.schemas[(sid, name)] = self.schema((*here, name), source.get(name), name == "bind_schema")
         self.templates(here, source)
+
+    def function_id(self, sid: str, source: dict[str, Any], functions: dict[str, str]) -> None:
+        """Two sources cannot be one observable function (observe mode): the engine keeps the first owner."""
+        own = source.get("function_id")
+        function_id = observable_function_id(sid, own if isinstance(own, str) else None)
+        other = functions.setdefault(function_id, sid)
+        if other != sid:
+            path: KeyPath = ("sources", sid, "function_id") if isinstance(own, str) else ("sources", sid)
+            self.add("duplicate-function-id", path,
+                     f"source {other} is the observable function {function_id} already (engines with observe.v1)",
+                     "give each source its own function_id", key=not isinstance(own, str))
 
     # -- delivery
 

@@ -76,6 +76,7 @@ class SourceConfig:
     when: str | None  # template source text
     payload: Any  # template tree (None = the whole event)
     line: int = 0  # where the source is declared in bridge.yaml (1-based; 0 = unknown)
+    function_id: str | None = None  # observe mode: its observable function's id (None: bridge::<id>)
 
 
 @dataclass(frozen=True)

@@ -1131,3 +1131,49 @@ def test_a_dsn_password_with_unencoded_characters_is_a_warning(check: Check, dsn
         "bridge.yaml:4:21: warning[value] sources.s.postgres.dsn: the password seems to hold an unencoded # ? / "
         "or @, which the database client reads as the end of the host; percent-encode them: %23 %3F %2F %40"
     ] if warned else [])
+
+
+# --- function_id (observe mode) -----------------------------------------------------------------------------
+
+
+def test_a_source_may_name_its_observable_function(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    config = _load(tmp_path, """\
+        version: 1
+        sources:
+          orders:
+            function_id: shop::order-placed
+            file: {path: a}
+          inbox:
+            file: {path: b}
+        """)
+    assert [s.function_id for s in config.sources] == ["shop::order-placed", None]
+
+
+def test_function_ids_are_checked_and_unique(check: Check) -> None:
+    assert check("""\
+        version: 1
+        sources:
+          a:
+            function_id: no spaces::allowed
+            file: {path: .}
+          b:
+            function_id: bridge::c
+            file: {path: .}
+          c:
+            file: {path: .}
+          d:
+            function_id: shop::d
+            file: {path: .}
+          e:
+            function_id: shop::d
+            file: {path: .}
+        """) == [
+        "bridge.yaml:4:18: error[value] sources.a.function_id: 'no spaces::allowed' does not match "
+        "^[^\\s:]+(::[^\\s:]+)+$",
+        "bridge.yaml:9:3: error[duplicate-function-id] sources.c: source b is the observable function bridge::c "
+        "already (engines with observe.v1); give each source its own function_id",
+        "bridge.yaml:15:18: error[duplicate-function-id] sources.e.function_id: source d is the observable function "
+        "shop::d already (engines with observe.v1); give each source its own function_id",
+    ]
