@@ -340,16 +340,8 @@ class EngineLink:
             return await self._client.trigger_async(request)
         except DeliveryError:
             raise  # set by this link when it dropped under the call (EngineUnavailable): already what it is
-        except InvocationError as exc:
-            if exc.code in _LINK_ERRORS:
-                raise EngineUnavailable(exc.message) from exc
-            raise DeliveryError(exc.code, exc.message) from exc
-        except _LINK_EXCEPTIONS as exc:
-            raise EngineUnavailable(f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:
-            # Anything else the SDK raises (a payload it cannot serialise, a bug) must still end in a retry or a
-            # dead letter, never in an event that is silently left unacknowledged.
-            raise DeliveryError("client_error", f"{type(exc).__name__}: {exc}") from exc
+            raise _delivery_error(exc) from exc
 
     async def _deliver_to_observer(self, observer: Observer, call: Invocation) -> Any:
         """Observe mode: a delivery through the observer's handle (the engine routes it to the observer's target
@@ -380,13 +372,9 @@ class EngineLink:
                     return None  # the observer's own filters declined the event: nothing was sent
                 if exc.code == "OBSERVER_NOT_ACTIVE" and tries < _ACTIVATION_TRIES and await self._activating(observer):
                     continue
-                if exc.code in _LINK_ERRORS:
-                    raise EngineUnavailable(exc.message) from exc
-                raise DeliveryError(exc.code, exc.message) from exc
-            except _LINK_EXCEPTIONS as exc:
-                raise EngineUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                raise _delivery_error(exc) from exc
             except Exception as exc:
-                raise DeliveryError("client_error", f"{type(exc).__name__}: {exc}") from exc
+                raise _delivery_error(exc) from exc
 
     async def _activating(self, observer: Observer) -> bool:
         """The SDK activates an observer just after its on_observer_added hook (which made the binding) returned:
@@ -792,6 +780,20 @@ class EngineLink:
             log.info("%s has no owner any more (the replica that owned it left): this replica registers it and takes "
                      "its observers over", function_id)
             self._register(self._specs[type_id])
+
+
+def _delivery_error(exc: Exception) -> DeliveryError:
+    """What an exception the SDK raised under a call means for the delivery: EngineUnavailable when the link
+    failed (no attempt is spent), else the function's own error code. Anything else the SDK raises (a payload it
+    cannot serialise, a bug) is ``client_error``: still a retry or a dead letter, never an event silently left
+    unacknowledged."""
+    if isinstance(exc, InvocationError):
+        if exc.code in _LINK_ERRORS:
+            return EngineUnavailable(exc.message)
+        return DeliveryError(exc.code, exc.message)
+    if isinstance(exc, _LINK_EXCEPTIONS):
+        return EngineUnavailable(f"{type(exc).__name__}: {exc}")
+    return DeliveryError("client_error", f"{type(exc).__name__}: {exc}")
 
 
 def _refusal_text(error: object, url: str) -> str:
