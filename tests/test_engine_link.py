@@ -543,7 +543,8 @@ async def test_the_mode_follows_the_engine_of_each_connection(tmp_path: Path, ca
     port = old.port
     try:
         async with bridge(old, tmp_path, grace_ms=1000) as b:
-            assert b.link.mode == "trigger"
+            # The SDK may report the connection before it hands over the features of workerregistered.
+            await b.until(lambda: b.link.mode == "trigger", what="trigger mode")
             with Consumer(old.url, engine=old) as consumer:
                 await _in_thread(consumer.function, "shop::on-order")
                 await _in_thread(consumer.bind, TYPE, "shop::on-order")

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from iii import InitOptions, register_worker
+from iii.iii import III
 from iii.iii_types import RegisterTriggerInput
 from iii_helpers.observability import ReconnectionConfig
 
@@ -98,7 +99,11 @@ class Consumer:
         reconnect_initial_delay_ms: int = 50,
         reconnect_max_delay_ms: int = 500,
         reconnect_jitter: float = 0.3,
+        wait_connected: bool = True,
     ) -> None:
+        """``wait_connected=False``: return at once instead of waiting for the connection (as ``register_worker``
+        does), e.g. for a worker the engine is expected to refuse: ``register_worker`` raises that refusal when it
+        comes before the connection is up, and the client it made would be left running."""
         # Unique by default: the engine rejects a second live worker with the same name in a namespace.
         self.worker_name = worker_name or f"test-consumer-{os.getpid()}-{next(_names)}"
         self.namespace = namespace
@@ -106,7 +111,7 @@ class Consumer:
         self._lock = threading.Lock()
         self._calls: dict[str, list[CallRecord]] = {}
         self._closed = False
-        self.iii: Any = register_worker(url, InitOptions(
+        options = InitOptions(
             worker_name=self.worker_name,
             namespace=namespace,
             # Nothing dials <url>/otel; a test consumer has no telemetry to report.
@@ -118,7 +123,8 @@ class Consumer:
                 initial_delay_ms=reconnect_initial_delay_ms, max_delay_ms=reconnect_max_delay_ms,
                 jitter_factor=reconnect_jitter,
             ),
-        ))
+        )
+        self.iii: Any = register_worker(url, options) if wait_connected else III(url, options)
 
     @property
     def worker_id(self) -> str | None:

@@ -187,7 +187,7 @@ async def test_rule10_same_worker_name_in_a_namespace_is_refused_for_good(
     first = make_consumer(worker_name="twin")
     first.function("twin::fn")
     await until(lambda: any(w.connected and w.name == "twin" for w in iii_engine.workers()))
-    twin = make_consumer(worker_name="twin")
+    twin = make_consumer(worker_name="twin", wait_connected=False)  # the refusal may beat the connection
     twin.iii.register_function("twin::other", lambda _payload: None)
     await until(lambda: twin.iii.get_connection_state() == "failed")
     [rejected] = iii_engine.frames_of("registrationrejected", direction="out")
