@@ -19,13 +19,12 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from tests.support.files import read_jsonl, wait_for
 from tests.support.process import BridgeProcess
-from tests.support.services import committed_offsets, read_topic
+from tests.support.services import committed_offsets, create_topics, read_topic
 
 # Against an engine before 0.25 (trigger mode) and one with observe.v1 (observe mode).
 pytestmark = pytest.mark.both_engines
@@ -81,12 +80,7 @@ class Topic:
 
 
 async def _create_topics(bootstrap: str, *names: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(n, num_partitions=PARTITIONS, replication_factor=1) for n in names])
-    finally:
-        await admin.close()
+    await create_topics(list(names), PARTITIONS, bootstrap_servers=bootstrap)
 
 
 def _message(n: int) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:

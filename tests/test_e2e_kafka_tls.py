@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from tests.support.files import wait_for
 from tests.support.process import BridgeProcess
+from tests.support.services import create_topics
 from tests.support.tlsfront import KEY_PASSWORD, Certs, TlsKafka
 
 PARTITIONS = 4
@@ -74,18 +74,10 @@ class TlsTopic:
             "bootstrap_servers": kafka.bootstrap, "security_protocol": "SSL",
             "ssl_context": client_context(kafka.certs, client_cert=kafka.mode == "mtls"),
         }
-        asyncio.run(self._create(self.name))
-
-    async def _create(self, *names: str) -> None:
-        admin = AIOKafkaAdminClient(**self.options)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(n, num_partitions=PARTITIONS, replication_factor=1) for n in names])
-        finally:
-            await admin.close()
+        self.create(self.name)
 
     def create(self, name: str) -> None:
-        asyncio.run(self._create(name))
+        asyncio.run(create_topics([name], PARTITIONS, **self.options))
 
     def produce(self, numbers: range) -> dict[int, tuple[int, int]]:
         async def run() -> list[tuple[int, int]]:

@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge.cli import main
 from bridge.testing.consumer import Consumer
 from bridge.testing.engine import TestEngine
 from tests.support.files import wait_for
 from tests.support.process import BridgeProcess
-from tests.support.services import committed_offsets, pg_execute, pg_fetch
+from tests.support.services import committed_offsets, create_topics, pg_execute, pg_fetch
 
 PARTITIONS = 4
 JOIN_S = 30.0  # bound on waits that include a group join (Tansu takes seconds)
@@ -81,12 +80,7 @@ async def _slow(payload: Any) -> Any:
 
 async def _topic_with(bootstrap: str, topic: str, count: int) -> dict[int, int]:
     """Create ``topic`` and produce ``count`` keyed messages; returns how many went to each partition."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topics([topic], PARTITIONS, bootstrap_servers=bootstrap)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:

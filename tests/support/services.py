@@ -31,7 +31,7 @@ from typing import Any, Self
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tests.support._pgserver import PostgresServer
 from tests.support._servicebase import (
@@ -50,6 +50,7 @@ __all__ = [
     "ServiceStartError",
     "TansuBroker",
     "committed_offsets",
+    "create_topics",
     "free_port",
     "kafka_bootstrap_from_env",
     "pg_execute",
@@ -200,6 +201,17 @@ class TansuBroker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+async def create_topics(names: list[str], partitions: int, **client: Any) -> None:
+    """Create the topics ``names`` with ``partitions`` partitions each; ``client``: the admin client's options
+    (``bootstrap_servers`` and, for a TLS broker, its security settings)."""
+    admin = AIOKafkaAdminClient(**client)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names])
+    finally:
+        await admin.close()
 
 
 async def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
