@@ -22,7 +22,7 @@ from bridge.bindings import Binding, BindingTable, Change
 from bridge.config import DeadLetterConfig, DeliveryConfig, EngineConfig, RetryConfig
 from bridge.config.schemas import BindValidator
 from bridge.deadletter import FileDeadLetter
-from bridge.dispatch import Dispatcher
+from bridge.dispatch import Dispatcher, Invocation
 from bridge.engine import EngineLink, TriggerTypeSpec, observable_function_id
 from bridge.sources import Event, Outcome
 from bridge.sources.file.spec import FileSourceConfig
@@ -717,3 +717,62 @@ def test_a_list_drops_neither_a_binding_received_after_it_was_asked_for_nor_a_st
     table.upsert(Binding("new", TYPE, "f::x", None, {}))  # sent to this bridge before the engine listed it
     assert [b.id for b in table.reconcile(set(), asked)] == ["old"]
     assert "new" in table and table.is_stale("stale")
+
+
+@pytest.mark.parametrize("call", [
+    Invocation("shop::echo", {"n": 1, "text": "é", "none": None, "list": [None, {"a": None}]}, None, 5000),
+    Invocation("shop::echo", {"n": 1}, "orders", 5000, "sync", None, {"tenant": "t1"}),
+    Invocation("shop::echo", None, None, 5000, "void", None, {}),
+    Invocation("shop::echo", [1, 2], "orders", 5000, "void", None, {"tenant": "t1"}),
+], ids=["sync", "sync-metadata", "void-no-payload", "void-metadata"])
+def test_the_direct_call_sends_what_the_sdk_sends(call: Invocation) -> None:
+    """The link writes the hot path's ``invokefunction`` itself (no pydantic model per call): the same JSON the SDK
+    writes for ``trigger_async`` of the same request, which a change of the SDK's message would break here."""
+    import json
+    import uuid
+
+    from iii.iii import III
+    from iii.iii_types import InvokeFunctionMessage, TriggerActionVoid
+
+    from bridge.engine import _CallIds, _sdk_request, invoke_message
+
+    client = III.__new__(III)  # _prepare_json needs no connection
+    request = _sdk_request(call)
+    invocation_id = None if call.mode == "void" else "7c1f6b1e-0000-4000-8000-000000000001"
+    sdk_message = InvokeFunctionMessage(
+        function_id=request["function_id"], data=request["payload"], metadata=request.get("metadata"),
+        invocation_id=invocation_id, namespace=request["namespace"],
+        action=TriggerActionVoid() if call.mode == "void" else None,
+    )
+    assert json.loads(client._prepare_json(invoke_message(call, invocation_id))) == json.loads(
+        client._prepare_json(sdk_message)
+    )
+    ids = _CallIds()
+    made = [ids.next() for _ in range(1000)]
+    assert len(set(made)) == 1000
+    assert all(uuid.UUID(i).version == 4 and str(uuid.UUID(i)) == i for i in made)
+
+
+def test_the_sdk_still_sends_calls_the_way_the_direct_call_copies() -> None:
+    """What the direct call relies on in iii-sdk 0.25: ``_invoke_remote`` sends an ``InvokeFunctionMessage`` of
+    exactly these fields (OpenTelemetry's are empty for the bridge's client) and settles ``_pending`` entries."""
+    import inspect
+    from importlib.metadata import version
+
+    from iii.iii import III
+    from iii.iii_types import InvokeFunctionMessage
+
+    sdk = version("iii-sdk")
+    fields = set(InvokeFunctionMessage.model_fields)
+    assert fields == {"function_id", "data", "metadata", "invocation_id", "traceparent", "baggage", "action",
+                      "namespace", "caller", "observe_depth", "activation", "message_type"}, (
+        f"iii-sdk {sdk}: InvokeFunctionMessage changed ({sorted(fields)}); bridge.engine.invoke_message must follow"
+    )
+    remote = inspect.getsource(III._invoke_remote)
+    assert "self._pending[invocation_id] = _PendingInvocation(" in remote, (
+        f"iii-sdk {sdk}: calls no longer wait in III._pending; the link's direct call cannot get its result"
+    )
+    assert "self._pending.pop(invocation_id, None)" in inspect.getsource(III._handle_result), (
+        f"iii-sdk {sdk}: results no longer settle III._pending entries"
+    )
+    assert "self._ws" in inspect.getsource(III.__init__), f"iii-sdk {sdk}: III._ws (the socket) is gone"
