@@ -11,14 +11,9 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from bridge.config.model import observable_function_id as observable_function_id
+
 Change = Literal["added", "updated", "unchanged"]
-
-
-def observable_function_id(trigger_type: str, function_id: str | None = None) -> str:
-    """The id of the observable function a source is on an engine with ``observe.v1`` (iii's ``service::name``
-    convention): the source's own ``function_id`` when it sets one, else ``bridge::<trigger type>``. Its bindings
-    are that function's observers."""
-    return function_id or f"bridge::{trigger_type}"
 
 
 @dataclass(frozen=True)

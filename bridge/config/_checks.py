@@ -14,10 +14,16 @@ from typing import Any
 
 from bridge import sources
 from bridge._redact import redact_dsn
-from bridge.bindings import observable_function_id
 from bridge.config._analysis import Analysis
 from bridge.config.diagnostics import Problem, Severity, did_you_mean, format_path
-from bridge.config.model import DEFAULT_STATE_DIR, DeadLetterConfig, DeliveryConfig, RetryConfig, resolve_path
+from bridge.config.model import (
+    DEFAULT_STATE_DIR,
+    DeadLetterConfig,
+    DeliveryConfig,
+    RetryConfig,
+    observable_function_id,
+    resolve_path,
+)
 from bridge.config.schemas import SchemaFileError, check_user_schema, load_schema_file, resolve_pointer
 from bridge.config.yamlpos import KeyPath, iter_paths
 from bridge.sources import is_set

@@ -96,3 +96,10 @@ class BridgeConfig:
             if s.id == source_id:
                 return s
         raise KeyError(source_id)
+
+
+def observable_function_id(trigger_type: str, function_id: str | None = None) -> str:
+    """The id of the observable function a source is on an engine with ``observe.v1`` (iii's ``service::name``
+    convention): the source's own ``function_id`` when it sets one, else ``bridge::<trigger type>``. Its bindings
+    are that function's observers."""
+    return function_id or f"bridge::{trigger_type}"
