@@ -354,6 +354,12 @@ def _compile_string(
             # value lands in the context as `result` instead of being printed, so it keeps its type.
             body = nodes.Template([nodes.Assign(nodes.Name("result", "store"), expression, lineno=1)], lineno=1)
             body.set_environment(_ENV)
+            lookup = _lookup_path(expression)
+            if lookup is not None and len(lookup[1]) <= _LAZY_STEPS:
+                # A short lookup (`event.payload.id`) compiles only when a render needs Jinja (a key missing),
+                # which may be never: `bridge validate` and a start skip Jinja's code generation for most
+                # payload leaves. Such an expression always compiles (no filter or test to be unknown).
+                return _expression_renderer(_LazyTemplate(body).get, path, lookup)
             template = _bounded_template(_ENV.from_string(body))
         else:
             template = _bounded_template(_ENV.from_string(ast))
@@ -369,7 +375,7 @@ def _compile_string(
     # default ChainMap of template and environment globals is slow to copy for every context.
     template.globals = _GLOBAL_VALUES
     if expression is not None:
-        return _expression_renderer(template, path, _lookup_path(expression))
+        return _expression_renderer(lambda: template, path, _lookup_path(expression))
     label = format_path(path)
 
     def render_string(scope: dict[str, Any]) -> Any:
@@ -412,8 +418,27 @@ def _lookup_path(expression: nodes.Expr) -> tuple[str, tuple[str | int, ...]] | 
 _MISSING: Any = object()
 
 
+_LAZY_STEPS = 64  # longer lookups compile at once: Jinja's code generator recurses once per step
+
+
+class _LazyTemplate:
+    """The template of a lone lookup expression, compiled on first use."""
+
+    def __init__(self, body: nodes.Template) -> None:
+        self._body: nodes.Template | None = body
+        self._template: Template | None = None
+
+    def get(self) -> Template:
+        if self._template is None:
+            assert self._body is not None
+            template = _bounded_template(_ENV.from_string(self._body))
+            template.globals = _GLOBAL_VALUES
+            self._template, self._body = template, None
+        return self._template
+
+
 def _expression_renderer(
-    template: Template, path: Path, lookup: tuple[str, tuple[str | int, ...]] | None
+    template_of: Callable[[], Template], path: Path, lookup: tuple[str, tuple[str | int, ...]] | None
 ) -> _Render:
     """Renders a lone expression to its native value. A ``lookup`` path is first followed directly through plain
     dicts and lists (what the environment's getattr/getitem return for a key that exists, without a Jinja
@@ -438,6 +463,7 @@ def _expression_renderer(
                 if value is not _MISSING:
                     return value
         try:
+            template = template_of()
             context = template.new_context(scope, shared=True)
             for _ in template.root_render_func(context):
                 pass

@@ -102,6 +102,31 @@ def test_a_lone_expression_keeps_its_native_value(source: str, expected: Any) ->
     assert type(value) is type(expected)
 
 
+def test_a_lookup_compiles_only_when_a_render_needs_jinja(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bridge validate` and a start skip Jinja's code generation for `{{ event.a.b }}` leaves; the first render
+    that misses a key compiles it (once) and fails as an uncompiled lookup would."""
+    from bridge import templates
+
+    compiled: list[object] = []
+    real = templates._ENV.from_string
+
+    def counting(source: Any, *args: Any, **kwargs: Any) -> Any:
+        compiled.append(source)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(templates._ENV, "from_string", counting)
+    tree = compile_tree({"x": "{{ event.value.count }}", "y": "{{ event.value.count + 1 }}"}, root=("payload",))
+    assert len(compiled) == 1  # the sum, not the lookup
+    assert tree.render(_ctx()) == {"x": 3, "y": 4}
+    assert len(compiled) == 1
+    event = _event()
+    del event["value"]["count"]
+    for _ in range(2):
+        with pytest.raises(RenderError, match=r"payload\.x: .*count"):
+            tree.render(_ctx(event))
+    assert len(compiled) == 2
+
+
 def test_native_values_inside_a_tree_keep_their_types() -> None:
     tree = {
         "order": {"id": "{{ event.key }}", "total": "{{ event.value.total }}"},
