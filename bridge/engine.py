@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import threading
 import time
@@ -35,7 +36,6 @@ from iii import (
     Observer,
     ObserveRejection,
     RegistrationRejectedError,
-    _wire_json,
 )
 from iii.iii import III, _PendingInvocation
 from iii.iii_constants import FunctionRef
@@ -64,6 +64,9 @@ _LIST_TIMEOUT_MS = 10000
 # A call whose message is longer takes the SDK's own path (its 16 MiB frame and 64 MiB message limits count bytes;
 # a character is at most 4).
 _DIRECT_MAX_CHARS = 4 * 1024 * 1024
+# JSON as iii-sdk 0.25 writes it: compact, non-ASCII characters as UTF-8. A text that UTF-8 cannot carry (a lone
+# surrogate in a string) takes the SDK's path, which escapes it.
+_WIRE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 # The SDK's default backoff grows to 30 s; an engine coming back should not wait that long for its bridges.
 _RECONNECT = ReconnectionConfig(initial_delay_ms=500, max_delay_ms=5000)
 _UNREACHABLE_FIRST_S = 3.0  # how long a first connection may take before the operator is told
@@ -356,12 +359,12 @@ class EngineLink:
         settles it, or fails it when the link drops). It skips what costs a call most in the SDK and that the bridge
         does not use: the pydantic message, OpenTelemetry propagation (disabled for the bridge's client), a random
         UUID from the OS per call, and ``wait_for``. A message too long for one frame takes the SDK's path (its
-        size limit and fragments); so do enqueue calls, calls made while the socket is not open (the SDK queues
-        them) and observer deliveries."""
+        size limit and fragments), as does one with a lone surrogate (the SDK escapes it); so do enqueue calls,
+        calls made while the socket is not open (the SDK queues them) and observer deliveries."""
         void = call.mode == "void"
         invocation_id = None if void else self._call_ids.next()
-        text = _wire_json.dumps(invoke_message(call, invocation_id))
-        if len(text) > _DIRECT_MAX_CHARS:
+        text = _WIRE_JSON.encode(invoke_message(call, invocation_id))
+        if len(text) > _DIRECT_MAX_CHARS or not (text.isascii() or _utf8_encodable(text)):
             return await self._client.trigger_async(_sdk_request(call))
         if invocation_id is None:
             await ws.send(text)
@@ -849,6 +852,14 @@ def invoke_message(call: Invocation, invocation_id: str | None) -> dict[str, Any
     if call.metadata:  # as _sdk_request: no empty metadata
         message["metadata"] = call.metadata
     return message
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _time_out(future: asyncio.Future[Any], call: Invocation, invocation_id: str) -> None:

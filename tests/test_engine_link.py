@@ -24,6 +24,7 @@ from bridge.config.schemas import BindValidator
 from bridge.deadletter import FileDeadLetter
 from bridge.dispatch import Dispatcher, Invocation
 from bridge.engine import EngineLink, TriggerTypeSpec, observable_function_id
+from bridge.errors import DeliveryError
 from bridge.sources import Event, Outcome
 from bridge.sources.file.spec import FileSourceConfig
 from bridge.testing.consumer import Consumer
@@ -747,6 +748,13 @@ def test_the_direct_call_sends_what_the_sdk_sends(call: Invocation) -> None:
     assert json.loads(client._prepare_json(invoke_message(call, invocation_id))) == json.loads(
         client._prepare_json(sdk_message)
     )
+    from iii import _wire_json
+
+    from bridge.engine import _WIRE_JSON, _utf8_encodable
+
+    message = invoke_message(call, invocation_id)
+    assert _WIRE_JSON.encode(message) == _wire_json.dumps(message)  # the very text the SDK would send
+    assert not _utf8_encodable(_WIRE_JSON.encode({"data": "\udc80"}))  # left to the SDK, which escapes it
     ids = _CallIds()
     made = [ids.next() for _ in range(1000)]
     assert len(set(made)) == 1000
@@ -776,3 +784,54 @@ def test_the_sdk_still_sends_calls_the_way_the_direct_call_copies() -> None:
         f"iii-sdk {sdk}: results no longer settle III._pending entries"
     )
     assert "self._ws" in inspect.getsource(III.__init__), f"iii-sdk {sdk}: III._ws (the socket) is gone"
+
+
+async def test_calls_the_direct_path_leaves_to_the_sdk_still_arrive_whole(
+    iii_engine: TestEngine, tmp_path: Path, consumer: Consumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message over the direct path's length, and a payload UTF-8 cannot carry (a lone surrogate), go through
+    the SDK's ``trigger_async`` (its size rules, its escaping); results, void calls and the direct path's own
+    timeout behave alike on both paths."""
+    from bridge import engine as engine_module
+
+    sdk_calls: list[Any] = []
+    async with bridge(iii_engine, tmp_path) as b:
+        await _in_thread(consumer.function, "shop::echo", lambda payload: {"echo": payload["text"]})
+
+        async def slow(payload: Any) -> Any:
+            await asyncio.sleep(0.5)
+            return True
+
+        await _in_thread(consumer.function, "shop::slow", slow)
+        real = b.link._client.trigger_async
+
+        async def counted(request: Any) -> Any:
+            sdk_calls.append(request["function_id"])
+            return await real(request)
+
+        monkeypatch.setattr(b.link._client, "trigger_async", counted)
+
+        async def call(payload: Any, mode: str = "sync", function_id: str = "shop::echo", timeout_ms: int = 5000
+                       ) -> Any:
+            return await b.link.on_loop(
+                lambda: b.link.invoke(Invocation(function_id, payload, None, timeout_ms, mode))
+            )
+
+        assert await call({"text": "é"}) == {"echo": "é"}
+        assert sdk_calls == []  # the direct path
+        assert await call({"text": "a\udc80b"}) == {"echo": "a\udc80b"}
+        assert sdk_calls == ["shop::echo"]
+        monkeypatch.setattr(engine_module, "_DIRECT_MAX_CHARS", 64)
+        long = {"text": "x" * 200}
+        assert await call(long) == {"echo": long["text"]}
+        assert await call(long, "void") is None
+        assert sdk_calls == ["shop::echo"] * 3
+        monkeypatch.setattr(engine_module, "_DIRECT_MAX_CHARS", 4 * 1024 * 1024)
+        assert await call({"text": "void"}, "void") is None
+        await b.until(lambda: len(consumer.calls("shop::echo")) == 5, what="every call")
+        with pytest.raises(DeliveryError) as timed_out:
+            await call({}, function_id="shop::slow", timeout_ms=200)
+        assert timed_out.value.code == "TIMEOUT" and "200ms" in timed_out.value.message
+        assert sdk_calls == ["shop::echo"] * 3
+        assert b.link._client._pending == {}  # nothing left behind by the timed-out call
+        await asyncio.sleep(0.5)  # the slow handler ends (its late result finds nothing pending)
