@@ -56,7 +56,6 @@ import time
 import traceback
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -76,6 +75,7 @@ from bridge.testing._enginestate import (
     Worker,
     WorkerInfo,
 )
+from bridge.testing._lifecycle import StartStop
 from bridge.testing._routing import Router
 from bridge.testing._wire import decodes
 from bridge.testing.waiting import wait_for
@@ -88,7 +88,7 @@ _T = TypeVar("_T")
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-class TestEngine(Router, Builtins):
+class TestEngine(StartStop, Router, Builtins):
     """A WebSocket iii engine on its own loop and daemon thread. Use as a context manager or start()/stop()."""
 
     __test__ = False
@@ -186,14 +186,6 @@ class TestEngine(Router, Builtins):
             thread.join(timeout=10)
             loop.close()
             self._loop = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ fault injection
 

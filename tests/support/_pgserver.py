@@ -15,12 +15,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bridge.testing._lifecycle import StartStop
 from tests.support._servicebase import (
     PORT_ATTEMPTS,
     ExitedEarly,
@@ -91,7 +91,7 @@ def _as_postgres_user() -> dict[str, Any]:
     return {}
 
 
-class PostgresServer:
+class PostgresServer(StartStop):
     """A PostgreSQL server to create per-test databases on.
 
     ``start()`` uses, in order: ``BRIDGE_TEST_PG_DSN``; a server answering on 127.0.0.1:5432; a throwaway
@@ -262,11 +262,3 @@ class PostgresServer:
                     await asyncio.sleep(0.05)
         finally:
             await conn.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -26,13 +26,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from bridge.testing._lifecycle import StartStop
 from tests.support._pgserver import PostgresServer
 from tests.support._servicebase import (
     PORT_ATTEMPTS,
@@ -102,7 +102,7 @@ async def _kafka_answers(port: int, timeout_s: float) -> None:
             await writer.wait_closed()
 
 
-class TansuBroker:
+class TansuBroker(StartStop):
     """A Tansu broker with in-memory storage on a free loopback port (everything is lost on stop).
     ``advertised_port``: the port clients are sent to after bootstrapping (a TLS front's; default its own)."""
 
@@ -193,14 +193,6 @@ class TansuBroker:
         if self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
             self.log_path = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 async def create_topics(names: list[str], partitions: int, **client: Any) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
+from bridge.testing._lifecycle import StartStop
 from tests.support._servicebase import PORT_ATTEMPTS, ExitedEarly, ServiceStartError, free_port, log_tail, port_open
 from tests.support.services import TansuBroker
 
@@ -124,7 +125,7 @@ class _Socat:
                 proc.wait(timeout=10)
 
 
-class TlsKafka:
+class TlsKafka(StartStop):
     """A Tansu broker reached only through a socat TLS front (see the module docstring)."""
 
     def __init__(self, certs: Certs, mode: Mode) -> None:
@@ -173,14 +174,6 @@ class TlsKafka:
         if self._broker is not None:
             self._broker.stop()
             self._broker = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 class TlsCertsDir:
