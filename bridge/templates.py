@@ -163,9 +163,14 @@ def _bounded_loops(ast: nodes.Template) -> None:
         loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.iter.lineno)
 
 
-def _bounded_template(template: Template) -> Template:
+def _compiled(source: nodes.Template) -> Template:
+    """The template of a parsed (and bounded) tree, ready to render."""
+    template = _ENV.from_string(source)
     # `~` compiles to the runtime's str_join/markup_join, looked up in the template's module namespace.
     template.root_render_func.__globals__.update(_BOUNDED_JOINS)
+    # Contexts are made per render from a scope that already holds the globals (CompiledTree.render); the
+    # default ChainMap of template and environment globals is slow to copy for every context.
+    template.globals = _GLOBAL_VALUES
     return template
 
 
@@ -360,9 +365,9 @@ def _compile_string(
                 # which may be never: `bridge validate` and a start skip Jinja's code generation for most
                 # payload leaves. Such an expression always compiles (no filter or test to be unknown).
                 return _expression_renderer(_LazyTemplate(body).get, path, lookup)
-            template = _bounded_template(_ENV.from_string(body))
+            template = _compiled(body)
         else:
-            template = _bounded_template(_ENV.from_string(ast))
+            template = _compiled(ast)
     except TemplateSyntaxError as exc:  # also TemplateAssertionError: an unknown filter or test
         problems.append(TemplateSyntaxProblem(path, exc.lineno, exc.message or str(exc)))
         return None
@@ -371,9 +376,6 @@ def _compile_string(
         # MemoryError, a SyntaxError or IndentationError from the generated code): still a template problem.
         problems.append(TemplateSyntaxProblem(path, 1, _compile_failure(exc)))
         return None
-    # Contexts are made per render from a scope that already holds the globals (CompiledTree.render); the
-    # default ChainMap of template and environment globals is slow to copy for every context.
-    template.globals = _GLOBAL_VALUES
     if expression is not None:
         return _expression_renderer(lambda: template, path, _lookup_path(expression))
     label = format_path(path)
@@ -431,9 +433,7 @@ class _LazyTemplate:
     def get(self) -> Template:
         if self._template is None:
             assert self._body is not None
-            template = _bounded_template(_ENV.from_string(self._body))
-            template.globals = _GLOBAL_VALUES
-            self._template, self._body = template, None
+            self._template, self._body = _compiled(self._body), None
         return self._template
 
 
