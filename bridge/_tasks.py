@@ -37,12 +37,18 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
         raise asyncio.CancelledError
 
 
-async def first_then_cancel(tasks: list[asyncio.Task[Any]]) -> None:
+async def first_ended(tasks: Iterable[asyncio.Future[Any]]) -> None:
     """Wait until one of ``tasks`` ends and raise its exception, if any (what an ending that raised nothing means
-    is the caller's to say). The others are cancelled and waited for in every case, the caller's cancel included."""
+    is the caller's to say). The others go on."""
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        task.result()
+
+
+async def first_then_cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    """:func:`first_ended`, then the others are cancelled and waited for in every case, the caller's cancel
+    included."""
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
+        await first_ended(tasks)
     finally:
         await cancel_and_wait(tasks)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from bridge._tasks import cancel_and_wait
+from bridge._tasks import cancel_and_wait, first_then_cancel
 from bridge._window import Window
 from bridge.bindings import Binding, BindingTable
 from bridge.config import BridgeConfig, DeadLetterConfig, SourceConfig, redact_dsn
@@ -306,8 +306,7 @@ class Runtime:
             self._reloader.start(self)
         stopping = asyncio.create_task(stop.wait(), name="stop signal")
         refused = asyncio.create_task(self._refused.wait(), name="engine refusal")
-        await asyncio.wait({stopping, refused}, return_when=asyncio.FIRST_COMPLETED)
-        await cancel_and_wait((stopping, refused))
+        await first_then_cancel([stopping, refused])
         if self._reloader is not None:
             await self._reloader.close()
         await self.shutdown()

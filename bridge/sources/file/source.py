@@ -48,7 +48,7 @@ from typing import Any, Literal
 from watchfiles import Change, awatch
 
 from bridge._clock import iso_from_ns
-from bridge._tasks import cancel_and_wait
+from bridge._tasks import cancel_and_wait, first_ended
 from bridge.config import SourceConfig
 from bridge.errors import DecodeError
 from bridge.sources import Event, Outcome, Sample, Sink
@@ -147,9 +147,7 @@ class FileSource:
             )
             tasks.append(asyncio.create_task(self._settle(), name=f"{self.config.id} settle"))
             tasks.append(asyncio.create_task(self._submit_loop(sink), name=f"{self.config.id} submit"))
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
+            await first_ended(tasks)
             raise RuntimeError(f"file source {self.config.id}: the watch on {fc.path} ended")
         finally:
             stop.set()  # the watcher thread checks it every step; cancelling alone would wait for its timeout

@@ -44,7 +44,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from bridge._tasks import cancel_and_wait
+from bridge._tasks import cancel_and_wait, first_ended
 from bridge.config import SourceConfig
 from bridge.sources import SHUTDOWN_GRACE_S, Event, OnDone, Outcome, Sample, Sink
 from bridge.sources.kafka._assign import DryRunAssignment, GroupListener, subscribe, topics_text
@@ -169,9 +169,7 @@ class KafkaSource:
                 asyncio.create_task(self._fetch_loop(sink), name=f"{self.config.id} fetch"),
                 asyncio.create_task(self._submit_loop(sink), name=f"{self.config.id} submit"),
             ]
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
+            await first_ended(tasks)
             raise RuntimeError(f"kafka source {self.config.id}: its consumer loop ended")
         except KafkaConnectionError as exc:
             # aiokafka keeps the cause (a TLS alert, a refused certificate) to its debug log: find it out.
