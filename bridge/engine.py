@@ -2,8 +2,8 @@
 
 The SDK starts its own asyncio loop on its own thread and offers no way to give it another one, so the link
 owns that loop and the bridge runs on it (DESIGN §5, "One event loop"): :meth:`EngineLink.run` runs the runtime
-there, binding callbacks and connection-state changes arrive on it, and ``trigger_async`` awaited on it skips
-the cross-thread hop the SDK makes for a caller on any other loop. Code on another loop (a replay, a test)
+there, binding callbacks and connection-state changes arrive on it, and a call made there crosses no thread (most
+calls skip ``trigger_async`` too: see :meth:`EngineLink._invoke_direct`). Code on another loop (a replay, a test)
 reaches the link through :meth:`EngineLink.on_loop`.
 
 Two ways to offer a source, chosen per connection by the engine's ``workerregistered.features`` (DESIGN §7):
@@ -707,22 +707,27 @@ class EngineLink:
             await asyncio.sleep(_CONFIRM_POLL_S)
             if self._mode != "observe":
                 return
-            client = self._client
             for type_id in list(pending):
                 ref = self._functions.get(type_id)
                 spec = self._specs.get(type_id)
-                state = client._functions.get(ref.id).observe if ref is not None and ref.id in client._functions \
-                    else None
+                state = self._observe_state(type_id)
                 if ref is None or spec is None or state is None:
                     pending.discard(type_id)
                     continue
-                if state.confirmed_epoch != client._connection_epoch:
+                if state.confirmed_epoch != self._client._connection_epoch:
                     continue
                 pending.discard(type_id)
                 for observer in ref.observers():
                     binding = spec.table.get(observer.id)
                     if binding is not None and self._observers.get(observer.id) is observer:
                         self.binding_added(spec, binding)
+
+    def _observe_state(self, type_id: str) -> Any | None:
+        """The SDK's observe state of ``type_id``'s observable function (whether and when the engine confirmed it);
+        None when it is not registered as one."""
+        ref = self._functions.get(type_id)
+        data = self._client._functions.get(ref.id) if ref is not None else None
+        return data.observe if data is not None else None
 
     def _register_trigger_type(self, spec: TriggerTypeSpec) -> None:
         request = RegisterTriggerTypeInput(
@@ -796,13 +801,8 @@ class EngineLink:
         (``FUNCTION_NAMESPACE_CONFLICT``); a replica it refused registers the function again once no worker owns
         it (the owner left: its observers wait, pending, for the next owner and come with its
         ``functionregistered``)."""
-        client = self._client
-        refused = []
-        for type_id in sorted(self._registered):
-            ref = self._functions.get(type_id)
-            data = client._functions.get(ref.id) if ref is not None else None
-            if data is not None and data.observe is not None and not data.observe.confirmed:
-                refused.append(type_id)
+        refused = [t for t in sorted(self._registered)
+                   if (state := self._observe_state(t)) is not None and not state.confirmed]
         if not refused:
             return
         result = await self._call_engine(LIST_FUNCTIONS, {"include_internal": True})
